@@ -1,0 +1,77 @@
+"""Linear-Llama model configuration and presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
+DECAYS = ("retnet", "none")
+
+
+@dataclass
+class ModelConfig:
+    """A Linear-Llama decoder. `layout` is repeated over the depth: "L" linear, "A" softmax attention."""
+
+    preset: str = "tiny"
+    vocab_size: int = 32000
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # softmax layers (grouped-query); None = n_heads
+    ffn_dim: int = 2048
+    layout: str = "L"
+    decay: str = "retnet"  # per-head constant decay λ_h = log(1 − 2^(−5−h)), or "none"
+    gate: bool = False  # data-dependent log-gate g = logsigmoid(x W_g) / 16
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    chunk_size: int = 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def layer_kinds(self) -> str:
+        """One letter per layer: the layout string repeated (and cut) to n_layers."""
+        return (self.layout * self.n_layers)[: self.n_layers]
+
+    def validate(self) -> None:
+        """Raise ValueError, one line naming the fix, on an inconsistent configuration."""
+        bad = sorted(set(self.layout) - set(LAYER_KINDS))
+        if not self.layout or bad:
+            raise ValueError(
+                f"model.layout={self.layout!r} has unknown layer letters {bad}; use only L (linear) and A (softmax)"
+            )
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be ≥ 1")
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: a few hundred thousand parameters
+    "tiny": dict(vocab_size=64, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, chunk_size=16,
+                 tie_embeddings=True),
+    "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2560),
+    "400m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=8, ffn_dim=3584),
+    "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=6144),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
+    cfg = ModelConfig(preset=name, **{**PRESETS[name], **overrides})
+    cfg.validate()
+    return cfg

@@ -1,0 +1,1 @@
+"""Parallelism: sequence layouts, LASP-2, softmax sequence parallelism, pipeline, collectives."""

@@ -1,0 +1,117 @@
+"""LASP-2: sequence parallelism for linear attention (DESIGN §3).
+
+Each rank runs the kernel on the shards it owns with a zero initial state, giving a local
+output o^loc, the shard's local state M_c and its total log decay log A_c. ONE all-gather of
+the packed (M_c, log A_c) — B·H·K·V + B·H floats per shard, independent of sequence length —
+gives every rank all shard states, from which it forms, in fp32 and in global shard order,
+
+    S_in(0) = 0,   S_in(c+1) = A_c · S_in(c) + M_c,
+
+and corrects its outputs: o_i = o^loc_i + scale · exp(G_i) q_i S_in(c), G_i the inclusive
+cumulative log decay from the shard's start. The exchange is one autograd Function whose
+backward (a reduce-scatter of the gradients of the gathered tensor) runs on every rank, so
+no rank can skip the collective; any shard→rank assignment (contiguous, zigzag) works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels import linear_attention
+from kernels.reference import log_decay_per_token, state_dtype
+from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
+from parallel.layout import num_shards, shard_ids
+
+
+def _prefix_states(gathered: torch.Tensor, world: int, layout: str, wanted: list[int],
+                   k_dim: int, v_dim: int) -> torch.Tensor:
+    """States entering the shards `wanted`, from gathered [P, n_local, B, H, K·V + 1]."""
+    owner = {c: (r, j) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout))}
+    B, H = gathered.shape[2:4]
+    S = gathered.new_zeros(B, H, k_dim, v_dim)
+    entering: dict[int, torch.Tensor] = {}
+    for c in range(max(wanted) + 1):
+        entering[c] = S
+        r, j = owner[c]
+        packed = gathered[r, j]
+        M, log_A = packed[..., :-1].view(B, H, k_dim, v_dim), packed[..., -1]
+        S = log_A.exp()[..., None, None] * S + M
+    return torch.stack([entering[c] for c in wanted])
+
+
+class _ShardStateExchange(torch.autograd.Function):
+    """(M, log A) of local shards → states entering local shards; all-gather fwd, reduce-scatter bwd."""
+
+    @staticmethod
+    def forward(ctx, M: torch.Tensor, log_A: torch.Tensor, group, layout: str) -> torch.Tensor:
+        n_local, B, H, K, V = M.shape
+        rank, world = group_rank_world(group)
+        packed = torch.cat([M.reshape(n_local, B, H, K * V), log_A.unsqueeze(-1)], dim=-1)
+        gathered = all_gather_tensor(packed, group)  # [P, n_local, B, H, K·V + 1]
+        ctx.save_for_backward(gathered)
+        ctx.meta = (group, layout, rank, world, K, V)
+        return _prefix_states(gathered, world, layout, shard_ids(rank, world, layout), K, V)
+
+    @staticmethod
+    def backward(ctx, d_entering: torch.Tensor):
+        group, layout, rank, world, K, V = ctx.meta
+        (gathered,) = ctx.saved_tensors
+        with torch.enable_grad():
+            g = gathered.detach().requires_grad_()
+            entering = _prefix_states(g, world, layout, shard_ids(rank, world, layout), K, V)
+            d_gathered = torch.zeros_like(gathered)
+            if entering.requires_grad:  # not so for rank 0 under the contiguous layout: its prefix is 0
+                (d_gathered,) = torch.autograd.grad(entering, g, d_entering, allow_unused=True)
+        d_packed = reduce_scatter_tensor(d_gathered, group)  # every rank enters this collective
+        n_local, B, H = d_packed.shape[:3]
+        return d_packed[..., :-1].reshape(n_local, B, H, K, V), d_packed[..., -1], None, None
+
+
+def lasp2_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
+    group: dist.ProcessGroup | None = None, layout: str = "contiguous",
+    chunk_size: int = 64, backend: str = "auto",
+) -> torch.Tensor:
+    """Linear attention over a sequence split across the ranks of `group`.
+
+    q, k: [B, T_local, H, K]; v: [B, T_local, H, V]; gate: [B, T_local, H] — this rank's part as
+    produced by `parallel.layout.shard_sequence(x, rank, world, layout)`. log_decay: [H].
+    Returns this rank's output [B, T_local, H, V], equal to the matching slice of
+    `kernels.linear_attention` on the whole sequence; gradients likewise (a replicated
+    `log_decay` receives this rank's share: sum it over the group, as for any parameter).
+    """
+    rank, world = group_rank_world(group)
+    if world == 1:
+        o, _ = linear_attention(q, k, v, log_decay=log_decay, gate=gate, scale=scale,
+                                chunk_size=chunk_size, backend=backend)
+        return o
+    n_local = num_shards(world, layout) // world
+    B, T_local, H, K = q.shape
+    V = v.shape[-1]
+    if T_local % n_local:
+        raise ValueError(f"local sequence of {T_local} tokens does not hold {n_local} equal {layout} shards")
+    scale = K**-0.5 if scale is None else scale
+
+    def by_shard(x: torch.Tensor) -> torch.Tensor:  # [B, n·Ts, ...] -> [n·B, Ts, ...]
+        return torch.cat(x.chunk(n_local, dim=1), dim=0) if n_local > 1 else x
+
+    qs, ks, vs = by_shard(q), by_shard(k), by_shard(v)
+    gs = by_shard(gate) if gate is not None else None
+    o_local, M = linear_attention(qs, ks, vs, log_decay=log_decay, gate=gs, scale=scale,
+                                  output_final_state=True, chunk_size=chunk_size, backend=backend)
+    acc = state_dtype(q)
+    log_a = log_decay_per_token(n_local * B, T_local // n_local, H, log_decay, gs, acc, q.device)
+    if log_a is None:
+        G, log_A = None, M.new_zeros(n_local * B, H)
+    else:
+        G = log_a.cumsum(1)  # [n·B, Ts, H], inclusive
+        log_A = G[:, -1]
+    S_in = _ShardStateExchange.apply(
+        M.reshape(n_local, B, H, K, V), log_A.reshape(n_local, B, H), group, layout,
+    ).reshape(n_local * B, H, K, V)
+    q_in = qs.to(acc) if G is None else qs.to(acc) * G.exp().unsqueeze(-1)
+    o = o_local.to(acc) + scale * torch.einsum("bthk,bhkv->bthv", q_in, S_in.to(acc))
+    o = o.to(q.dtype)
+    return torch.cat(o.chunk(n_local, dim=0), dim=1) if n_local > 1 else o
