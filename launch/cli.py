@@ -23,8 +23,13 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from launch.train import add_train_args, main_args
+
     parser = argparse.ArgumentParser(prog="longtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (default: tiny preset, 4 local CPU processes, pp=2 × sp=2)")
+    add_train_args(train)
+    train.set_defaults(func=main_args)
     sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
     return parser
 

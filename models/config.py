@@ -22,6 +22,7 @@ class ModelConfig:
     layout: str = "L"
     decay: str = "retnet"  # per-head constant decay λ_h = log(1 − 2^(−5−h)), or "none"
     gate: bool = False  # data-dependent log-gate g = logsigmoid(x W_g) / 16
+    short_conv: int = 4  # causal depthwise conv width on q, k, v of linear layers (0 or 1: none)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6

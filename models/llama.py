@@ -13,15 +13,20 @@ keyed by global layer index) so that a pipeline stage can drop what it does not 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
 from models.config import ModelConfig
 from parallel.context import SINGLE, SequenceParallel
+from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
+from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
+from parallel.pipeline import Rematerialization
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +57,27 @@ def retnet_log_decay(n_heads: int) -> torch.Tensor:
     return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(n_heads, dtype=torch.float64))).float()
 
 
+class ShortConv(nn.Module):
+    """Causal depthwise convolution of width w followed by SiLU (as in GLA / Mamba-2 / Based):
+    y_t = silu(Σ_{i<w} W_i ⊙ x_{t−i}). Under sp the w−1 tokens before each shard come by halo exchange."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+
+    def forward(self, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+        B, T, D = x.shape
+        n_local = len(shard_ids(sp.rank, sp.world, sp.layout)) if sp.world > 1 else 1
+        xs = stack_local_shards(x, n_local)
+        if sp.world > 1:
+            halo = previous_tokens(xs, self.width - 1, sp.group, sp.layout)
+        else:
+            halo = xs.new_zeros(xs.shape[0], self.width - 1, D)
+        y = F.conv1d(torch.cat([halo, xs], dim=1).transpose(1, 2), self.weight.to(x.dtype), groups=D)
+        return unstack_local_shards(F.silu(y.transpose(1, 2)), n_local)
+
+
 class LinearAttention(nn.Module):
     """Linear attention with per-head decay and an optional data-dependent gate (DESIGN §2)."""
 
@@ -63,14 +89,25 @@ class LinearAttention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.o = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.g = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.gate else None
+        self.conv = ShortConv(3 * cfg.dim, cfg.short_conv) if cfg.short_conv > 1 else None
         self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        log_decay = retnet_log_decay(cfg.n_heads) if cfg.decay == "retnet" else None
-        self.register_buffer("log_decay", log_decay, persistent=False)
+        self.decay = cfg.decay
+        self.register_buffer("log_decay", None, persistent=False)
+        self.reset_buffers()
         self.sp = SINGLE
+
+    def reset_buffers(self) -> None:
+        """(Re)create the constant decay slopes, e.g. after `to_empty` on a meta-built model."""
+        device = self.q.weight.device
+        if self.decay == "retnet" and device.type != "meta":
+            self.log_decay = retnet_log_decay(self.n_heads).to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim) for proj in (self.q, self.k, self.v))
+        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        if self.conv is not None:
+            qkv = self.conv(qkv, self.sp)
+        q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         gate = F.logsigmoid(self.g(x).float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,
@@ -155,21 +192,51 @@ class LinearLlama(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_kinds())})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.tie_weights()
+        self.remat: Rematerialization | None = None  # set by the trainer: which forwards recompute layers
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual-output projections scaled by 1/√(2·n_layers)."""
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Normal(0, init_std) weights, residual-output projections scaled by 1/√(2·n_layers), norms 1.
+
+        Each parameter draws from its own generator seeded by (seed, its name), so a pipeline
+        stage that holds only some layers initialises them exactly as the whole model would.
+        """
         std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, LinearAttention):
+                module.reset_buffers()
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("mixer.o.weight", "mlp.down.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                p.normal_(0.0, std)
+                continue
+            key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
+            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            if name.endswith("conv.weight"):  # depthwise kernel: uniform ±1/√w, as PyTorch's Conv1d
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                p.uniform_(-bound, bound, generator=gen)
+                continue
+            scaled = name.endswith(("mixer.o.weight", "mlp.down.weight"))
+            p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std, generator=gen)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head (again: `to_empty` breaks the tie) when both are here."""
+        if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
+            self.head.weight = self.embed.weight
+
+    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
+        """Drop what a pipeline stage does not own: other layers, the embedding unless first,
+        the final norm and head unless last. A tied head keeps its own copy of the weight."""
+        for key in list(self.layers):
+            if int(key) not in layers:
+                del self.layers[key]
+        if not first:
+            self.embed = None
+        if not last:
+            self.norm = self.head = None
 
     def set_sequence_parallel(self, sp: SequenceParallel) -> None:
         """Run every mixer under the sequence-parallel split `sp`."""
@@ -178,8 +245,9 @@ class LinearLlama(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.embed is not None else x
+        recompute = self.remat is not None and torch.is_grad_enabled() and self.remat.begin_microbatch()
         for block in self.layers.values():
-            h = block(h)
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None else h
@@ -191,5 +259,7 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over the local tokens (fp32); divide by the global token count for the mean."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="sum")
+    """Σ cross-entropy over the local tokens (at least fp32); targets −100 are ignored. Divide by the
+    global token count for the mean."""
+    logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum")

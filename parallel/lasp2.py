@@ -21,7 +21,7 @@ import torch.distributed as dist
 from kernels import linear_attention
 from kernels.reference import log_decay_per_token, state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
-from parallel.layout import num_shards, shard_ids
+from parallel.layout import num_shards, shard_ids, stack_local_shards, unstack_local_shards
 
 
 def _prefix_states(gathered: torch.Tensor, world: int, layout: str, wanted: list[int],
@@ -94,11 +94,8 @@ def lasp2_linear_attention(
         raise ValueError(f"local sequence of {T_local} tokens does not hold {n_local} equal {layout} shards")
     scale = K**-0.5 if scale is None else scale
 
-    def by_shard(x: torch.Tensor) -> torch.Tensor:  # [B, n·Ts, ...] -> [n·B, Ts, ...]
-        return torch.cat(x.chunk(n_local, dim=1), dim=0) if n_local > 1 else x
-
-    qs, ks, vs = by_shard(q), by_shard(k), by_shard(v)
-    gs = by_shard(gate) if gate is not None else None
+    qs, ks, vs = (stack_local_shards(t, n_local) for t in (q, k, v))
+    gs = stack_local_shards(gate, n_local) if gate is not None else None
     o_local, M = linear_attention(qs, ks, vs, log_decay=log_decay, gate=gs, scale=scale,
                                   output_final_state=True, chunk_size=chunk_size, backend=backend)
     acc = state_dtype(q)
@@ -113,5 +110,4 @@ def lasp2_linear_attention(
     ).reshape(n_local * B, H, K, V)
     q_in = qs.to(acc) if G is None else qs.to(acc) * G.exp().unsqueeze(-1)
     o = o_local.to(acc) + scale * torch.einsum("bthk,bhkv->bthv", q_in, S_in.to(acc))
-    o = o.to(q.dtype)
-    return torch.cat(o.chunk(n_local, dim=0), dim=1) if n_local > 1 else o
+    return unstack_local_shards(o.to(q.dtype), n_local)

@@ -67,3 +67,13 @@ def shard_positions(seq_len: int, rank: int, world: int, layout: str = "contiguo
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Global positions [T_local] of the tokens `rank` owns (for RoPE and causal masks)."""
     return shard_sequence(torch.arange(seq_len, device=device), rank, world, layout, dim=0)
+
+
+def stack_local_shards(x: torch.Tensor, n_local: int) -> torch.Tensor:
+    """[B, n·Ts, ...] (a rank's shards side by side) → [n·B, Ts, ...] (one shard per batch row)."""
+    return torch.cat(x.chunk(n_local, dim=1), dim=0) if n_local > 1 else x
+
+
+def unstack_local_shards(x: torch.Tensor, n_local: int) -> torch.Tensor:
+    """Inverse of `stack_local_shards`."""
+    return torch.cat(x.chunk(n_local, dim=0), dim=1) if n_local > 1 else x

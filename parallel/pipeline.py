@@ -1,0 +1,140 @@
+"""GPipe pipeline parallelism (DESIGN §5): balanced stages, fill–drain micro-batches, re-materialization.
+
+A step splits the batch into M micro-batches; every stage runs all M forwards, then all M
+backwards. With P stages the idle (bubble) fraction is (P−1)/(M+P−1). Stage-to-stage
+send/recv goes over the pp group, i.e. between ranks with equal (dp, sp) coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REMAT_MODES = ("never", "except_last", "always")
+
+
+def partition(costs: Sequence[float], n_stages: int) -> list[tuple[int, int]]:
+    """Cut items with `costs` (in order) into `n_stages` contiguous non-empty [start, end) ranges
+    that minimise the largest stage cost (exact dynamic programme, O(P·L²))."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {n_stages} pipeline stages; use 1 ≤ pp ≤ {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[s][i]: smallest max-cost cutting the first i items into s stages; cut[s][i]: start of the last stage
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                cost = max(best[s - 1][j], prefix[i] - prefix[j])
+                if cost < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    ranges, end = [], n
+    for s in range(n_stages, 0, -1):
+        start = cut[s][end]
+        ranges.append((start, end))
+        end = start
+    return ranges[::-1]
+
+
+class Rematerialization:
+    """Which micro-batches keep only each layer's input and recompute the layer in backward.
+
+    "always": every micro-batch; "except_last": all but the last of a step (its backward
+    follows at once, so its activations are needed right away — torchgpipe's default);
+    "never": none. `begin_microbatch` is called once per training forward.
+    """
+
+    def __init__(self, mode: str = "never", microbatches: int = 1):
+        if mode not in REMAT_MODES:
+            raise ValueError(f"unknown re-materialization mode {mode!r}; use one of {REMAT_MODES}")
+        self.mode, self.microbatches, self._count = mode, microbatches, 0
+
+    def begin_microbatch(self) -> bool:
+        index, self._count = self._count % self.microbatches, self._count + 1
+        return self.mode == "always" or (self.mode == "except_last" and index != self.microbatches - 1)
+
+
+class GPipe:
+    """Runs one pipeline stage: `step` = fill–drain forward/backward of M micro-batches.
+
+    `loss_fn(output, target)` is applied per micro-batch on the last stage and gradients
+    accumulate unscaled (the loss function carries the normalisation). With one stage
+    this is plain gradient accumulation over micro-batches.
+    """
+
+    def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
+                 device: torch.device, microbatches: int,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
+        self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
+        self.schedule = None
+        if num_stages > 1:
+            from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+            stage = PipelineStage(module, stage_index, num_stages, device, group=group)
+            self.schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch; returns Σ micro-batch losses on the last stage (0 elsewhere)."""
+        if self.schedule is None:
+            losses = []
+            for x, y in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches)):
+                loss = self.loss_fn(self.module(x), y)
+                loss.backward()
+                losses.append(loss.detach())
+            return torch.stack(losses).sum()
+        losses: list[torch.Tensor] = []
+        if self.is_first:
+            self.schedule.step(inputs)
+        elif self.is_last:
+            self.schedule.step(target=targets, losses=losses)
+        else:
+            self.schedule.step()
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
+        h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
+        h = self.module(h)
+        if self.is_last:
+            return h
+        _send_tensor(h, self.stage_index + 1, self.group)
+        return None
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
+
+
+def _send_tensor(x: torch.Tensor, dst_stage: int, group: dist.ProcessGroup | None) -> None:
+    header = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape], dtype=torch.int64, device=x.device)
+    header = torch.nn.functional.pad(header, (0, 8 - header.numel()))
+    dst = dist.get_global_rank(group, dst_stage)
+    dist.send(header, dst, group=group)
+    dist.send(x.contiguous(), dst, group=group)
+
+
+def _recv_tensor(src_stage: int, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
+    src = dist.get_global_rank(group, src_stage)
+    header = torch.zeros(8, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    x = torch.empty([int(s) for s in header[2 : 2 + ndim]], dtype=dtype, device=device)
+    dist.recv(x, src, group=group)
+    return x

@@ -1,0 +1,240 @@
+"""Job configuration: dataclass sections, TOML presets, `--set section.key=value` overrides.
+
+    cfg = load_config("configs/125m.toml", ["train.steps=500", "parallel.sp=4"])
+    cfg.validate(world_size=8)
+
+The model section starts from `model.preset` and any other model key overrides it.
+Every problem is a ConfigError: one line that names the fix, raised before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from models.config import PRESETS, ModelConfig, preset
+from parallel.context import SOFTMAX_METHODS
+from parallel.layout import LAYOUTS, num_shards
+from parallel.pipeline import REMAT_MODES
+from runtime.errors import ConfigError
+
+BALANCE = ("params", "time")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int | None = None  # default: world size / (pp · sp)
+    pp: int = 2
+    sp: int = 2
+    layout: str = "zigzag"  # contiguous | zigzag
+    microbatches: int = 2
+    remat: str = "never"  # never | except_last | always
+    balance: str = "params"  # params | time
+    sp_attention: str = "allgather"  # softmax layers under sp: allgather | ring | ulysses
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # sequences per step, global
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_batches: int = 4
+    dtype: str = "float32"  # parameter dtype: float32 (bf16 autocast on CUDA) | float64 (CPU reference runs)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic:mqar"  # synthetic:mqar | synthetic:passkey
+    num_pairs: int = 4  # MQAR key-value pairs per sequence
+    passkey_digits: int = 5
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def world_size(self) -> int:
+        """Processes this configuration asks for when parallel.dp is set (else pp·sp)."""
+        return (self.parallel.dp or 1) * self.parallel.pp * self.parallel.sp
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int) -> None:
+        """Check everything that can be checked before processes start."""
+        par, train, m = self.parallel, self.train, self.model
+        try:
+            m.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for key in ("pp", "sp", "microbatches"):
+            if getattr(par, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(par, key)} must be ≥ 1")
+        if par.dp is not None and par.dp < 1:
+            raise ConfigError(f"parallel.dp={par.dp} must be ≥ 1")
+        if par.pp > m.n_layers:
+            raise ConfigError(
+                f"parallel.pp={par.pp} is more than the model's {m.n_layers} layers; use pp ≤ {m.n_layers}"
+            )
+        from runtime.mesh import resolve_dims
+
+        dp, pp, sp = resolve_dims(world_size, par.dp, par.pp, par.sp)
+        for key, allowed in (("layout", LAYOUTS), ("remat", REMAT_MODES), ("balance", BALANCE),
+                             ("sp_attention", SOFTMAX_METHODS)):
+            if getattr(par, key) not in allowed:
+                raise ConfigError(f"parallel.{key}={getattr(par, key)!r} is unknown; use one of {list(allowed)}")
+        if train.dtype not in ("float32", "float64"):
+            raise ConfigError(f"train.dtype={train.dtype!r} is unknown; use float32 or float64")
+        if train.steps < 1:
+            raise ConfigError(f"train.steps={train.steps} must be a positive integer")
+        if not train.lr > 0:
+            raise ConfigError(f"train.lr={train.lr} must be positive")
+        if train.seq_len < 1 or train.batch_size < 1:
+            raise ConfigError("train.seq_len and train.batch_size must be positive")
+        shards = num_shards(sp, par.layout)
+        if train.seq_len % shards:
+            raise ConfigError(
+                f"train.seq_len={train.seq_len} does not split into {shards} equal {par.layout} shards for sp={sp}; "
+                f"use a multiple of {shards}"
+            )
+        if train.batch_size % dp:
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} is not divisible by dp={dp}; use a multiple of {dp}"
+            )
+        per_replica = train.batch_size // dp
+        if per_replica % par.microbatches:
+            raise ConfigError(
+                f"parallel.microbatches={par.microbatches} does not divide the {per_replica} sequences per dp replica; "
+                f"use a divisor of {per_replica}"
+            )
+        if "A" in m.layer_kinds() and sp > 1 and importlib.util.find_spec("parallel.attention") is None:
+            raise ConfigError("softmax layers (A) cannot run with sp > 1 in this version; use model.layout=L or sp=1")
+        if "A" in m.layer_kinds() and sp > 1 and par.sp_attention == "ulysses" and m.kv_heads % sp:
+            raise ConfigError(f"ulysses needs model.n_kv_heads={m.kv_heads} divisible by sp={sp}")
+        kind, _, _ = self.data.source.partition(":")
+        if kind not in ("synthetic", "zarr"):
+            raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar or synthetic:passkey")
+        if self.run.log_every < 1:
+            raise ConfigError(f"run.log_every={self.run.log_every} must be ≥ 1")
+
+
+def _coerce(value, annotation, where: str):
+    """Check/convert a TOML or command-line value to the field's type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, options[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """["train.lr=1e-3", ...] → {"train": {"lr": "1e-3"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not name:
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value (e.g. train.lr=1e-3)")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """The default job, updated by a TOML file, then by `section.key=value` overrides."""
+    raw: dict[str, dict] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/tiny.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    for section, values in parse_overrides(overrides or []).items():
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"[{section}] in the config file must be a table")
+        raw.setdefault(section, {}).update(values)
+
+    sections = _fields(JobConfig)
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; use one of {list(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} must be a table of keys, e.g. [{section}]")
+
+    model_values = dict(raw.get("model", {}))
+    name = str(model_values.pop("preset", "tiny"))
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
+    cfg = JobConfig(model=ModelConfig(preset=name, **PRESETS[name]))
+    for section, values in raw.items():
+        target = getattr(cfg, section)
+        known = _fields(type(target))
+        for key, value in values.items():
+            if section == "model" and key == "preset":
+                continue
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key}; known keys: {', '.join(sorted(known))}")
+            setattr(target, key, _coerce(value, known[key].type, f"{section}.{key}"))
+    return cfg

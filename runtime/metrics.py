@@ -1,0 +1,72 @@
+"""Throughput arithmetic and the metrics sinks of rank 0: Parquet file, TensorBoard, progress bar."""
+
+from __future__ import annotations
+
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+from models import ModelConfig
+
+# dense bf16 peak FLOP/s by device name (vendor numbers; MFU is relative to these)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token: 6·(non-embedding params) plus the attention terms, ×3 for fwd+bwd.
+
+    Linear layer (chunk C, per token, forward): intra-chunk q·kᵀ and ·v ≈ 2·C·d (causal half of 2·2·C·d),
+    state read and update 2·2·d·d_head. Softmax layer: causal q·kᵀ and ·v ≈ 2·T·d.
+    """
+    dense = 6.0 * (n_params - cfg.vocab_size * cfg.dim)
+    per_layer = {"L": 2.0 * cfg.chunk_size * cfg.dim + 4.0 * cfg.dim * cfg.head_dim, "A": 2.0 * seq_len * cfg.dim}
+    attention = sum(per_layer[k] for k in cfg.layer_kinds())
+    return dense + 6.0 * cfg.vocab_size * cfg.dim + 3.0 * attention
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak dense bf16 FLOP/s of one device, NaN where unknown (CPU)."""
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), math.nan)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLog:
+    """Rows of metrics → `<run_dir>/metrics.parquet` (rewritten at each log step) and TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, start_rows: list[dict] | None = None):
+        self.path = Path(run_dir) / "metrics.parquet"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = list(start_rows or [])
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.rows.append(row)
+        tmp = self.path.with_suffix(".parquet.tmp")
+        pq.write_table(pa.Table.from_pylist(self.rows), tmp)
+        tmp.replace(self.path)  # never a half-written metrics file
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not math.isnan(value):
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,59 @@
+"""The command line: bad configurations end in one line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import main
+
+BAD = {
+    "unknown key": (["--set", "train.lrr=1"], "unknown config key train.lrr"),
+    "unknown section": (["--set", "trian.lr=1"], "unknown config section"),
+    "wrong type": (["--set", "train.steps=many"], "train.steps='many' is not a valid int"),
+    "world size": (["--nproc", "3"], "launch a multiple of 4 processes"),
+    "dp mismatch": (["--nproc", "4", "--set", "parallel.dp=2"], "launch 8 processes or set parallel.dp=1"),
+    "pp > layers": (["--set", "parallel.pp=5"], "use pp ≤ 4"),
+    "seq_len": (["--set", "train.seq_len=66"], "use a multiple of 4"),
+    "microbatches < 1": (["--set", "parallel.microbatches=0"], "parallel.microbatches=0 must be ≥ 1"),
+    "microbatches divide": (["--set", "parallel.microbatches=3"], "use a divisor of 16"),
+    "preset": (["--set", "model.preset=7b"], "model.preset='7b' is unknown"),
+    "layer letter": (["--set", "model.layout=LLX"], "unknown layer letters ['X']"),
+    "lr": (["--set", "train.lr=0"], "train.lr=0.0 must be positive"),
+    "steps": (["--set", "train.steps=-3"], "train.steps=-3 must be a positive integer"),
+    "config file": (["--config", "nope.toml"], "config file 'nope.toml' does not exist"),
+    "override form": (["--set", "train.lr"], "is not of the form section.key=value"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_is_one_line(case: str, capsys) -> None:
+    args, message = BAD[case]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ["launch.cli", "launch.train"])
+def test_no_traceback_from_the_process(module: str) -> None:
+    argv = ["train", "--set", "train.lr=-1"] if module == "launch.cli" else ["--set", "train.lr=-1"]
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "longtrain: error: train.lr=-1.0 must be positive", proc.stderr
+
+
+def test_presets_command(capsys) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "125m" in out and "1b" in out
+
+
+@pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("1b", 8), ("1m-tokens", 8)])
+def test_shipped_configs_validate(name: str, world: int) -> None:
+    from pathlib import Path
+
+    from runtime.config import load_config
+
+    load_config(Path(__file__).parent.parent / "configs" / f"{name}.toml").validate(world)
