@@ -28,6 +28,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     chunk_size: int = 64
+    backend: str = "auto"  # linear-attention kernels: auto (Triton on CUDA) | triton | torch
 
     @property
     def head_dim(self) -> int:
@@ -52,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"model.backend={self.backend!r} is unknown; use auto, triton or torch")
         if self.decay not in DECAYS:
             raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "chunk_size"):

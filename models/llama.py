@@ -84,6 +84,7 @@ class LinearAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.chunk_size = cfg.n_heads, cfg.head_dim, cfg.chunk_size
+        self.backend = cfg.backend
         self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -111,9 +112,10 @@ class LinearAttention(nn.Module):
         gate = F.logsigmoid(self.g(x).float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,
-                                       layout=self.sp.layout, chunk_size=self.chunk_size)
+                                       layout=self.sp.layout, chunk_size=self.chunk_size, backend=self.backend)
         else:
-            o, _ = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size)
+            o, _ = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size,
+                                    backend=self.backend)
         return self.o(self.out_norm(o).reshape(B, T, -1))
 
 
