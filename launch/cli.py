@@ -22,6 +22,36 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"layout={cfg.layout} vocab={cfg.vocab_size}")
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    """Parquet/Arrow text → zarr token store."""
+    from tqdm import tqdm
+
+    from runtime.data import prepare_data
+
+    with tqdm(unit="B", unit_scale=True, desc="prepare-data", disable=not sys.stderr.isatty()) as bar:
+        seen = [0]
+
+        def progress(total_bytes: int) -> None:
+            bar.update(total_bytes - seen[0])
+            seen[0] = total_bytes
+
+        info = prepare_data(args.input, args.output, args.seq_len, text_column=args.text_column,
+                            tokenizer=args.tokenizer, chunk_len=args.chunk_len, overwrite=args.overwrite,
+                            progress=progress)
+    mb_s = info["text_bytes"] / max(info["seconds"], 1e-9) / 1e6
+    print(f"longtrain: {info['documents']:,} documents, {info['tokens']:,} tokens → {info['sequences']:,} sequences "
+          f"of {info['seq_len']} ({info['dropped_tokens']:,} tail tokens dropped), vocab {info['vocab_size']}, "
+          f"{mb_s:.1f} MB/s → {args.output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Checkpoint → consolidated safetensors."""
+    from runtime.checkpoint import export_safetensors
+
+    n = export_safetensors(args.checkpoint, args.output)
+    print(f"longtrain: wrote {n} tensors to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from launch.train import add_train_args, main_args
 
@@ -31,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(train)
     train.set_defaults(func=main_args)
     sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
+    prep = sub.add_parser("prepare-data", help="tokenize Parquet/Arrow text into a zarr token store")
+    prep.add_argument("--input", required=True, help="a Parquet/Arrow file or a folder of them")
+    prep.add_argument("--text-column", default="text")
+    prep.add_argument("--tokenizer", default="byte", help="byte (built in) or a Hugging Face tokenizer.json")
+    prep.add_argument("--seq-len", type=int, required=True, help="tokens per stored sequence (= train.seq_len)")
+    prep.add_argument("--chunk-len", type=int, default=None,
+                      help="tokens per zarr chunk (default: seq_len/8, ≥ 4096); must divide the sp shard length")
+    prep.add_argument("--output", required=True, help="the .zarr store to create")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an existing store (only once the new one is complete)")
+    prep.set_defaults(func=cmd_prepare_data)
+    export = sub.add_parser("export", help="write a checkpoint's consolidated weights as safetensors")
+    export.add_argument("checkpoint", help="a committed checkpoint folder (<run.dir>/checkpoints/step_*)")
+    export.add_argument("--output", required=True)
+    export.set_defaults(func=cmd_export)
     return parser
 
 

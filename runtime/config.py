@@ -72,6 +72,9 @@ class RunConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); the last step is always saved when > 0
+    keep: int = 2  # newest committed checkpoints kept under <dir>/checkpoints
+    resume: str = ""  # "" (fresh start) | auto (newest committed checkpoint of dir, or fresh) | PATH
 
 
 @dataclass
@@ -140,9 +143,22 @@ class JobConfig:
             raise ConfigError("softmax layers (A) cannot run with sp > 1 in this version; use model.layout=L or sp=1")
         if "A" in m.layer_kinds() and sp > 1 and par.sp_attention == "ulysses" and m.kv_heads % sp:
             raise ConfigError(f"ulysses needs model.n_kv_heads={m.kv_heads} divisible by sp={sp}")
-        kind, _, _ = self.data.source.partition(":")
-        if kind not in ("synthetic", "zarr"):
-            raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar or synthetic:passkey")
+        kind, _, where = self.data.source.partition(":")
+        if kind not in ("synthetic", "zarr") or not where:
+            raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar, synthetic:passkey "
+                              f"or zarr:PATH")
+        if kind == "zarr":
+            from runtime.data import open_store
+
+            _, attrs = open_store(where)
+            if attrs["seq_len"] != train.seq_len:
+                raise ConfigError(f"token store {where!r} has rows of {attrs['seq_len']} tokens but train.seq_len="
+                                  f"{train.seq_len}; set train.seq_len={attrs['seq_len']} or prepare the data again")
+            if attrs["vocab_size"] > m.vocab_size:
+                raise ConfigError(f"token store {where!r} has a vocabulary of {attrs['vocab_size']} but "
+                                  f"model.vocab_size={m.vocab_size}; set model.vocab_size={attrs['vocab_size']}")
+        if self.run.checkpoint_every < 0 or self.run.keep < 1:
+            raise ConfigError("run.checkpoint_every must be ≥ 0 and run.keep ≥ 1")
         if self.run.log_every < 1:
             raise ConfigError(f"run.log_every={self.run.log_every} must be ≥ 1")
 

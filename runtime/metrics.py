@@ -43,10 +43,15 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLog:
     """Rows of metrics → `<run_dir>/metrics.parquet` (rewritten at each log step) and TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, start_rows: list[dict] | None = None):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+        """A resumed run (resume_step > 0) keeps the rows up to its checkpoint and continues them."""
+        import pyarrow.parquet as pq
+
         self.path = Path(run_dir) / "metrics.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = list(start_rows or [])
+        self.rows: list[dict] = []
+        if resume_step > 0 and self.path.exists():
+            self.rows = [r for r in pq.read_table(self.path).to_pylist() if r["step"] <= resume_step]
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -19,7 +19,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from models import num_parameters, token_loss_sum
 from parallel.layout import shard_sequence
 from parallel.pipeline import GPipe
+from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from runtime.config import JobConfig
+from runtime.data import ZarrTokens
 from runtime.mesh import ParallelMesh, build_mesh
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from runtime.parallelize import build_stage_model, tied_embedding_group
@@ -75,14 +77,22 @@ class Trainer:
             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        kind, _, name = cfg.data.source.partition(":")
-        self.task = SyntheticTask(name, cfg.model.vocab_size, t.seq_len, t.seed, cfg.data.num_pairs,
-                                  cfg.data.passkey_digits)
+        kind, _, where = cfg.data.source.partition(":")
+        self.task = self.store = None
+        if kind == "zarr":
+            self.store = ZarrTokens(where, t.seq_len, t.batch_size, mesh.coord("dp"), self.dp, mesh.coord("sp"),
+                                    self.sp, cfg.parallel.layout, t.seed)
+        else:
+            self.task = SyntheticTask(where, cfg.model.vocab_size, t.seq_len, t.seed, cfg.data.num_pairs,
+                                      cfg.data.passkey_digits)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     # -- data ---------------------------------------------------------------------------------
     def local_batch(self, step: int, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows (its dp replica) and sequence shards (its sp rank) of global batch `step`."""
+        if self.store is not None:
+            x, y = self.store.batch(step + seed_offset)
+            return x.to(self.device), y.to(self.device)
         per_replica = self.cfg.train.batch_size // self.dp
         d = self.mesh.coord("dp")
         x, y = self.task.rows(step + seed_offset, range(d * per_replica, (d + 1) * per_replica))
@@ -145,12 +155,37 @@ class Trainer:
         loss_value = float(loss)  # synchronises
         return StepResult(loss_value, float(norm), lr, time.perf_counter() - start)
 
+    def data_cursor(self, next_step: int) -> dict:
+        """Where the data stands before `next_step` (saved in checkpoints)."""
+        if self.store is not None:
+            epoch, position = self.store.cursor(next_step)
+            return {"epoch": epoch, "position": position, "step": next_step}
+        return {"step": next_step}
+
+    def save(self, path, step: int) -> None:
+        """Checkpoint after `step` steps (collective)."""
+        writes = self.mesh.coord("dp") == 0 and self.mesh.coord("sp") == 0
+        save_checkpoint(path, step=step, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict(),
+                        cursor=self.data_cursor(step), writes_params=writes, keep=self.cfg.run.keep)
+
+    def restore(self, path) -> int:
+        """Load a checkpoint; returns the number of steps it holds."""
+        attrs = load_checkpoint(path, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict())
+        step = int(attrs["step"])
+        factor = lr_lambda(self.cfg)
+        self.scheduler.last_epoch = step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        return step
+
     @torch.no_grad()
     def evaluate(self, batches: int) -> float:
         """Accuracy on the task's questions over `batches` held-out batches (same on every rank)."""
         counts = torch.zeros(2, device=self.device)
         for b in range(batches):
-            inputs, targets = self.local_batch(b, seed_offset=10**9)
+            # synthetic: held-out batches; a token store: the first batches of the data (no held-out split)
+            inputs, targets = self.local_batch(b, seed_offset=10**9 if self.store is None else 0)
             with self.autocast:
                 logits = self.pipe.forward(inputs if self.pipe.is_first else None)
             if logits is not None:
@@ -177,20 +212,28 @@ def train(cfg: JobConfig) -> dict:
     trainer = Trainer(cfg, mesh)
     is_main = mesh.rank == 0
     t = cfg.train
+    start_step = 0
+    resume_from = resolve_resume(cfg.run.resume, cfg.run.dir, warn=False)  # the launcher warned
+    if resume_from is not None:
+        start_step = trainer.restore(resume_from)
+        if is_main:
+            print(f"longtrain: resumed from {resume_from} at step {start_step}", flush=True)
     tokens_per_step = t.batch_size * t.seq_len
     flops_tok = flops_per_token(cfg.model, t.seq_len, trainer.n_params_total)
     peak = peak_flops(mesh.device) * mesh.world
-    log = MetricsLog(cfg.run.dir, cfg.run.tensorboard) if is_main else None
+    log = MetricsLog(cfg.run.dir, cfg.run.tensorboard, resume_step=start_step) if is_main else None
     bar = None
     if is_main and cfg.run.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
     if is_main:
         print(f"longtrain: {trainer.n_params_total / 1e6:.2f}M params, world {mesh.world} = dp {trainer.dp} × "
               f"pp {trainer.pp} × sp {trainer.sp}, stages {trainer.stage_layers}, {mesh.device.type}", flush=True)
     start, losses, window = time.perf_counter(), [], []
-    for step in range(t.steps):
+    ckpt_every = cfg.run.checkpoint_every
+    res = None
+    for step in range(start_step, t.steps):
         res = trainer.step(step)
         losses.append(res.loss)
         window.append(res.seconds)
@@ -209,17 +252,20 @@ def train(cfg: JobConfig) -> dict:
                     mfu = "n/a" if math.isnan(row["mfu"]) else f"{row['mfu']:.1%}"
                     bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{tps:,.0f}", mfu=mfu,
                                     mem=f"{row['max_mem_gib']:.2f}GiB")
+        if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):
+            trainer.save(checkpoint_dir(cfg.run.dir) / f"step_{step + 1:08d}", step + 1)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     accuracy = trainer.evaluate(t.eval_batches)
     elapsed = time.perf_counter() - start
-    summary = dict(steps=t.steps, final_loss=losses[-1], eval_accuracy=accuracy, seconds=elapsed,
-                   tokens_per_s=tokens_per_step * t.steps / elapsed, losses=losses)
+    final_loss = losses[-1] if losses else float("nan")
+    summary = dict(steps=t.steps, final_loss=final_loss, eval_accuracy=accuracy, seconds=elapsed,
+                   tokens_per_s=tokens_per_step * max(1, t.steps - start_step) / elapsed, losses=losses)
     if is_main:
         log.close()
-        print(f"longtrain: done {t.steps} steps in {elapsed:.1f}s — final loss {losses[-1]:.4f}, "
+        print(f"longtrain: done {t.steps - start_step} steps in {elapsed:.1f}s — final loss {final_loss:.4f}, "
               f"eval accuracy {accuracy:.1%} ({cfg.data.source}), {summary['tokens_per_s']:,.0f} tokens/s; "
               f"metrics in {log.path}", flush=True)
     return summary

@@ -73,8 +73,8 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
 
 def test_loss_curve_pp2_sp2_equals_single_process() -> None:
     # float64 so that the comparison sees the parallel algorithm, not fp32 rounding amplified by Adam
-    common = ["train.dtype=float64", "train.steps=20", "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4", "run.log_every=1",
-              "run.progress=false", "run.tensorboard=false", "train.eval_batches=1"]
+    common = ["train.dtype=float64", "train.steps=20", "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4",
+              "run.log_every=1", "run.progress=false", "run.tensorboard=false", "train.eval_batches=1"]
     single, split = scratch_dir(), scratch_dir()
     run_distributed(_train, 1, common + ["parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1",
                                          f"run.dir={single}"])

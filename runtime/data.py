@@ -1,0 +1,231 @@
+"""Token store (DESIGN §7): Parquet/Arrow text → zarr int32 rows → each (dp, sp) rank reads its part.
+
+Store layout (a zarr group):
+    tokens      [n_sequences, seq_len] int32, chunks (1, chunk_len): a rank reads whole chunks of
+                its own rows and shards only (chunk_len divides the sp shard length)
+    next_token  [n_sequences, seq_len / chunk_len] int32: the token that follows each chunk in
+                the packed stream, so the target of a shard's last token needs no read of the
+                next shard
+    attrs       tokenizer, vocab_size, eos_id, seq_len, chunk_len, sources, documents, tokens
+
+Rows are consecutive windows of the stream "doc₁ EOS doc₂ EOS …"; the input at position t
+is tokens[t] and its target the token after it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parallel.layout import num_shards, shard_ids
+from runtime.errors import ConfigError
+from runtime.tokenizer import load_tokenizer
+
+STORE_FORMAT = "longtrain-tokens-v1"
+
+
+def _compressor():
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    return BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle, typesize=4)
+
+
+def default_chunk_len(seq_len: int) -> int:
+    """One chunk per shard for up to 8 shards (sp·2 ≤ 8 under zigzag), but no chunk below 4096 tokens."""
+    for parts in (8, 4, 2):
+        if seq_len % parts == 0 and seq_len // parts >= 4096:
+            return seq_len // parts
+    return seq_len
+
+
+def _input_files(path: Path) -> tuple[list[str], str]:
+    if not path.exists():
+        raise ConfigError(f"input {str(path)!r} does not exist; pass a Parquet/Arrow file or a folder of them")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    exts = {p.suffix.lower() for p in files}
+    if exts <= {".parquet", ".pq"}:
+        fmt = "parquet"
+    elif exts <= {".arrow", ".feather", ".ipc"}:
+        fmt = "ipc"
+    else:
+        raise ConfigError(f"input {str(path)!r} holds {sorted(exts)} files; use .parquet or .arrow files (not mixed)")
+    if not files:
+        raise ConfigError(f"input folder {str(path)!r} is empty")
+    return [str(p) for p in files], fmt
+
+
+def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = "text", tokenizer: str = "byte",
+                 chunk_len: int | None = None, batch_rows: int = 8192, overwrite: bool = False,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    """Stream text from Parquet/Arrow, tokenize, pack rows of `seq_len` tokens, write the store.
+
+    The store is written under a temporary name and renamed at the end, so `output` never holds
+    a half-written store; an existing `output` is refused unless `overwrite`.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import zarr
+
+    if seq_len < 2:
+        raise ConfigError(f"--seq-len {seq_len} must be ≥ 2")
+    chunk_len = chunk_len or default_chunk_len(seq_len)
+    if chunk_len < 1 or seq_len % chunk_len:
+        raise ConfigError(f"--chunk-len {chunk_len} must divide --seq-len {seq_len}")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {output!r} already exists; choose another path or pass --overwrite")
+    files, fmt = _input_files(Path(input_path))
+    dataset = ds.dataset(files, format=fmt)
+    if text_column not in dataset.schema.names:
+        raise ConfigError(f"input has no column {text_column!r}; its columns are {dataset.schema.names}; "
+                          f"pass --text-column")
+    tok = load_tokenizer(tokenizer)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    n_chunks = seq_len // chunk_len
+    tokens = group.create_array("tokens", shape=(0, seq_len), chunks=(1, chunk_len), dtype="int32",
+                                compressors=_compressor())
+    next_token = group.create_array("next_token", shape=(0, n_chunks), chunks=(4096, n_chunks), dtype="int32")
+
+    rows_per_write = max(1, (1 << 24) // seq_len)  # write ~64 MiB at a time
+    pending: list[np.ndarray] = []
+    n_pending = n_rows = docs = total = text_bytes = 0
+    start = time.perf_counter()
+
+    def write(rows: int) -> None:
+        nonlocal pending, n_pending, n_rows
+        stream = np.concatenate(pending)
+        block = stream[: rows * seq_len].reshape(rows, seq_len)
+        # the token after chunk j of a row: the first token of chunk j+1 (or of the next row)
+        follow = stream[chunk_len : rows * seq_len + 1 : chunk_len].reshape(rows, n_chunks)
+        tokens.resize((n_rows + rows, seq_len))
+        next_token.resize((n_rows + rows, n_chunks))
+        tokens[n_rows : n_rows + rows] = block
+        next_token[n_rows : n_rows + rows] = follow
+        n_rows += rows
+        rest = stream[rows * seq_len :]
+        pending, n_pending = [rest], rest.size
+
+    scanner = dataset.scanner(columns=[text_column], batch_size=batch_rows)
+    for batch in scanner.to_batches():
+        column = batch.column(0)
+        ids, n_docs = tok.encode_column(column)
+        if ids.size and ids.max(initial=0) >= tok.vocab_size:
+            raise ConfigError("the tokenizer produced ids beyond its vocabulary")
+        text_bytes += int(pc.sum(pc.binary_length(column)).as_py() or 0)
+        docs += n_docs
+        total += ids.size
+        pending.append(ids)
+        n_pending += ids.size
+        while n_pending >= rows_per_write * seq_len + 1:  # +1: each row needs the token after it
+            write(rows_per_write)
+        if progress is not None:
+            progress(text_bytes)
+    full = (n_pending - 1) // seq_len if n_pending else 0
+    if full > 0:
+        write(full)
+    if n_rows == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"the input holds {total} tokens, fewer than one row of --seq-len {seq_len}; "
+                          f"use a shorter --seq-len or more text")
+    seconds = time.perf_counter() - start
+    info = dict(format=STORE_FORMAT, tokenizer=tok.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                seq_len=seq_len, chunk_len=chunk_len, sources=files, documents=docs, tokens=total,
+                sequences=n_rows, dropped_tokens=total - n_rows * seq_len, text_bytes=text_bytes,
+                seconds=round(seconds, 3))
+    group.attrs.update(info)
+    if out.exists():  # --overwrite: replace only now that the new store is complete
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return info
+
+
+def open_store(path: str):
+    """The store's zarr group, or a one-line ConfigError for a missing or corrupt store."""
+    import zarr
+
+    if not Path(path).exists():
+        raise ConfigError(f"token store {path!r} does not exist; create it with `longtrain prepare-data`")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+        tokens, follow = group["tokens"], group["next_token"]
+    except Exception as e:
+        raise ConfigError(f"token store {path!r} is not a longtrain token store ({type(e).__name__}); "
+                          f"re-create it with `longtrain prepare-data`") from None
+    if attrs.get("format") != STORE_FORMAT or tokens.ndim != 2 or follow.shape[0] != tokens.shape[0]:
+        raise ConfigError(f"token store {path!r} is incomplete or corrupt; re-create it with `longtrain prepare-data`")
+    return group, attrs
+
+
+class ZarrTokens:
+    """Batches of a token store for one (dp, sp) rank: its rows, its shards, only those chunks.
+
+    Step s of the run reads batch `position` of `epoch` (s = epoch·batches_per_epoch + position);
+    rows are shuffled per epoch, deterministically in (seed, epoch). The cursor (epoch, position)
+    of the next step goes into checkpoints.
+    """
+
+    def __init__(self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp: int, sp_rank: int, sp: int,
+                 layout: str, seed: int):
+        group, attrs = open_store(path)
+        self.tokens, self.follow = group["tokens"], group["next_token"]
+        self.attrs = attrs
+        if attrs["seq_len"] != seq_len:
+            raise ConfigError(f"token store {path!r} has rows of {attrs['seq_len']} tokens but train.seq_len="
+                              f"{seq_len}; set train.seq_len={attrs['seq_len']} or prepare the data again")
+        self.n_rows = self.tokens.shape[0]
+        if self.n_rows < batch_size:
+            raise ConfigError(f"token store {path!r} holds {self.n_rows} sequences, fewer than "
+                              f"train.batch_size={batch_size}; lower the batch size or add data")
+        self.seq_len, self.chunk_len = seq_len, attrs["chunk_len"]
+        self.batch_size, self.per_replica, self.dp_rank = batch_size, batch_size // dp, dp_rank
+        n = num_shards(sp, layout)
+        self.shard_len = seq_len // n
+        self.shards = shard_ids(sp_rank, sp, layout)
+        self.seed = seed
+        self.batches_per_epoch = self.n_rows // batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.attrs["vocab_size"])
+
+    def cursor(self, step: int) -> tuple[int, int]:
+        """(epoch, position) of global step `step`."""
+        return divmod(step, self.batches_per_epoch)
+
+    def _rows(self, epoch: int, position: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._perm_epoch = epoch
+        first = position * self.batch_size + self.dp_rank * self.per_replica
+        return self._perm[first : first + self.per_replica]
+
+    def _token_after(self, rows: np.ndarray, end: int) -> np.ndarray:
+        """The token following position end−1 of each row."""
+        if end % self.chunk_len == 0:
+            return self.follow.oindex[rows, end // self.chunk_len - 1]
+        return self.tokens.oindex[rows, end]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) [per_replica, T_local] int64 of this rank for global step `step`."""
+        rows = self._rows(*self.cursor(step))
+        order = np.argsort(rows)  # zarr reads sorted rows; undo the sort afterwards
+        sorted_rows = rows[order]
+        undo = np.argsort(order)
+        xs, ys = [], []
+        for c in self.shards:
+            lo, hi = c * self.shard_len, (c + 1) * self.shard_len
+            x = self.tokens.oindex[sorted_rows, lo:hi][undo]
+            after = self._token_after(sorted_rows, hi)[undo]
+            xs.append(x)
+            ys.append(np.concatenate([x[:, 1:], after[:, None]], axis=1))
+        x, y = np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
+        return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
