@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default="byte", help="byte (built in) or a Hugging Face tokenizer.json")
     prep.add_argument("--seq-len", type=int, required=True, help="tokens per stored sequence (= train.seq_len)")
     prep.add_argument("--chunk-len", type=int, default=None,
-                      help="tokens per zarr chunk (default: seq_len/8, ≥ 4096); must divide the sp shard length")
+                      help="tokens per zarr chunk (default 65536 if it divides seq_len, else seq_len); "
+                           "= the sp shard length makes each rank read exactly its bytes")
     prep.add_argument("--output", required=True, help="the .zarr store to create")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace an existing store (only once the new one is complete)")

@@ -28,14 +28,12 @@ class ByteTokenizer:
             _, offsets_buf, data_buf = texts.buffers()
             offsets = np.frombuffer(offsets_buf, dtype=off_type)[texts.offset : texts.offset + len(texts) + 1]
             data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-            body = data[offsets[0] : offsets[-1]]
-            ends = (offsets[1:] - offsets[0]).astype(np.int64)  # where each document's EOS goes, before shifting
-            out = np.empty(body.size + len(texts), dtype=np.int32)
-            eos_at = ends + np.arange(len(texts))
-            is_eos = np.zeros(out.size, dtype=bool)
-            is_eos[eos_at] = True
-            out[is_eos] = self.eos_id
-            out[~is_eos] = body
+            base = int(offsets[0])
+            out = np.empty(int(offsets[-1]) - base + len(texts), dtype=np.int32)
+            # document i's bytes land shifted by i (the EOS tokens before it): one slice copy per document
+            for i, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+                out[start - base + i : end - base + i] = data[start:end]
+                out[end - base + i] = self.eos_id
             return out, len(texts)
         raise ConfigError(f"the text column has type {texts.type}, not string; pick a string column with --text-column")
 
