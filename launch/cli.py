@@ -52,6 +52,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"longtrain: wrote {n} tensors to {args.output}")
 
 
+def cmd_ray(args: argparse.Namespace) -> None:
+    from launch.ray_train import run_ray
+
+    last = run_ray(args)
+    print(f"longtrain: Ray job finished at step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from launch.train import add_train_args, main_args
 
@@ -61,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(train)
     train.set_defaults(func=main_args)
     sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
+    ray_cmd = sub.add_parser("ray", help="train on a Ray cluster (Ray Train TorchTrainer, fault tolerant)")
+    from launch.ray_train import add_ray_args
+
+    add_ray_args(ray_cmd)
+    ray_cmd.set_defaults(func=cmd_ray)
     prep = sub.add_parser("prepare-data", help="tokenize Parquet/Arrow text into a zarr token store")
     prep.add_argument("--input", required=True, help="a Parquet/Arrow file or a folder of them")
     prep.add_argument("--text-column", default="text")
@@ -87,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"longtrain: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "RayJobFailed":
+            raise
+        print(f"longtrain: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -75,6 +75,7 @@ class RunConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: none); the last step is always saved when > 0
     keep: int = 2  # newest committed checkpoints kept under <dir>/checkpoints
     resume: str = ""  # "" (fresh start) | auto (newest committed checkpoint of dir, or fresh) | PATH
+    report_every: int = 20  # steps between metric reports to Ray (its controller polls about every 2 s)
 
 
 @dataclass
@@ -91,6 +92,12 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobConfig:
+        """Inverse of `to_dict` (e.g. to ship a config to Ray workers)."""
+        return cls(model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
+                   train=TrainConfig(**d["train"]), data=DataConfig(**d["data"]), run=RunConfig(**d["run"]))
 
     def validate(self, world_size: int) -> None:
         """Check everything that can be checked before processes start."""
@@ -157,6 +164,8 @@ class JobConfig:
             if attrs["vocab_size"] > m.vocab_size:
                 raise ConfigError(f"token store {where!r} has a vocabulary of {attrs['vocab_size']} but "
                                   f"model.vocab_size={m.vocab_size}; set model.vocab_size={attrs['vocab_size']}")
+        if self.run.report_every < 1:
+            raise ConfigError(f"run.report_every={self.run.report_every} must be ≥ 1")
         if self.run.checkpoint_every < 0 or self.run.keep < 1:
             raise ConfigError("run.checkpoint_every must be ≥ 0 and run.keep ≥ 1")
         if self.run.log_every < 1:

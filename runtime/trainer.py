@@ -9,8 +9,11 @@ replica means) — whatever dp × pp × sp split is used, the step is the same.
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -205,8 +208,23 @@ def cfg_param_count(cfg: JobConfig) -> int:
         return num_parameters(LinearLlama(cfg.model))
 
 
-def train(cfg: JobConfig) -> dict:
-    """Run the job on this rank; returns the summary (same on every rank)."""
+def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int) -> None:
+    """Test hook: LONGTRAIN_FAIL_AT_STEP=k kills rank LONGTRAIN_FAIL_RANK (default 1) before step k,
+    on the first attempt only (a marker file in run.dir remembers that it happened)."""
+    at = os.environ.get("LONGTRAIN_FAIL_AT_STEP")
+    if at is None or step != int(at) or rank != int(os.environ.get("LONGTRAIN_FAIL_RANK", 1)):
+        return
+    marker = Path(cfg.run.dir) / ".failure_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed rank {rank} before step {step}\n")
+    os._exit(17)
+
+
+def train(cfg: JobConfig, on_report: Callable[[dict], None] | None = None) -> dict:
+    """Run the job on this rank; returns the summary (same on every rank). `on_report(row)` is called
+    on every rank every `run.report_every` steps and at the end (Ray's report)."""
     mesh = build_mesh(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.sp)
     torch.manual_seed(cfg.train.seed)
     trainer = Trainer(cfg, mesh)
@@ -234,6 +252,7 @@ def train(cfg: JobConfig) -> dict:
     ckpt_every = cfg.run.checkpoint_every
     res = None
     for step in range(start_step, t.steps):
+        _maybe_inject_failure(cfg, step, mesh.rank)
         res = trainer.step(step)
         losses.append(res.loss)
         window.append(res.seconds)
@@ -254,6 +273,8 @@ def train(cfg: JobConfig) -> dict:
                                     mem=f"{row['max_mem_gib']:.2f}GiB")
         if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):
             trainer.save(checkpoint_dir(cfg.run.dir) / f"step_{step + 1:08d}", step + 1)
+        if on_report is not None and ((step + 1) % cfg.run.report_every == 0 or step + 1 == t.steps):
+            on_report(dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm))
         if bar is not None:
             bar.update(1)
     if bar is not None:
