@@ -264,7 +264,7 @@ def train(cfg: JobConfig, on_report: Callable[[dict], None] | None = None) -> di
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             row = dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm,
                        tokens=tokens_per_step * (step + 1), tokens_per_s=tps, mfu=tps * flops_tok / peak,
-                       max_mem_gib=float(mem), step_time_s=secs)
+                       max_mem_gib=float(mem), step_time_s=secs, wall_time=time.time())
             if is_main:
                 log.log(row)
                 if bar is not None:
