@@ -86,3 +86,21 @@ def test_loss_curve_pp2_sp2_equals_single_process() -> None:
     for la, lb in zip(a["loss"], b["loss"]):
         assert abs(la - lb) < 1e-5 * max(1.0, abs(la)), (a["loss"], b["loss"])
     assert torch.tensor(a["loss"])[-5:].mean() < torch.tensor(a["loss"])[:5].mean()  # it learns something
+
+
+def _check_time_balance(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from runtime.parallelize import stage_ranges
+
+    cfg = load_config(None, ["parallel.pp=2", "parallel.sp=1", "parallel.balance=time", "model.layout=LA",
+                             "train.batch_size=8", "train.seq_len=32"])
+    ranges = stage_ranges(cfg, build_mesh(1, 2, 1))
+    gathered = [None, None]
+    dist.all_gather_object(gathered, ranges)
+    assert gathered[0] == gathered[1]  # every rank cuts the model the same way
+    assert ranges[0][0] == 0 and ranges[-1][1] == cfg.model.n_layers and ranges[0][1] == ranges[1][0]
+
+
+def test_balance_by_measured_time_is_consistent() -> None:
+    run_distributed(_check_time_balance, 2)
