@@ -136,10 +136,10 @@ def _model_shape(config: dict) -> dict:
 def check_resume(resume: str | None, run_dir: str | Path, config: dict) -> Path | None:
     """Before processes start: the checkpoint a run would resume from, refused (one line) when it
     holds another model shape."""
-    import zarr
-
     path = resolve_resume(resume, run_dir)
     if path is not None:
+        import zarr
+
         _check_shape(path, dict(zarr.open_group(str(path), mode="r").attrs)["config"], config)
     return path
 
