@@ -1,0 +1,364 @@
+"""Benchmark: softmax attention under sequence parallelism, and LASP-2 weak scaling (issue 5).
+
+    torchrun --nproc-per-node 2 benchmarks/sp_attention.py [--seq-lens 32768,131072,262144] [--out FILE]
+
+Causal attention forward+backward, bf16, 32 query heads, 8 kv heads, head dim 128, batch 1, the
+sequence cut zigzag over the ranks: each method of `parallel.attention.sp_attention` (ring,
+allgather, ulysses) on all ranks vs the same attention (SDPA, flash kernel) on the whole sequence on
+one GPU, and vs torch's experimental `context_parallel` ring attention (both of its kv rotations)
+in the same run. Before timing, every method's output and dq, dk, dv are checked against the
+one-GPU result (relative L2 error, bf16). Times are medians over repetitions after a warm-up, each
+repetition fenced by a barrier and CUDA events and taken from the slowest rank.
+
+LASP-2 weak scaling: `parallel.lasp2.lasp2_linear_attention` (H = 16, K = V = 128, bf16, RetNet
+decay, backend auto) forward+backward at --lasp-tokens per GPU on all ranks vs the same number of
+tokens on one GPU; efficiency = t_1 / t_P.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.llama import retnet_log_decay  # noqa: E402
+from parallel.attention import _dense_attention, sp_attention  # noqa: E402
+from parallel.lasp2 import lasp2_linear_attention  # noqa: E402
+from parallel.layout import shard_sequence  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+LASP_H, LASP_K = 16, 128
+METHODS = ("ring", "allgather", "ulysses")
+TOL = 3e-2  # bf16 against bf16
+DEV, DTYPE = "cuda", torch.bfloat16  # --smoke: "cpu", float32 (a dry run of the script's logic on gloo)
+
+
+def log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def timed(fn: Callable[[], None], reps: int, warmup: int) -> float:
+    """Median milliseconds of fn over `reps` runs (slowest rank per run), after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        if DEV == "cpu":
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    t = torch.tensor(times, device=DEV)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist())
+
+
+def fwd_bwd(attn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> Callable:
+    def step() -> None:
+        for x in (q, k, v):
+            x.grad = None
+        attn(q, k, v).backward(dout)
+
+    return step
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_()
+
+
+def bench_attention(T: int, reps: int, warmup: int, methods: list[str], cp_rotations: list[str], mesh,
+                    failed: set[str]) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator(device=DEV).manual_seed(T)
+    q = torch.randn(1, T, HQ, D, device=DEV, dtype=DTYPE, generator=g)
+    k = torch.randn(1, T, HKV, D, device=DEV, dtype=DTYPE, generator=g)
+    v = torch.randn(1, T, HKV, D, device=DEV, dtype=DTYPE, generator=g)
+    dout = torch.randn(1, T, HQ, D, device=DEV, dtype=DTYPE, generator=g)
+    row: dict = {"T": T}
+    scale = D**-0.5
+
+    # one GPU: the whole sequence (every rank runs it on its own GPU, no communication)
+    qf, kf, vf = leaf(q), leaf(k), leaf(v)
+    dense = lambda a, b, c: _dense_attention(a, b, c, scale, True)  # noqa: E731
+    step = fwd_bwd(dense, qf, kf, vf, dout)
+    o = dense(qf, kf, vf)
+    o.backward(dout)  # the verification run doubles as the warm-up
+    ref = {"o": o.detach(), "q": qf.grad, "k": kf.grad, "v": vf.grad}
+    del o
+    row["1gpu"] = timed(step, reps, warmup)
+    log(f"T={T}: 1 GPU SDPA flash {row['1gpu']:.1f} ms")
+    del qf, kf, vf, step
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(x, rank, world, "zigzag").contiguous()
+
+    ref_local = {name: local(t) for name, t in ref.items()}
+    del ref
+    dl = local(dout)
+    for method in methods:
+        if method in failed:  # failed at a shorter sequence: do not spend device time on it again
+            row[method] = None
+            continue
+        try:
+            ql, kl, vl = leaf(local(q)), leaf(local(k)), leaf(local(v))
+
+            def attn(a, b, c, method=method):
+                return sp_attention(a, b, c, method=method, layout="zigzag")
+
+            step = fwd_bwd(attn, ql, kl, vl, dl)
+            o = attn(ql, kl, vl)
+            o.backward(dl)
+            o = o.detach()
+            err = max(rel(o, ref_local["o"]), rel(ql.grad, ref_local["q"]), rel(kl.grad, ref_local["k"]),
+                      rel(vl.grad, ref_local["v"]))
+            errs = torch.tensor([err], device=DEV)
+            dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+            row[f"{method}_err"] = errs.item()
+            if errs.item() > TOL:
+                raise RuntimeError(f"{method} differs from one GPU: relative error {errs.item():.3g}")
+            row[method] = timed(step, reps, warmup)
+            log(f"T={T}: {method} {row[method]:.1f} ms (max rel err {row[f'{method}_err']:.2e})")
+            del ql, kl, vl, step, o
+        except Exception as e:  # keep the other rows
+            row[method] = None
+            failed.add(method)
+            log(f"T={T}: {method} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            if rank == 0:
+                traceback.print_exc()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+    for rotate in cp_rotations:
+        if f"cp_{rotate}" in failed:
+            continue
+        try:
+            row[f"cp_{rotate}"], row[f"cp_{rotate}_err"], row["cp_note"] = _torch_cp(
+                q, k, v, dout, ref_local, rotate, reps, warmup, mesh)
+            log(f"T={T}: torch context_parallel ({rotate}) {row[f'cp_{rotate}']:.1f} ms "
+                f"(max rel err {row[f'cp_{rotate}_err']:.2e}{row['cp_note']})")
+        except Exception as e:
+            row[f"cp_{rotate}"] = None
+            failed.add(f"cp_{rotate}")
+            log(f"T={T}: torch context_parallel ({rotate}) FAILED: {type(e).__name__}: {str(e)[:300]}")
+            if rank == 0:
+                traceback.print_exc()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _set_rotate_method(name: str) -> None:
+    try:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+    except ImportError:
+        from torch.distributed.tensor.experimental._context_parallel._attention import set_rotate_method
+    set_rotate_method(name)
+
+
+def _torch_cp(q, k, v, dout, ref_local, rotate: str, reps: int, warmup: int, mesh) -> tuple[float, float, str]:
+    """torch.distributed.tensor.experimental.context_parallel: SDPA (flash) on [B, H, T, D] buffers it shards
+    itself (head-tail load balancing = the zigzag split)."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _set_rotate_method(rotate)
+    note = ""
+    for gqa in (True, False):
+        kv_rep = 1 if gqa else HQ // HKV
+        bufs = [q.transpose(1, 2).contiguous(), k.repeat_interleave(kv_rep, 2).transpose(1, 2).contiguous(),
+                v.repeat_interleave(kv_rep, 2).transpose(1, 2).contiguous(), dout.transpose(1, 2).contiguous()]
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), context_parallel(
+                    mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2], no_restore_buffers=set(bufs)):
+                ql, kl, vl = leaf(bufs[0]), leaf(bufs[1]), leaf(bufs[2])
+
+                def attn(a, b, c, gqa=gqa):
+                    return F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
+
+                step = fwd_bwd(attn, ql, kl, vl, bufs[3])
+                o = attn(ql, kl, vl)
+                o.backward(bufs[3])
+                o = o.detach().transpose(1, 2)
+                dk, dv = kl.grad.transpose(1, 2), vl.grad.transpose(1, 2)
+                if not gqa:  # sum the gradients of the repeated kv heads
+                    dk = dk.unflatten(2, (HKV, kv_rep)).sum(3)
+                    dv = dv.unflatten(2, (HKV, kv_rep)).sum(3)
+                err = max(rel(o, ref_local["o"]), rel(ql.grad.transpose(1, 2), ref_local["q"]),
+                          rel(dk, ref_local["k"]), rel(dv, ref_local["v"]))
+                errs = torch.tensor([err], device=DEV)
+                dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+                ms = timed(step, reps, warmup)
+            return ms, errs.item(), note
+        except Exception as e:
+            if not gqa:
+                raise
+            note = f"; kv heads repeated to {HQ} (enable_gqa failed: {type(e).__name__}: {str(e)[:120]})"
+    raise AssertionError("unreachable")
+
+
+def bench_lasp2(tokens: int, reps: int, warmup: int, profile: bool = False) -> dict:
+    """LASP-2 weak scaling: `tokens` per GPU on all ranks vs `tokens` on one GPU."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank must create every group
+    single = singles[rank]
+    log_decay = retnet_log_decay(LASP_H).to(DEV)
+
+    def inputs(T: int, seed: int):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        return [torch.randn(1, T, LASP_H, LASP_K, device=DEV, dtype=DTYPE, generator=g)
+                for _ in range(4)]
+
+    # correctness at a smaller size: the sp result against one GPU on the whole sequence
+    T_check = 32768
+    q, k, v, do = inputs(T_check * world, 7)
+    ref = lasp2_linear_attention(q, k, v, log_decay=log_decay, group=single)
+    local = [shard_sequence(x, rank, world, "zigzag").contiguous() for x in (q, k, v)]
+    o = lasp2_linear_attention(*local, log_decay=log_decay, group=dist.group.WORLD, layout="zigzag")
+    err = torch.tensor([rel(o, shard_sequence(ref, rank, world, "zigzag"))], device=DEV)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    if err.item() > TOL:
+        raise RuntimeError(f"LASP-2 differs from one GPU: relative error {err.item():.3g}")
+
+    out = {"tokens": tokens, "err": err.item()}
+    q, k, v, do = inputs(tokens, 11 + rank)
+    q, k, v = leaf(q), leaf(k), leaf(v)
+    for name, group, layout in (("1gpu", single, "contiguous"), ("sp", dist.group.WORLD, "zigzag")):
+        def attn(a, b, c, group=group, layout=layout):
+            return lasp2_linear_attention(a, b, c, log_decay=log_decay, group=group, layout=layout)
+
+        out[name] = timed(fwd_bwd(attn, q, k, v, do), reps, warmup)
+        if profile and name == "sp":
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
+
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+                fwd_bwd(attn, q, k, v, do)()
+                torch.cuda.synchronize()
+            log(pr.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    out["eff"] = out["1gpu"] / out["sp"]
+    log(f"LASP-2 {tokens} tokens/GPU: 1 GPU {out['1gpu']:.2f} ms, {world} GPUs {out['sp']:.2f} ms, "
+        f"efficiency {out['eff']:.3f} (check err {out['err']:.2e})")
+    return out
+
+
+def tokens(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}×"
+
+
+def report(rows: list[dict], lasp: dict | None, world: int, command: str, device: str) -> str:
+    lines = [f"device: {world} × {device}; torch {torch.__version__}; date {datetime.date.today()}",
+             f"command: `{command}`", "",
+             "Causal attention fwd+bwd, bf16, batch 1, 32 q heads / 8 kv heads, head dim 128, zigzag; "
+             f"milliseconds (median); speed-up = 1-GPU time / {world}-GPU time; vs CP = best torch "
+             "context_parallel time / ours.", "",
+             "| T | 1 GPU SDPA flash | ring | allgather | ulysses | torch CP allgather | torch CP alltoall "
+             "| ring speed-up | allgather speed-up | ulysses speed-up | ring vs CP | allgather vs CP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cps = [r.get(f"cp_{x}") for x in ("allgather", "alltoall") if r.get(f"cp_{x}") is not None]
+        cp = min(cps) if cps else None
+        lines.append(
+            f"| {tokens(r['T'])} | {fmt(r['1gpu'])} | {fmt(r.get('ring'))} | {fmt(r.get('allgather'))} "
+            f"| {fmt(r.get('ulysses'))} | {fmt(r.get('cp_allgather'))} | {fmt(r.get('cp_alltoall'))} "
+            f"| {ratio(r['1gpu'], r.get('ring'))} | {ratio(r['1gpu'], r.get('allgather'))} "
+            f"| {ratio(r['1gpu'], r.get('ulysses'))} | {ratio(cp, r.get('ring'))} | {ratio(cp, r.get('allgather'))} |")
+    lines += ["", "Max relative L2 error vs 1 GPU (output, dq, dk, dv; bf16): " + "; ".join(
+        tokens(r['T']) + " " + ", ".join(f"{m} {r[m + '_err']:.1e}" for m in
+                                          (*METHODS, "cp_allgather", "cp_alltoall") if m + "_err" in r)
+        for r in rows)]
+    notes = {r.get("cp_note") for r in rows if r.get("cp_note")}
+    if notes:
+        lines.append("torch CP note:" + "".join(notes))
+    if lasp is not None:
+        lines += ["", f"LASP-2 weak scaling (H={LASP_H}, K=V={LASP_K}, bf16, RetNet decay, backend auto, fwd+bwd): "
+                      f"{tokens(lasp['tokens'])} tokens on 1 GPU {lasp['1gpu']:.2f} ms, "
+                      f"{tokens(lasp['tokens'])} tokens/GPU on {world} GPUs {lasp['sp']:.2f} ms, "
+                      f"efficiency t1/t{world} = {lasp['eff']:.3f} (check vs 1 GPU: rel err {lasp['err']:.1e})"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", default="32768,131072,262144")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (3 at ≥ 256K tokens)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed runs besides the verification run, which always precedes timing")
+    p.add_argument("--cp-rotations", default="allgather,alltoall",
+                   help="torch context_parallel kv rotations to time ('' to skip torch CP)")
+    p.add_argument("--profile-lasp", action="store_true", help="print a CUDA-time profile of one LASP-2 step")
+    p.add_argument("--lasp-tokens", type=int, default=524288, help="tokens per GPU for LASP-2 (0: skip)")
+    p.add_argument("--out", help="also write the markdown report here")
+    p.add_argument("--smoke", action="store_true", help="dry run on CPU (gloo, fp32) with small --seq-lens")
+    args = p.parse_args()
+    global DEV, DTYPE
+    if args.smoke:
+        DEV, DTYPE = "cpu", torch.float32
+        dist.init_process_group("gloo")
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    world = dist.get_world_size()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(DEV, (world,))
+    command = "torchrun --nproc-per-node {} benchmarks/sp_attention.py {}".format(world, " ".join(sys.argv[1:]))
+    t0 = time.time()
+    rows, lasp, failed = [], None, set()
+    for T in (int(x) for x in args.seq_lens.split(",")):
+        reps = 3 if T >= 262144 else args.reps
+        rows.append(bench_attention(T, reps, args.warmup, args.methods.split(","),
+                                    [x for x in args.cp_rotations.split(",") if x], mesh, failed))
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    if args.lasp_tokens:
+        try:
+            lasp = bench_lasp2(args.lasp_tokens, 10, 2, args.profile_lasp)
+        except Exception as e:
+            log(f"LASP-2 FAILED: {type(e).__name__}: {str(e)[:300]}")
+            if dist.get_rank() == 0:
+                traceback.print_exc()
+    text = report(rows, lasp, world, command, torch.cuda.get_device_name() if DEV == "cuda" else "CPU")
+    log(text + f"\n(total {time.time() - t0:.0f} s)")
+    if args.out and dist.get_rank() == 0:
+        Path(args.out).write_text(text)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
