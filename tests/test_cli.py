@@ -50,7 +50,7 @@ def test_presets_command(capsys) -> None:
     assert "125m" in out and "1b" in out
 
 
-@pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("1b", 8), ("1m-tokens", 8)])
+@pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("400m", 8), ("1b", 8), ("1m-tokens", 8)])
 def test_shipped_configs_validate(name: str, world: int) -> None:
     from pathlib import Path
 
