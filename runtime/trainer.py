@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,9 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         kind, _, where = cfg.data.source.partition(":")
-        self.task = self.store = None
+        self.task = self.store = self._prefetched = None
         if kind == "zarr":
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longtrain-data")
             self.store = ZarrTokens(where, t.seq_len, t.batch_size, mesh.coord("dp"), self.dp, mesh.coord("sp"),
                                     self.sp, cfg.parallel.layout, t.seed)
         else:
@@ -94,8 +96,13 @@ class Trainer:
     def local_batch(self, step: int, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows (its dp replica) and sequence shards (its sp rank) of global batch `step`."""
         if self.store is not None:
-            x, y = self.store.batch(step + seed_offset)
-            return x.to(self.device), y.to(self.device)
+            if seed_offset == 0 and self._prefetched is not None and self._prefetched[0] == step:
+                x, y = self._prefetched[1].result()
+            else:
+                x, y = self.store.batch(step + seed_offset)
+            if seed_offset == 0 and step + 1 < self.cfg.train.steps:  # read the next batch during this step
+                self._prefetched = (step + 1, self._reader.submit(self.store.batch, step + 1))
+            return x.to(self.device).long(), y.to(self.device).long()
         per_replica = self.cfg.train.batch_size // self.dp
         d = self.mesh.coord("dp")
         x, y = self.task.rows(step + seed_offset, range(d * per_replica, (d + 1) * per_replica))
