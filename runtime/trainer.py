@@ -194,8 +194,10 @@ class Trainer:
         """Accuracy on the task's questions over `batches` held-out batches (same on every rank)."""
         counts = torch.zeros(2, device=self.device)
         for b in range(batches):
-            # synthetic: held-out batches; a token store: the first batches of the data (no held-out split)
-            inputs, targets = self.local_batch(b, seed_offset=10**9 if self.store is None else 0)
+            if self.store is None:  # synthetic: held-out batches
+                inputs, targets = self.local_batch(b, seed_offset=10**9)
+            else:  # a token store: its first batches (it has no held-out split)
+                inputs, targets = (t.to(self.device).long() for t in self.store.batch(b))
             with self.autocast:
                 logits = self.pipe.forward(inputs if self.pipe.is_first else None)
             if logits is not None:
