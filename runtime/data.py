@@ -35,6 +35,45 @@ def _compressor():
     return BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle, typesize=4)
 
 
+class _ChunkFiles:
+    """Writes whole chunks of a freshly created local zarr v3 array as files, encoded as its codecs
+    (little-endian bytes → Blosc LZ4, byte shuffle) would encode them.
+
+    zarr's own write path spends ≈ 0.8 ms of Python per chunk (≈ 60M tokens/s on one core) where
+    the Blosc encoding and the file write take ≈ 0.2 ms; prepare-data writes millions of chunks.
+    Only used for arrays this module created with exactly that layout; what it writes is read back
+    through zarr in the tests.
+    """
+
+    def __init__(self, array, root: Path, name: str):
+        from numcodecs import Blosc
+        from zarr.codecs import BloscCodec, BytesCodec
+        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+        meta = array.metadata
+        bytes_codec, blosc = meta.codecs
+        if not (isinstance(bytes_codec, BytesCodec) and isinstance(blosc, BloscCodec)
+                and isinstance(meta.chunk_key_encoding, DefaultChunkKeyEncoding)):
+            raise RuntimeError("the token array's layout changed; _ChunkFiles only writes bytes → Blosc arrays")
+        self.key = meta.chunk_key_encoding.encode_chunk_key
+        self.dir = root / name
+        self.chunks = meta.chunk_grid.chunk_shape
+        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.SHUFFLE)
+        self._made: set[Path] = set()
+
+    def write_rows(self, first_row: int, block: np.ndarray) -> None:
+        """block [rows, seq_len] int32 → chunks (1, chunk_len) of rows first_row…"""
+        _, chunk_len = self.chunks
+        data = np.ascontiguousarray(block, dtype="<i4")
+        for i, row in enumerate(data):
+            for j in range(row.size // chunk_len):
+                path = self.dir / self.key((first_row + i, j))
+                if path.parent not in self._made:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._made.add(path.parent)
+                path.write_bytes(self.codec.encode(row[j * chunk_len : (j + 1) * chunk_len]))
+
+
 def default_chunk_len(seq_len: int) -> int:
     """64K tokens (256 KiB) when that divides the row, else the whole row.
 
@@ -96,6 +135,7 @@ def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = 
                                 compressors=_compressor())
     next_token = group.create_array("next_token", shape=(0, n_chunks), chunks=(4096, n_chunks), dtype="int32")
 
+    chunk_files = _ChunkFiles(tokens, tmp, "tokens")
     rows_per_write = max(1, (1 << 24) // seq_len)  # write ~64 MiB at a time
     pending: list[np.ndarray] = []
     n_pending = n_rows = docs = total = text_bytes = 0
@@ -109,7 +149,7 @@ def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = 
         follow = stream[chunk_len : rows * seq_len + 1 : chunk_len].reshape(rows, n_chunks)
         tokens.resize((n_rows + rows, seq_len))
         next_token.resize((n_rows + rows, n_chunks))
-        tokens[n_rows : n_rows + rows] = block
+        chunk_files.write_rows(n_rows, block)
         next_token[n_rows : n_rows + rows] = follow
         n_rows += rows
         rest = stream[rows * seq_len :]
