@@ -40,3 +40,13 @@ def run_distributed(fn: Callable, world: int, *args) -> None:
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="longtrain-test-")
+
+
+def model_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, n_tokens: int):
+    """(loss, {parameter name: gradient}) of one step of the mean token loss over n_tokens."""
+    from models import token_loss_sum
+
+    model.zero_grad()
+    loss = token_loss_sum(model(tokens), targets) / n_tokens
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_distributed
+from _dist import model_step, run_distributed
 
-from models import LinearLlama, num_parameters, preset, token_loss_sum
+from models import LinearLlama, num_parameters, preset
 from parallel.context import SequenceParallel
 from parallel.layout import shard_sequence
 from runtime.errors import ConfigError
@@ -36,13 +36,6 @@ def test_resolve_dims() -> None:
         resolve_dims(6, None, 2, 2)
 
 
-def _step(model: LinearLlama, tokens: torch.Tensor, targets: torch.Tensor, n_tokens: int):
-    model.zero_grad()
-    loss = token_loss_sum(model(tokens), targets) / n_tokens
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _check_sp_model(rank: int, world: int) -> None:
     mesh = build_mesh(pp=1, sp=world)
     assert mesh.size("sp") == world and mesh.size("dp") == 1 and mesh.coord("sp") == rank
@@ -52,10 +45,10 @@ def _check_sp_model(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=g)
     tokens, targets = data[:, :-1], data[:, 1:]
-    ref_loss, ref_grads = _step(model, tokens, targets, targets.numel())
+    ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
     for layout in ("contiguous", "zigzag"):
         model.set_sequence_parallel(SequenceParallel(mesh.group("sp"), layout))
-        loss, grads = _step(model, shard_sequence(tokens, rank, world, layout),
+        loss, grads = model_step(model, shard_sequence(tokens, rank, world, layout),
                             shard_sequence(targets, rank, world, layout), targets.numel())
         dist.all_reduce(loss, group=mesh.group("sp"))
         assert abs(loss - ref_loss) / ref_loss < 1e-6, (layout, loss, ref_loss)

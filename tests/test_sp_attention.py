@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import run_distributed, scratch_dir
+from _dist import model_step, run_distributed, scratch_dir
 
 from launch.cli import main
-from models import LinearLlama, preset, token_loss_sum
+from models import LinearLlama, preset
 from parallel.attention import _ring_step_jobs, sp_attention
 from parallel.context import SequenceParallel
 from parallel.layout import shard_ids, shard_sequence, unshard_sequence
@@ -104,13 +104,6 @@ def test_single_rank_and_errors() -> None:
         sp_attention(q, torch.randn(2, 12, 3, 8), torch.randn(2, 12, 3, 8), method="ring")
 
 
-def _step(model: LinearLlama, tokens: torch.Tensor, targets: torch.Tensor, n_tokens: int):
-    model.zero_grad()
-    loss = token_loss_sum(model(tokens), targets) / n_tokens
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _check_hybrid_model(rank: int, world: int) -> None:
     mesh = build_mesh(pp=1, sp=world)
     cfg = preset("tiny", layout="LA", n_heads=8, n_kv_heads=4, gate=True)  # L A L A, grouped-query
@@ -119,12 +112,12 @@ def _check_hybrid_model(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=g)
     tokens, targets = data[:, :-1], data[:, 1:]
-    ref_loss, ref_grads = _step(model, tokens, targets, targets.numel())
+    ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
     group = mesh.group("sp")
     for method in METHODS:
         for layout in LAYOUTS:
             model.set_sequence_parallel(SequenceParallel(group, layout, method))
-            loss, grads = _step(model, shard_sequence(tokens, rank, world, layout),
+            loss, grads = model_step(model, shard_sequence(tokens, rank, world, layout),
                                 shard_sequence(targets, rank, world, layout), targets.numel())
             dist.all_reduce(loss, group=group)
             assert abs(loss - ref_loss) / ref_loss < 1e-6, (method, layout, loss, ref_loss)
