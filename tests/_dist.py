@@ -50,3 +50,13 @@ def model_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tens
     loss = token_loss_sum(model(tokens), targets) / n_tokens
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def seeded_model_and_batch(cfg, world: int):
+    """A model seeded as every rank seeds it, and a batch of 2 sequences splittable over `world` zigzag ranks."""
+    from models import LinearLlama
+
+    torch.manual_seed(0)
+    model = LinearLlama(cfg)
+    data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=torch.Generator().manual_seed(1))
+    return model, data[:, :-1], data[:, 1:]

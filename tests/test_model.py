@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import model_step, run_distributed
+from _dist import model_step, run_distributed, seeded_model_and_batch
 
 from models import LinearLlama, num_parameters, preset
 from parallel.context import SequenceParallel
@@ -40,11 +40,7 @@ def _check_sp_model(rank: int, world: int) -> None:
     mesh = build_mesh(pp=1, sp=world)
     assert mesh.size("sp") == world and mesh.size("dp") == 1 and mesh.coord("sp") == rank
     cfg = preset("tiny", layout="L", gate=True)
-    torch.manual_seed(0)
-    model = LinearLlama(cfg)
-    g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=g)
-    tokens, targets = data[:, :-1], data[:, 1:]
+    model, tokens, targets = seeded_model_and_batch(cfg, world)
     ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
     for layout in ("contiguous", "zigzag"):
         model.set_sequence_parallel(SequenceParallel(mesh.group("sp"), layout))

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import model_step, run_distributed, scratch_dir
+from _dist import model_step, run_distributed, scratch_dir, seeded_model_and_batch
 
 from launch.cli import main
-from models import LinearLlama, preset
+from models import preset
 from parallel.attention import _ring_step_jobs, sp_attention
 from parallel.context import SequenceParallel
 from parallel.layout import shard_ids, shard_sequence, unshard_sequence
@@ -107,11 +107,7 @@ def test_single_rank_and_errors() -> None:
 def _check_hybrid_model(rank: int, world: int) -> None:
     mesh = build_mesh(pp=1, sp=world)
     cfg = preset("tiny", layout="LA", n_heads=8, n_kv_heads=4, gate=True)  # L A L A, grouped-query
-    torch.manual_seed(0)
-    model = LinearLlama(cfg)
-    g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=g)
-    tokens, targets = data[:, :-1], data[:, 1:]
+    model, tokens, targets = seeded_model_and_batch(cfg, world)
     ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
     group = mesh.group("sp")
     for method in METHODS:
