@@ -74,7 +74,7 @@ class TritonConfig:
     backward kernels if smaller than C (0: same; fewer registers per program); fwd_bv: V-block of the output
     kernel; dq_bk: K-block of the dq kernel; dkdv_split: compute dk and dv in two launches
     (tiles [bk, V] and [K, bv]) instead of one with the full [K, V] state; state_bk/state_bv:
-    tile of the segment-state kernel.
+    tile of the segment-state kernel; chunk: chunk length C overriding the caller's chunk_size (0: keep it).
     """
 
     seg_chunks: int = 32
@@ -91,6 +91,7 @@ class TritonConfig:
     state_bv: int = 128
     state_warps: int = 8
     num_stages: int = 2
+    chunk: int = 0
 
 
 DEFAULT_CONFIG = TritonConfig()
@@ -530,7 +531,7 @@ class _Plan:
 def _make_plan(q: torch.Tensor, v: torch.Tensor, decay: int, chunk_size: int, cfg: TritonConfig) -> _Plan:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = _chunk_size(chunk_size)
+    C = _chunk_size(cfg.chunk or chunk_size)
     NC = -(-T // C)
     NCS = max(1, cfg.seg_chunks)
     NS = -(-NC // NCS)
