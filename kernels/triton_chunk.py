@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear_attention_triton", "TritonConfig"]
+__all__ = ["linear_attention_triton", "linear_attention_triton_sharded", "ShardExchange", "TritonConfig"]
 
 LOG2E = 1.4426950408889634
 
@@ -568,19 +568,30 @@ def _lam_arg(log_decay: torch.Tensor | None, device) -> torch.Tensor:
     return log_decay.detach().float().contiguous()
 
 
-def _forward(p: _Plan, q, k, v, G, lam, seg_log2, initial_state, need_final: bool):
-    """Forward launches; returns (o, final_state or None, S_in boundary states [B·H, NS, K, V] or None)."""
+def _segment_states(p: _Plan, a, b, G, lam, qdo: bool) -> torch.Tensor:
+    """Raw segment-local states [B·H, NS, K, V] fp32: M_s from (k, v), or D_s from (q, do) if qdo."""
+    B, T, H, K, V, C, NC, NCS, NS = p.B, p.T, p.H, p.K, p.V, p.C, p.NC, p.NCS, p.NS
+    cfg = p.cfg
+    buf = _empty((B * H, NS, K, V), torch.float32, a.device)
+    bk, bv = min(p.Kp, cfg.state_bk), min(p.Vp, cfg.state_bv)
+    grid = (triton.cdiv(K, bk) * triton.cdiv(V, bv), NS, B * H)
+    _seg_state_kernel[grid](
+        a, b, G, lam, buf, T, H, NC, NCS, NS, p.scale if qdo else 1.0, DA=K, DB=V, C=C, BA=bk, BB=bv,
+        DECAY=p.decay, QDO=qdo, PREC=p.prec, num_warps=cfg.state_warps, num_stages=cfg.num_stages)
+    return buf
+
+
+def _forward(p: _Plan, q, k, v, G, lam, seg_log2, initial_state, need_final: bool, m_raw=None):
+    """Forward launches; returns (o, final_state or None, S_in boundary states [B·H, NS, K, V] or None).
+
+    m_raw: the raw segment states of (k, v) when already computed (consumed: scanned in place).
+    """
     B, T, H, K, V, C, NC, NCS, NS = p.B, p.T, p.H, p.K, p.V, p.C, p.NC, p.NCS, p.NS
     cfg, dev = p.cfg, q.device
     scale = p.scale
     s_in = None
     if NS > 1:
-        s_in = _empty((B * H, NS, K, V), torch.float32, dev)
-        bk, bv = min(p.Kp, cfg.state_bk), min(p.Vp, cfg.state_bv)
-        grid = (triton.cdiv(K, bk) * triton.cdiv(V, bv), NS, B * H)
-        _seg_state_kernel[grid](
-            k, v, G, lam, s_in, T, H, NC, NCS, NS, 1.0, DA=K, DB=V, C=C, BA=bk, BB=bv,
-            DECAY=p.decay, QDO=False, PREC=p.prec, num_warps=cfg.state_warps, num_stages=cfg.num_stages)
+        s_in = m_raw if m_raw is not None else _segment_states(p, k, v, G, lam, qdo=False)
         nsp, e, warps = _scan_tile(NS)
         init = initial_state if initial_state is not None else s_in
         _seg_scan_kernel[(triton.cdiv(K * V, e), B * H)](
@@ -613,8 +624,11 @@ def _rechunk(p: _Plan, G: torch.Tensor, Cb: int) -> tuple[_Plan, torch.Tensor]:
 
 
 def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg: bool, need_dlam: bool,
-              need_ds0: bool):
-    """Backward launches; returns dq, dk, dv, d log a [B, H, T] (or None), dS_init (or None)."""
+              need_ds0: bool, d_raw=None):
+    """Backward launches; returns dq, dk, dv, d log a [B, H, T] (or None), dS_init (or None).
+
+    d_raw: the raw segment states of (q, do) when already computed (consumed: scanned in place).
+    """
     if 0 < p.cfg.bwd_chunk < p.C and p.C % p.cfg.bwd_chunk == 0:
         p, G = _rechunk(p, G, p.cfg.bwd_chunk)
     B, T, H, K, V, C, NC, NCS, NS = p.B, p.T, p.H, p.K, p.V, p.C, p.NC, p.NCS, p.NS
@@ -623,12 +637,7 @@ def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg
     ds_out = None
     cpart = None
     if NS > 1:
-        ds_out = _empty((B * H, NS, K, V), f32, dev)
-        bk, bv = min(p.Kp, cfg.state_bk), min(p.Vp, cfg.state_bv)
-        grid = (triton.cdiv(K, bk) * triton.cdiv(V, bv), NS, B * H)
-        _seg_state_kernel[grid](
-            q, do, G, lam, ds_out, T, H, NC, NCS, NS, scale, DA=K, DB=V, C=C, BA=bk, BB=bv,
-            DECAY=p.decay, QDO=True, PREC=p.prec, num_warps=cfg.state_warps, num_stages=cfg.num_stages)
+        ds_out = d_raw if d_raw is not None else _segment_states(p, q, do, G, lam, qdo=True)
         nsp, e, warps = _scan_tile(NS)
         n_tiles = triton.cdiv(K * V, e)
         if need_dg:
@@ -734,6 +743,99 @@ class _LinearAttentionTriton(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype)
         return dq, dk, dv, dlam, dgate, ds0, None, None, None, None
+
+
+def _segment_weights(seg_log2: torch.Tensor, suffix: bool) -> torch.Tensor:
+    """[B·H, NS] products of the segment decays strictly after (suffix) or before each segment, fp32."""
+    x = seg_log2.double()
+    if suffix:
+        x = x.flip(-1)
+    w = torch.exp2(torch.nn.functional.pad(x.cumsum(-1)[..., :-1], (1, 0)))
+    return (w.flip(-1) if suffix else w).float()
+
+
+class ShardExchange:
+    """The collective of a sequence-sharded call (LASP-2): see `linear_attention_triton_sharded`."""
+
+    def forward(self, M: torch.Tensor, log_A: torch.Tensor) -> torch.Tensor:
+        """Local states M [B, H, K, V] and total log decays log A [B, H] of this rank's rows → entering states."""
+        raise NotImplementedError
+
+    def backward(self, d_entering: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the entering states → (dM, d log A) of this rank's rows."""
+        raise NotImplementedError
+
+
+class _ShardedTriton(torch.autograd.Function):
+    """o = attention(q, k, v; S_0 = exchange(M, log A)) with M, log A the zero-start state and decay of each row.
+
+    Forward: raw segment states M_s (one pass over k, v) → M = Σ_s (Π_{s'>s} A_s') M_s → exchange →
+    scan with S_0 → outputs: the kernel's own passes plus one read of the [B·H, NS, K, V] buffer.
+    Backward: raw D_s (q, do) → dS_0 = Σ_s (Π_{s'<s} A_s') D_s → exchange backward → dM enters as the
+    gradient of the final state F = A·S_0 + M; the S_0-path of F is taken out of d log a again.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, gate, scale, chunk_size, cfg, exchange):
+        decay = 2 if gate is not None else (1 if log_decay is not None else 0)
+        p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
+        lam = _lam_arg(log_decay, q.device)
+        G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
+        m_raw = _segment_states(p, k, v, G, lam, qdo=False)
+        M = torch.einsum("rs,rse->re", _segment_weights(seg_log2, suffix=True), m_raw.view(p.B * p.H, p.NS, -1))
+        log_A = (seg_log2.double().sum(-1) / LOG2E).float().view(p.B, p.H)
+        S0 = exchange.forward(M.view(p.B, p.H, p.K, p.V), log_A).float().contiguous()
+        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        o, final, s_in = _forward(p, q, k, v, G, lam, seg_log2, S0, need_dg, m_raw=m_raw)
+        ctx.plan, ctx.exchange = p, exchange
+        ctx.gate_dtype = gate.dtype if gate is not None else None
+        ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
+        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final, S0, log_A)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, G, lam, seg_log2, s_in, final, S0, log_A = ctx.saved_tensors
+        p: _Plan = ctx.plan
+        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        do = do.to(q.dtype).contiguous()
+        d_raw = _segment_states(p, q, do, G, lam, qdo=True)
+        dS0 = torch.einsum("rs,rse->re", _segment_weights(seg_log2, suffix=False), d_raw.view(p.B * p.H, p.NS, -1))
+        dM, dlog_A = ctx.exchange.backward(dS0.view(p.B, p.H, p.K, p.V))
+        dM = dM.float().contiguous()
+        dq, dk, dv, dloga, _ = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dM, need_dg,
+                                         ctx.needs_input_grad[3], False, d_raw=d_raw)
+        dlam = dgate = None
+        if dloga is not None:
+            # F = A·S_0 + M: the kernel's d log a holds ⟨dM, A·S_0⟩ per token, which M does not depend on
+            s0_path = (dM.double() * S0.double()).sum((-1, -2)) * log_A.double().exp()
+            dloga = dloga + (dlog_A.double() - s0_path)[..., None]
+            if ctx.needs_input_grad[3]:
+                dlam = dloga.sum((0, 2)).to(ctx.lam_dtype)
+            if ctx.needs_input_grad[4]:
+                dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype)
+        return dq, dk, dv, dlam, dgate, None, None, None, None
+
+
+def linear_attention_triton_sharded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exchange: ShardExchange, *,
+    log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
+    chunk_size: int = 64, config: TritonConfig | None = None,
+) -> torch.Tensor:
+    """Linear attention whose rows start from states that depend on every row's local state (LASP-2).
+
+    Each batch row b is a sequence shard; its entering state is exchange.forward(M, log A)[b], where
+    M[b] is the row's final state from a zero start and log A[b] its total log decay. The kernels
+    compute M in their segment-state pass, so the shard needs no separate correction GEMM:
+    o_i = scale · q_i S_i with S starting at the entering state. Differentiable like
+    `linear_attention_triton`; exchange.backward receives ∂L/∂S_0 and returns (∂L/∂M, ∂L/∂log A).
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton backend supports fp16/bf16/fp32 inputs, got {q.dtype}")
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    return _ShardedTriton.apply(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(),
+                                log_decay, gate, scale, chunk_size, config or DEFAULT_CONFIG, exchange)
 
 
 def linear_attention_triton(

@@ -8,7 +8,10 @@ gives every rank all shard states, from which it forms, in fp32 and in global sh
     S_in(0) = 0,   S_in(c+1) = A_c · S_in(c) + M_c,
 
 and corrects its outputs: o_i = o^loc_i + scale · exp(G_i) q_i S_in(c), G_i the inclusive
-cumulative log decay from the shard's start. The exchange is one autograd Function whose
+cumulative log decay from the shard's start. On the Triton backend the correction is not a separate
+GEMM: the kernels' own segment-state pass yields M_c, and the outputs are computed once, starting
+from S_in(c) (`kernels.triton_chunk.linear_attention_triton_sharded`; a rank's shards are rows of a
+view, no copies). The exchange is one autograd Function whose
 backward (a reduce-scatter of the gradients of the gathered tensor) runs on every rank, so
 no rank can skip the collective; any shard→rank assignment (contiguous, zigzag) works.
 """
@@ -40,32 +43,83 @@ def _prefix_states(gathered: torch.Tensor, world: int, layout: str, wanted: list
     return torch.stack([entering[c] for c in wanted])
 
 
+def _exchange_forward(M: torch.Tensor, log_A: torch.Tensor, group, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M [n, B, H, K, V], log A [n, B, H]) of local shards → (states entering them, the gathered pack)."""
+    n_local, B, H, K, V = M.shape
+    rank, world = group_rank_world(group)
+    packed = torch.cat([M.reshape(n_local, B, H, K * V), log_A.unsqueeze(-1).to(M.dtype)], dim=-1)
+    gathered = all_gather_tensor(packed, group)  # [P, n_local, B, H, K·V + 1]
+    return _prefix_states(gathered, world, layout, shard_ids(rank, world, layout), K, V), gathered
+
+
+def _exchange_backward(gathered: torch.Tensor, d_entering: torch.Tensor, group, layout: str,
+                       K: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the entering states → (dM, d log A) of local shards; every rank enters the reduce-scatter."""
+    rank, world = group_rank_world(group)
+    with torch.enable_grad():
+        g = gathered.detach().requires_grad_()
+        entering = _prefix_states(g, world, layout, shard_ids(rank, world, layout), K, V)
+        d_gathered = torch.zeros_like(gathered)
+        if entering.requires_grad:  # not so for rank 0 under the contiguous layout: its prefix is 0
+            (d_gathered,) = torch.autograd.grad(entering, g, d_entering.to(g.dtype), allow_unused=True)
+    d_packed = reduce_scatter_tensor(d_gathered, group)
+    n_local, B, H = d_packed.shape[:3]
+    return d_packed[..., :-1].reshape(n_local, B, H, K, V), d_packed[..., -1]
+
+
 class _ShardStateExchange(torch.autograd.Function):
     """(M, log A) of local shards → states entering local shards; all-gather fwd, reduce-scatter bwd."""
 
     @staticmethod
     def forward(ctx, M: torch.Tensor, log_A: torch.Tensor, group, layout: str) -> torch.Tensor:
-        n_local, B, H, K, V = M.shape
-        rank, world = group_rank_world(group)
-        packed = torch.cat([M.reshape(n_local, B, H, K * V), log_A.unsqueeze(-1)], dim=-1)
-        gathered = all_gather_tensor(packed, group)  # [P, n_local, B, H, K·V + 1]
+        entering, gathered = _exchange_forward(M, log_A, group, layout)
         ctx.save_for_backward(gathered)
-        ctx.meta = (group, layout, rank, world, K, V)
-        return _prefix_states(gathered, world, layout, shard_ids(rank, world, layout), K, V)
+        ctx.meta = (group, layout, M.shape[-2], M.shape[-1])
+        return entering
 
     @staticmethod
     def backward(ctx, d_entering: torch.Tensor):
-        group, layout, rank, world, K, V = ctx.meta
+        group, layout, K, V = ctx.meta
         (gathered,) = ctx.saved_tensors
-        with torch.enable_grad():
-            g = gathered.detach().requires_grad_()
-            entering = _prefix_states(g, world, layout, shard_ids(rank, world, layout), K, V)
-            d_gathered = torch.zeros_like(gathered)
-            if entering.requires_grad:  # not so for rank 0 under the contiguous layout: its prefix is 0
-                (d_gathered,) = torch.autograd.grad(entering, g, d_entering, allow_unused=True)
-        d_packed = reduce_scatter_tensor(d_gathered, group)  # every rank enters this collective
-        n_local, B, H = d_packed.shape[:3]
-        return d_packed[..., :-1].reshape(n_local, B, H, K, V), d_packed[..., -1], None, None
+        dM, dlog_A = _exchange_backward(gathered, d_entering, group, layout, K, V)
+        return dM, dlog_A, None, None
+
+
+class _KernelExchange:
+    """LASP-2 exchange for the Triton kernels, whose batch rows are (b, local shard j) in b-major order."""
+
+    def __init__(self, group, layout: str, n_local: int):
+        self.group, self.layout, self.n = group, layout, n_local
+
+    def _to_shard_major(self, x: torch.Tensor) -> torch.Tensor:  # [B·n, ...] → [n, B, ...]
+        return x.reshape(-1, self.n, *x.shape[1:]).transpose(0, 1).contiguous()
+
+    def _to_row_major(self, x: torch.Tensor) -> torch.Tensor:  # [n, B, ...] → [B·n, ...]
+        return x.transpose(0, 1).reshape(-1, *x.shape[2:]).contiguous()
+
+    def forward(self, M: torch.Tensor, log_A: torch.Tensor) -> torch.Tensor:
+        entering, self.gathered = _exchange_forward(self._to_shard_major(M), self._to_shard_major(log_A),
+                                                    self.group, self.layout)
+        return self._to_row_major(entering)
+
+    def backward(self, d_entering: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, V = d_entering.shape[-2:]
+        dM, dlog_A = _exchange_backward(self.gathered, self._to_shard_major(d_entering), self.group,
+                                        self.layout, K, V)
+        self.gathered = None
+        return self._to_row_major(dM), self._to_row_major(dlog_A)
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    if backend == "triton":
+        return True
+    if backend != "auto" or not q.is_cuda:
+        return False
+    try:
+        import kernels.triton_chunk  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def lasp2_linear_attention(
@@ -93,6 +147,17 @@ def lasp2_linear_attention(
     if T_local % n_local:
         raise ValueError(f"local sequence of {T_local} tokens does not hold {n_local} equal {layout} shards")
     scale = K**-0.5 if scale is None else scale
+    if _use_triton(q, backend):
+        # rows (b, j) in b-major order are views of the local tensors: no copies; the kernels compute the
+        # shard states in their own segment pass and start each row from its entering state
+        from kernels.triton_chunk import linear_attention_triton_sharded
+
+        Ts = T_local // n_local
+        rows = lambda x: x.reshape(B * n_local, Ts, *x.shape[2:])  # noqa: E731
+        o = linear_attention_triton_sharded(
+            rows(q), rows(k), rows(v), _KernelExchange(group, layout, n_local), log_decay=log_decay,
+            gate=rows(gate) if gate is not None else None, scale=scale, chunk_size=chunk_size)
+        return o.view(B, T_local, H, V)
 
     qs, ks, vs = (stack_local_shards(t, n_local) for t in (q, k, v))
     gs = stack_local_shards(gate, n_local) if gate is not None else None

@@ -237,3 +237,59 @@ def test_gpu_head_dims(K, V):
 @needs_cuda
 def test_gpu_fp16():
     _compare_to_chunked(2, 5000, 2, 64, 128, torch.float16, 1e-2, seed=7)
+
+
+def _lasp2_triton(rank: int, world: int, T: int) -> None:
+    from test_lasp2 import _check_lasp2
+
+    tc.DEFAULT_CONFIG = SEGMENTED  # 2-chunk segments: shards of 40 tokens hold two segments
+    tc.POISON_OUTPUTS = not torch.cuda.is_available()
+    _check_lasp2(rank, world, T, backend="triton", tol=1e-4)
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_lasp2_fused_kernels(sp):
+    """LASP-2 on the Triton kernels (shard states from the kernels' segment pass, no correction GEMM)
+    equals single-process attention: outputs and every gradient, both layouts, decay and gate."""
+    from _dist import run_distributed
+
+    run_distributed(_lasp2_triton, sp, 8 * sp * 10)
+
+
+class _ChainExchange(tc.ShardExchange):
+    """Rows 0…n−1 of a batch of one are consecutive shards of one sequence (LASP-2 in one process)."""
+
+    def forward(self, M, log_A):
+        with torch.enable_grad():
+            self.inputs = (M.detach().requires_grad_(), log_A.detach().requires_grad_())
+            S, entering = torch.zeros_like(M[0]), []
+            for j in range(M.shape[0]):
+                entering.append(S)
+                S = self.inputs[1][j].exp()[..., None, None] * S + self.inputs[0][j]
+            self.entering = torch.stack(entering)
+        return self.entering.detach()
+
+    def backward(self, d_entering):
+        return torch.autograd.grad(self.entering, self.inputs, d_entering)
+
+
+@gpu
+@needs_cuda
+def test_gpu_sharded_matches_whole_sequence():
+    """64K tokens cut into 4 rows of 16K, chained by the exchange, equal the whole sequence (bf16)."""
+    n, T, H = 4, 65536, 2
+    x = _inputs(1, T, H, 128, 128, decay=True, gate=True, init=False, dtype=torch.bfloat16, device="cuda", seed=3)
+    do = torch.randn(1, T, H, 128, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in x.items()}
+    rows = lambda t: t.reshape(n, T // n, *t.shape[2:])  # noqa: E731
+    o = tc.linear_attention_triton_sharded(rows(leaves["q"]), rows(leaves["k"]), rows(leaves["v"]), _ChainExchange(),
+                                           log_decay=leaves["log_decay"], gate=rows(leaves["gate"]))
+    grads = torch.autograd.grad((o.float() * rows(do).float()).sum(), list(leaves.values()))
+    x64 = {name: t.double() for name, t in x.items()}
+    o_r, _, grads_r = _run(linear_attention_chunked, x64, do.double(), None, chunk_size=64)
+    errs = {"o": _err(o.reshape(o_r.shape), o_r)}
+    errs.update({f"d{name}": _err(g, grads_r[name]) for name, g in zip(leaves, grads)})
+    cond = grads_r["gate"].abs().sum((0, 1)).norm().item()  # dλ cancels: measured against Σ|d log a|
+    errs["dlog_decay"] = (grads[3].double() - grads_r["log_decay"]).norm().item() / cond
+    print(" ".join(f"{name}={e:.1e}" for name, e in errs.items()))
+    assert all(e <= 1e-2 for e in errs.values()), errs
