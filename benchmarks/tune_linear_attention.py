@@ -127,6 +127,28 @@ def sweep_gate(B: int, T: int, configs: dict, prefix: int) -> None:
     tc.DG_MODE = None
 
 
+def gate_accuracy(lengths: list[int], configs: dict) -> None:
+    """d gate error with λ fixed (the models' case) on the GPU tests' inputs, per config and length."""
+    print("\n## d gate error, λ fixed, bf16, B=1 H=2 (test inputs: gate logsigmoid(x+2)/4, λ_h = log(1-2^(-2-h)))")
+    for name, cfg in configs.items():
+        errs = []
+        for T in lengths:
+            g = torch.Generator().manual_seed(11)
+            rnd = lambda *shape, g=g: torch.randn(*shape, generator=g).cuda()  # noqa: E731
+            q, k, v = (rnd(1, T, 2, D).bfloat16() for _ in range(3))
+            gate = (F.logsigmoid(rnd(1, T, 2) + 2.0) / 4).bfloat16()
+            lam = torch.log1p(-torch.exp2(-2.0 - torch.arange(2, dtype=torch.float32))).cuda()
+            do = rnd(1, T, 2, D).bfloat16()
+            gl = gate.detach().requires_grad_()
+            o = tc.linear_attention_triton(q, k, v, log_decay=lam, gate=gl, config=cfg)[0]
+            (dg,) = torch.autograd.grad(o, gl, do)
+            g64 = gate.double().requires_grad_()
+            o_r = linear_attention_chunked(q.double(), k.double(), v.double(), log_decay=lam.double(), gate=g64)[0]
+            (dg_r,) = torch.autograd.grad(o_r, g64, do.double())
+            errs.append(f"T={T}: {rel(dg, dg_r):.2e}")
+        print(f"{name:12s} " + "  ".join(errs), flush=True)
+
+
 def profile(B: int, T: int) -> None:
     x = inputs(B, T)
     for gate in ("none", "grad"):
@@ -149,7 +171,9 @@ def main() -> None:
     ap.add_argument("--bwd-configs", default=DEFAULT_BWD)
     ap.add_argument("--prefix", type=int, default=16384, help="tokens of the dgate accuracy check")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--parts", default="fwd,gate", help="subset of fwd,gate")
+    ap.add_argument("--parts", default="fwd,gate", help="subset of fwd,gate,acc")
+    ap.add_argument("--acc-lengths", default="1000,16384,65536")
+    ap.add_argument("--acc-configs", default="default:;seg16:seg_chunks=16;seg8:seg_chunks=8")
     args = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     parts = set(args.parts.split(","))
@@ -158,6 +182,8 @@ def main() -> None:
     if "gate" in parts:
         (B, T), = parse_shapes(args.gate_shape)
         sweep_gate(B, T, parse_configs(args.bwd_configs), args.prefix)
+    if "acc" in parts:
+        gate_accuracy([int(t) for t in args.acc_lengths.split(",")], parse_configs(args.acc_configs))
     if args.profile:
         (B, T), = parse_shapes(args.gate_shape)
         profile(B, T)
