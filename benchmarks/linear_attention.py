@@ -18,6 +18,7 @@ import argparse
 import datetime
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def floor_ms(B: int, T: int, C: int = 64) -> float:
     return 1e3 * max(flops / PEAK_FLOPS, nbytes / PEAK_BW)
 
 
-def bench_ms(fn: Callable[[], object], rep_ms: float = 200.0, max_iters: int = 50) -> float:
+def bench_ms(fn: Callable[[], object], rep_ms: float = 100.0, max_iters: int = 30) -> float:
     """Median of event-timed runs after a warm-up; a 256 MiB buffer is zeroed before each to flush L2."""
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     fn()
@@ -155,6 +156,7 @@ def softmax_prefix(c: Case, n: int) -> torch.Tensor:
 def measure(c: Case, call, gated: bool, check: Callable[[torch.Tensor], float] | None) -> dict:
     """fwd ms, fwd+bwd ms, peak GiB and check error of one method; values are None where it failed."""
     res: dict[str, object] = {"fwd": None, "fb": None, "peak": None, "err": None, "note": ""}
+    t0 = time.perf_counter()
     try:
         xs = c.leaves(gated)
         with torch.no_grad():
@@ -185,6 +187,7 @@ def measure(c: Case, call, gated: bool, check: Callable[[torch.Tensor], float] |
         res["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
 
 
@@ -273,11 +276,11 @@ def main() -> None:
     for B, T in parse_shapes(args.shapes):
         rows.append(run_shape(B, T, methods, configs))
         torch.cuda.empty_cache()
+        if args.out:  # the table so far, so a run stopped by a time limit keeps its finished rows
+            Path(args.out).write_text(render(rows, list(configs)) + "\n")
 
     table = render(rows, list(configs))
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
 
 
 def render(rows: list[dict], config_names: list[str]) -> str:
