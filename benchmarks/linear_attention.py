@@ -196,7 +196,7 @@ def run_shape(B: int, T: int, methods: set[str], configs: dict[str, TritonConfig
     c = Case(B, T)
     n = min(T, CHECK_PREFIX)
     ref_const = reference_prefix(c, gated=False)
-    row: dict[str, object] = {"shape": f"{B}×{T // 1024}K", "floor": floor_ms(B, T), "ours": {}}
+    row: dict[str, object] = {"shape": f"{B}×{T // 1024}K", "floor": floor_ms(B, T), "ours": {}, "tokens": (B * T, T)}
     for name, cfg in configs.items():
         if "ours" in methods:
             row["ours"][name] = measure(c, method_ours(cfg, False), False, lambda o: rel_err(o[:, :n], ref_const))
@@ -286,6 +286,7 @@ def main() -> None:
 def render(rows: list[dict], config_names: list[str]) -> str:
     """Markdown: times in ms (fwd / fwd+bwd), peak GiB of one fwd+bwd, ratios against the goals."""
     get = lambda r, m, k: (r.get(m) or {}).get(k)  # noqa: E731
+    rows = sorted(rows, key=lambda r: r["tokens"])
     lines = []
     for name in config_names:
         hdr = ("| B×T | floor fwd | ours fwd / f+b | ours+gate fwd / f+b | fla simple_gla fwd / f+b "

@@ -12,7 +12,7 @@ exponentiated):
     S_out = e^{G_last} S_in + Σ_j e^{G_last − G_j} k_jᵀ v_j
 
 **Segments.** Chunks are grouped into segments of L = NCS·C tokens; only segment-boundary states
-are stored (fp32 [B, H, NS, K, V], NS = ⌈T/L⌉ — 1/NCS of what per-chunk states would take, 1/32 by default):
+are stored (fp32 [B, H, NS, K, V], NS = ⌈T/L⌉ — 1/NCS of what per-chunk states would take, 1/64 by default):
 
 1. ``_seg_state_kernel`` (parallel over segments): local state M_s = Σ_{j∈s} e^{Γ_s,last − Γ_s,j} k_jᵀ v_j.
 2. ``_seg_scan_kernel`` (one parallel associative scan over segments, in place):
@@ -80,7 +80,7 @@ class TritonConfig:
     gate_seg_chunks: segment length used instead when the gate needs a gradient and λ does not.
     """
 
-    seg_chunks: int = 32
+    seg_chunks: int = 64
     bwd_chunk: int = 0
     fwd_bv: int = 64
     fwd_warps: int = 4
@@ -92,7 +92,7 @@ class TritonConfig:
     dkdv_warps: int = 4
     state_bk: int = 128
     state_bv: int = 128
-    state_warps: int = 8
+    state_warps: int = 4
     num_stages: int = 2
     chunk: int = 0
     gate_seg_chunks: int = 16
