@@ -2,8 +2,8 @@
 
     python benchmarks/linear_attention.py [--shapes 16x4096,1x65536] [--out FILE] [--configs SPEC]
 
-bf16, H = 16, K = V = 128. Per shape: forward and forward+backward medians (CUDA events, L2
-flushed between runs, gradients of q, k, v and the gate through torch.autograd.grad), peak memory
+bf16, H = 16, K = V = 128. Per shape: forward and forward+backward medians (`triton.testing.do_bench`,
+L2 cleared before each run, gradients of q, k, v and the gate through torch.autograd.grad), peak memory
 of one forward+backward call (torch.cuda.max_memory_allocated after a reset, inputs included), and
 the forward roofline floor max(FLOPs / 731 TFLOP/s, bytes / 3.0 TB/s) with
 FLOPs = 2·B·H·T·(C·K + C·V + 2·K·V) (chunked algorithm, C = 64) and bytes = B·T·H·(2K + 2V)·2
@@ -67,28 +67,11 @@ def floor_ms(B: int, T: int, C: int = 64) -> float:
     return 1e3 * max(flops / PEAK_FLOPS, nbytes / PEAK_BW)
 
 
-def bench_ms(fn: Callable[[], object], rep_ms: float = 100.0, max_iters: int = 30) -> float:
-    """Median of event-timed runs after a warm-up; a 256 MiB buffer is zeroed before each to flush L2."""
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    torch.cuda.synchronize()
-    est = max(s.elapsed_time(e), 1e-3)
-    n = int(min(max_iters, max(3, rep_ms / est)))
-    times = []
-    for _ in range(n):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    del flush
-    return float(torch.tensor(times).median())
+def bench_ms(fn: Callable[[], object]) -> float:
+    """`triton.testing.do_bench` median (warm-up, L2 cleared before every run, launches queued ahead)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
