@@ -760,13 +760,13 @@ class _LinearAttentionTriton(torch.autograd.Function):
         return dq, dk, dv, dlam, dgate, ds0, None, None, None, None
 
 
-def _segment_weights(seg_log2: torch.Tensor, suffix: bool) -> torch.Tensor:
-    """[B·H, NS] products of the segment decays strictly after (suffix) or before each segment, fp32."""
+def _segment_weights(seg_log2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Products of the segment decays strictly before and strictly after each segment ([B·H, NS], fp32),
+    and each row's total log decay (natural log, [B·H]); one fp64 cumsum."""
     x = seg_log2.double()
-    if suffix:
-        x = x.flip(-1)
-    w = torch.exp2(torch.nn.functional.pad(x.cumsum(-1)[..., :-1], (1, 0)))
-    return (w.flip(-1) if suffix else w).float()
+    inc = x.cumsum(-1)
+    total = inc[:, -1:]
+    return torch.exp2(inc - x).float(), torch.exp2(total - inc).float(), (total[:, 0] / LOG2E).float()
 
 
 class ShardExchange:
@@ -798,25 +798,26 @@ class _ShardedTriton(torch.autograd.Function):
         lam = _lam_arg(log_decay, q.device)
         G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
         m_raw = _segment_states(p, k, v, G, lam, qdo=False)
-        M = torch.einsum("rs,rse->re", _segment_weights(seg_log2, suffix=True), m_raw.view(p.B * p.H, p.NS, -1))
-        log_A = (seg_log2.double().sum(-1) / LOG2E).float().view(p.B, p.H)
+        w_before, w_after, log_A = _segment_weights(seg_log2)
+        M = torch.einsum("rs,rse->re", w_after, m_raw.view(p.B * p.H, p.NS, -1))
+        log_A = log_A.view(p.B, p.H)
         S0 = exchange.forward(M.view(p.B, p.H, p.K, p.V), log_A).float().contiguous()
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         o, final, s_in = _forward(p, q, k, v, G, lam, seg_log2, S0, need_dg, m_raw=m_raw)
         ctx.plan, ctx.exchange = p, exchange
         ctx.gate_dtype = gate.dtype if gate is not None else None
         ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
-        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final, S0, log_A)
+        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final, S0, log_A, w_before)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, G, lam, seg_log2, s_in, final, S0, log_A = ctx.saved_tensors
+        q, k, v, G, lam, seg_log2, s_in, final, S0, log_A, w_before = ctx.saved_tensors
         p: _Plan = ctx.plan
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         do = do.to(q.dtype).contiguous()
         d_raw = _segment_states(p, q, do, G, lam, qdo=True)
-        dS0 = torch.einsum("rs,rse->re", _segment_weights(seg_log2, suffix=False), d_raw.view(p.B * p.H, p.NS, -1))
+        dS0 = torch.einsum("rs,rse->re", w_before, d_raw.view(p.B * p.H, p.NS, -1))
         dM, dlog_A = ctx.exchange.backward(dS0.view(p.B, p.H, p.K, p.V))
         dM = dM.float().contiguous()
         dq, dk, dv, dloga, _ = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dM, need_dg,
