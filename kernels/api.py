@@ -42,11 +42,11 @@ def linear_attention(
     q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] ≤ 0; gate: [B, T, H] ≤ 0;
     initial_state / final_state: [B, H, K, V] float32 (float64 for float64 inputs).
     Returns (o [B, T, H, V] in q's dtype, final_state or None). scale defaults to K^-1/2.
-    backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors).
+    backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
     """
     _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_available() else "torch"
     if backend == "triton":
         from kernels.triton_chunk import linear_attention_triton
 

@@ -113,7 +113,7 @@ class _KernelExchange:
 def _use_triton(q: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         return True
-    if backend != "auto" or not q.is_cuda:
+    if backend != "auto" or not q.is_cuda or q.dtype == torch.float64:
         return False
     try:
         import kernels.triton_chunk  # noqa: F401
