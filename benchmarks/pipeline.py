@@ -15,13 +15,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._timing import fenced_ms  # noqa: E402
 from models import token_loss_sum  # noqa: E402
 from parallel.pipeline import GPipe  # noqa: E402
 from runtime.config import load_config  # noqa: E402
@@ -33,23 +33,8 @@ def cuda_time(fn, iters: int, warmup: int = 2) -> float:
     """Median seconds of fn() over `iters` runs, all ranks in step (barrier before each)."""
     for _ in range(warmup):
         fn()
-    times = []
-    if not torch.cuda.is_available():  # CPU dry run of the script (gloo)
-        for _ in range(iters):
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    for _ in range(iters):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    cuda = torch.cuda.is_available()
+    times = [fenced_ms(fn, cuda) / 1e3 for _ in range(iters)]
     return statistics.median(times)
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._timing import fenced_ms  # noqa: E402
 from models.llama import retnet_log_decay  # noqa: E402
 from parallel.attention import _dense_attention, sp_attention  # noqa: E402
 from parallel.lasp2 import lasp2_linear_attention  # noqa: E402
@@ -57,21 +58,7 @@ def timed(fn: Callable[[], None], reps: int, warmup: int) -> float:
     """Median milliseconds of fn over `reps` runs (slowest rank per run), after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        if DEV == "cpu":
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-            continue
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [fenced_ms(fn, DEV == "cuda") for _ in range(reps)]
     t = torch.tensor(times, device=DEV)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return statistics.median(t.tolist())

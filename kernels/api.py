@@ -45,9 +45,7 @@ def linear_attention(
     backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
     """
     _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_available() else "torch"
-    if backend == "triton":
+    if resolve_backend(q, backend) == "triton":
         from kernels.triton_chunk import linear_attention_triton
 
         return linear_attention_triton(
@@ -58,6 +56,13 @@ def linear_attention(
         q, k, v, log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
     )
+
+
+def resolve_backend(q: torch.Tensor, backend: str) -> str:
+    """"triton" or "torch": "auto" takes the Triton kernels for CUDA tensors up to fp32."""
+    if backend == "auto":
+        return "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_available() else "torch"
+    return backend
 
 
 def _triton_available() -> bool:

@@ -136,6 +136,31 @@ def _chunk_decay(G, lam2, t0, T, offs_c, C: tl.constexpr, DECAY: tl.constexpr):
 
 
 @triton.jit
+def _head_start(i_bh, T, H, D):
+    """Offset of head (b, h) = divmod(i_bh, H) in a contiguous [B, T, H, D] tensor."""
+    return (i_bh // H) * T * H * D + (i_bh % H) * D
+
+
+@triton.jit
+def _head_log2_decay(lam_ptr, i_bh, H, DECAY: tl.constexpr):
+    """λ_h in log2 units under constant decay (DECAY 1); 0 otherwise."""
+    lam2 = 0.0
+    if DECAY == 1:
+        lam2 = tl.load(lam_ptr + i_bh % H).to(tl.float32) * 1.4426950408889634
+    return lam2
+
+
+@triton.jit
+def _load_segment_state(buf, i_bh, i_s, NS, KV, tile, mask, BA: tl.constexpr, BB: tl.constexpr, LOAD: tl.constexpr):
+    """Tile [BA, BB] of segment i_s's state in a [B·H, NS, K, V] fp32 buffer, or zeros if not LOAD."""
+    if LOAD:
+        S = tl.load(buf + (i_bh * NS + i_s) * KV + tile, mask=mask, other=0.0)
+    else:
+        S = tl.zeros([BA, BB], dtype=tl.float32)
+    return S
+
+
+@triton.jit
 def _seg_state_kernel(
     a_ptr, b_ptr, G, lam_ptr, out, T, H, NC, NCS, NS, scale,
     DA: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
@@ -149,8 +174,6 @@ def _seg_state_kernel(
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_bb = tl.cdiv(DB, BB)
     i_a = i_t // n_bb
     i_bb = i_t % n_bb
@@ -159,12 +182,10 @@ def _seg_state_kernel(
     offs_b = i_bb * BB + tl.arange(0, BB)
     ma = offs_a < DA
     mb = offs_b < DB
-    a_ptr += i_b * T * H * DA + i_h * DA
-    b_ptr += i_b * T * H * DB + i_h * DB
+    a_ptr += _head_start(i_bh, T, H, DA)
+    b_ptr += _head_start(i_bh, T, H, DB)
     G += i_bh * T
-    lam2 = 0.0
-    if DECAY == 1:
-        lam2 = tl.load(lam_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
     acc = tl.zeros([BA, BB], dtype=tl.float32)
     off = tl.full([1], 0.0, dtype=tl.float32)
     c0 = i_s * NCS
@@ -255,27 +276,20 @@ def _fwd_kernel(
     i_v = tl.program_id(0)
     i_s = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mk = offs_k < K
     mv = offs_v < V
-    q += i_b * T * H * K + i_h * K
-    k += i_b * T * H * K + i_h * K
-    v += i_b * T * H * V + i_h * V
-    o += i_b * T * H * V + i_h * V
+    q += _head_start(i_bh, T, H, K)
+    k += _head_start(i_bh, T, H, K)
+    v += _head_start(i_bh, T, H, V)
+    o += _head_start(i_bh, T, H, V)
     G += i_bh * T
-    lam2 = 0.0
-    if DECAY == 1:
-        lam2 = tl.load(lam_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
     st_tile = offs_k[:, None] * V + offs_v[None, :]
     st_mask = mk[:, None] & mv[None, :]
-    if LOAD_S:
-        S = tl.load(s_in + (i_bh * NS + i_s) * K * V + st_tile, mask=st_mask, other=0.0)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = _load_segment_state(s_in, i_bh, i_s, NS, K * V, st_tile, st_mask, BK, BV, LOAD_S)
     causal = offs_c[:, None] >= offs_c[None, :]
     c0 = i_s * NCS
     n = tl.minimum(NCS, NC - c0)
@@ -353,29 +367,22 @@ def _bwd_dq_kernel(
     i_kb = tl.program_id(0)
     i_s = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     offs_c = tl.arange(0, C)
     offs_k = i_kb * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
     mk = offs_k < K
     mv = offs_v < V
-    q += i_b * T * H * K + i_h * K
-    k += i_b * T * H * K + i_h * K
-    dq += i_b * T * H * K + i_h * K
-    v += i_b * T * H * V + i_h * V
-    do += i_b * T * H * V + i_h * V
+    q += _head_start(i_bh, T, H, K)
+    k += _head_start(i_bh, T, H, K)
+    dq += _head_start(i_bh, T, H, K)
+    v += _head_start(i_bh, T, H, V)
+    do += _head_start(i_bh, T, H, V)
     G += i_bh * T
-    lam2 = 0.0
-    if DECAY == 1:
-        lam2 = tl.load(lam_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
     # the state is carried transposed, St = S[Kblk, :]ᵀ [BV, BK], so no register tile is transposed
     st_tile = offs_v[:, None] + offs_k[None, :] * V
     st_mask = mv[:, None] & mk[None, :]
-    if LOAD_S:
-        St = tl.load(s_in + (i_bh * NS + i_s) * K * V + st_tile, mask=st_mask, other=0.0)
-    else:
-        St = tl.zeros([BV, BK], dtype=tl.float32)
+    St = _load_segment_state(s_in, i_bh, i_s, NS, K * V, st_tile, st_mask, BV, BK, LOAD_S)
     c0 = i_s * NCS
     n = tl.minimum(NCS, NC - c0)
     for i in range(0, n):
@@ -426,8 +433,6 @@ def _bwd_dkdv_kernel(
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_vb = tl.cdiv(V, BV)
     i_kb = i_t // n_vb
     i_vb = i_t % n_vb
@@ -436,22 +441,17 @@ def _bwd_dkdv_kernel(
     offs_v = i_vb * BV + tl.arange(0, BV)
     mk = offs_k < K
     mv = offs_v < V
-    q += i_b * T * H * K + i_h * K
-    k += i_b * T * H * K + i_h * K
-    dk += i_b * T * H * K + i_h * K
-    v += i_b * T * H * V + i_h * V
-    do += i_b * T * H * V + i_h * V
-    dv += i_b * T * H * V + i_h * V
+    q += _head_start(i_bh, T, H, K)
+    k += _head_start(i_bh, T, H, K)
+    dk += _head_start(i_bh, T, H, K)
+    v += _head_start(i_bh, T, H, V)
+    do += _head_start(i_bh, T, H, V)
+    dv += _head_start(i_bh, T, H, V)
     G += i_bh * T
-    lam2 = 0.0
-    if DECAY == 1:
-        lam2 = tl.load(lam_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
     st_tile = offs_k[:, None] * V + offs_v[None, :]
     st_mask = mk[:, None] & mv[None, :]
-    if LOAD_S:
-        dS = tl.load(ds_out + (i_bh * NS + i_s) * K * V + st_tile, mask=st_mask, other=0.0)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = _load_segment_state(ds_out, i_bh, i_s, NS, K * V, st_tile, st_mask, BK, BV, LOAD_S)
     c0 = i_s * NCS
     n = tl.minimum(NCS, NC - c0)
     for i in range(0, n):
@@ -720,20 +720,48 @@ def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg
     return dq, dk, dv, dloga, ds0
 
 
+def _setup(ctx, q, v, log_decay, gate, scale: float, chunk_size: int, cfg: TritonConfig):
+    """Plan, λ argument and log-decay cumsums of one call; records the dtypes the decay gradients take."""
+    decay = 2 if gate is not None else (1 if log_decay is not None else 0)
+    cfg = _call_config(cfg, ctx.needs_input_grad[4], ctx.needs_input_grad[3])
+    p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
+    ctx.gate_dtype = gate.dtype if gate is not None else None
+    ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
+    G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
+    return p, _lam_arg(log_decay, q.device), G, seg_log2
+
+
+def _decay_grads(ctx, dloga: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d log a [B, H, T] → (dλ [H], d gate [B, T, H]) for the inputs that need them."""
+    if dloga is None:
+        return None, None
+    dlam = dloga.sum((0, 2)).to(ctx.lam_dtype) if ctx.needs_input_grad[3] else None
+    dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype) if ctx.needs_input_grad[4] else None
+    return dlam, dgate
+
+
+def _checked_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
+    """Checked, contiguous q, k, v in q's dtype and the resolved scale."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T < 1:
+        raise ValueError("the sequence is empty (T = 0)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton backend supports fp16/bf16/fp32 inputs, got {q.dtype}")
+    if K > 256 or V > 256:
+        raise ValueError(f"head dims up to 256 are supported, got K={K}, V={V}")
+    scale = K**-0.5 if scale is None else float(scale)
+    return q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), scale
+
+
 class _LinearAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, gate, initial_state, scale, output_final_state, chunk_size, cfg):
-        decay = 2 if gate is not None else (1 if log_decay is not None else 0)
-        cfg = _call_config(cfg, ctx.needs_input_grad[4], ctx.needs_input_grad[3])
-        p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
-        lam = _lam_arg(log_decay, q.device)
-        G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
+        p, lam, G, seg_log2 = _setup(ctx, q, v, log_decay, gate, scale, chunk_size, cfg)
         init = initial_state.detach().float().contiguous() if initial_state is not None else None
         o, final, s_in = _forward(p, q, k, v, G, lam, seg_log2, init, output_final_state)
         ctx.plan = p
         ctx.has_init = initial_state is not None
-        ctx.gate_dtype = gate.dtype if gate is not None else None
-        ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final)
         return o, final
@@ -751,13 +779,7 @@ class _LinearAttentionTriton(torch.autograd.Function):
             dht = dht.float().contiguous()
         dq, dk, dv, dloga, ds0 = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg,
                                            ctx.needs_input_grad[3], need_ds0)
-        dlam = dgate = None
-        if dloga is not None:
-            if ctx.needs_input_grad[3]:
-                dlam = dloga.sum((0, 2)).to(ctx.lam_dtype)
-            if ctx.needs_input_grad[4]:
-                dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype)
-        return dq, dk, dv, dlam, dgate, ds0, None, None, None, None
+        return dq, dk, dv, *_decay_grads(ctx, dloga), ds0, None, None, None, None
 
 
 def _segment_weights(seg_log2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -792,11 +814,7 @@ class _ShardedTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, gate, scale, chunk_size, cfg, exchange):
-        decay = 2 if gate is not None else (1 if log_decay is not None else 0)
-        cfg = _call_config(cfg, ctx.needs_input_grad[4], ctx.needs_input_grad[3])
-        p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
-        lam = _lam_arg(log_decay, q.device)
-        G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
+        p, lam, G, seg_log2 = _setup(ctx, q, v, log_decay, gate, scale, chunk_size, cfg)
         m_raw = _segment_states(p, k, v, G, lam, qdo=False)
         w_before, w_after, log_A = _segment_weights(seg_log2)
         M = torch.einsum("rs,rse->re", w_after, m_raw.view(p.B * p.H, p.NS, -1))
@@ -805,8 +823,6 @@ class _ShardedTriton(torch.autograd.Function):
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         o, final, s_in = _forward(p, q, k, v, G, lam, seg_log2, S0, need_dg, m_raw=m_raw)
         ctx.plan, ctx.exchange = p, exchange
-        ctx.gate_dtype = gate.dtype if gate is not None else None
-        ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
         ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final, S0, log_A, w_before)
         return o
 
@@ -822,16 +838,11 @@ class _ShardedTriton(torch.autograd.Function):
         dM = dM.float().contiguous()
         dq, dk, dv, dloga, _ = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dM, need_dg,
                                          ctx.needs_input_grad[3], False, d_raw=d_raw)
-        dlam = dgate = None
         if dloga is not None:
             # F = A·S_0 + M: the kernel's d log a holds ⟨dM, A·S_0⟩ per token, which M does not depend on
             s0_path = (dM.double() * S0.double()).sum((-1, -2)) * log_A.double().exp()
             dloga = dloga + (dlog_A.double() - s0_path)[..., None]
-            if ctx.needs_input_grad[3]:
-                dlam = dloga.sum((0, 2)).to(ctx.lam_dtype)
-            if ctx.needs_input_grad[4]:
-                dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype)
-        return dq, dk, dv, dlam, dgate, None, None, None, None
+        return dq, dk, dv, *_decay_grads(ctx, dloga), None, None, None, None
 
 
 def linear_attention_triton_sharded(
@@ -847,12 +858,8 @@ def linear_attention_triton_sharded(
     o_i = scale · q_i S_i with S starting at the entering state. Differentiable like
     `linear_attention_triton`; exchange.backward receives ∂L/∂S_0 and returns (∂L/∂M, ∂L/∂log A).
     """
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"triton backend supports fp16/bf16/fp32 inputs, got {q.dtype}")
-    K = q.shape[-1]
-    scale = K**-0.5 if scale is None else float(scale)
-    return _ShardedTriton.apply(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(),
-                                log_decay, gate, scale, chunk_size, config or DEFAULT_CONFIG, exchange)
+    q, k, v, scale = _checked_inputs(q, k, v, scale)
+    return _ShardedTriton.apply(q, k, v, log_decay, gate, scale, chunk_size, config or DEFAULT_CONFIG, exchange)
 
 
 def linear_attention_triton(
@@ -868,23 +875,12 @@ def linear_attention_triton(
     Differentiable in q, k, v, log_decay, gate and initial_state (a gradient on final_state is used).
     chunk_size is rounded to a power of two in [16, 128] (the result does not depend on it).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if T < 1:
-        raise ValueError("the sequence is empty (T = 0)")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"triton backend supports fp16/bf16/fp32 inputs, got {q.dtype}")
-    scale = K**-0.5 if scale is None else float(scale)
-    cfg = config or DEFAULT_CONFIG
-    if K > 256 or V > 256:
-        raise ValueError(f"head dims up to 256 are supported, got K={K}, V={V}")
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
+    q, k, v, scale = _checked_inputs(q, k, v, scale)
     if initial_state is not None:
         initial_state = initial_state.float()
     o, final = _LinearAttentionTriton.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), log_decay, gate, initial_state, scale,
-        bool(output_final_state), chunk_size, cfg)
+        q, k, v, log_decay, gate, initial_state, scale, bool(output_final_state), chunk_size,
+        config or DEFAULT_CONFIG)
     return o, (final if output_final_state else None)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import linear_attention
+from kernels.api import resolve_backend
 from kernels.reference import log_decay_per_token, state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
 from parallel.layout import num_shards, shard_ids, stack_local_shards, unstack_local_shards
@@ -110,18 +111,6 @@ class _KernelExchange:
         return self._to_row_major(dM), self._to_row_major(dlog_A)
 
 
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    if backend == "triton":
-        return True
-    if backend != "auto" or not q.is_cuda or q.dtype == torch.float64:
-        return False
-    try:
-        import kernels.triton_chunk  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def lasp2_linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
@@ -147,7 +136,7 @@ def lasp2_linear_attention(
     if T_local % n_local:
         raise ValueError(f"local sequence of {T_local} tokens does not hold {n_local} equal {layout} shards")
     scale = K**-0.5 if scale is None else scale
-    if _use_triton(q, backend):
+    if resolve_backend(q, backend) == "triton":
         # rows (b, j) in b-major order are views of the local tensors: no copies; the kernels compute the
         # shard states in their own segment pass and start each row from its entering state
         from kernels.triton_chunk import linear_attention_triton_sharded
