@@ -151,7 +151,7 @@ def gate_accuracy(lengths: list[int], configs: dict) -> None:
 
 def profile(B: int, T: int) -> None:
     x = inputs(B, T)
-    for gate in ("none", "grad"):
+    for gate in ("none", "nograd", "grad"):
         run = fwd_bwd(x, tc.DEFAULT_CONFIG, gate)
         run()
         torch.cuda.synchronize()
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", default="fwd,gate", help="subset of fwd,gate,acc")
     ap.add_argument("--acc-lengths", default="1000,16384,65536")
-    ap.add_argument("--acc-configs", default="default:;seg16:seg_chunks=16;seg8:seg_chunks=8")
+    ap.add_argument("--acc-configs", default="default:;tail4:tail_chunks=4;tail16:tail_chunks=16")
     args = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     parts = set(args.parts.split(","))

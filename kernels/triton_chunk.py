@@ -34,24 +34,34 @@ are stored (fp32 [B, H, NS, K, V], NS = ⌈T/L⌉ — 1/NCS of what per-chunk st
    dS_init = dS_in(0).
 
 No per-chunk state of the sequence is ever stored; the only whole-sequence tensors besides
-inputs and gradients are the two [B, H, NS, K, V] boundary-state buffers.
+inputs and gradients are the two [B, H, NS, K, V] boundary-state buffers (and, when a decay gradient
+is needed, one state per tail block below: 1/8 of per-chunk states).
 
 **Decay gradients.** With Γ_t the global cumulative log decay, o_t depends on +Γ_t through q_t and
 every use of k_t v_t depends on −Γ_t, so ∂L/∂Γ_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_final, S_final⟩ at the
-last token), and ∂L/∂(log a_t) = Σ_{τ ≥ t} ∂L/∂Γ_τ. The suffix sum restarts at each segment
-boundary, where the exact tail is Σ_{τ beyond s} ∂L/∂Γ_τ = ⟨dS_out(s), S_out(s)⟩:
+last token), and ∂L/∂(log a_t) = Σ_{τ ≥ t} ∂L/∂Γ_τ. Scaling the state that leaves token t scales
+everything after it, so the whole tail of that sum is one inner product, Σ_{τ > t} ∂L/∂Γ_τ =
+⟨dS_t, S_t⟩. The suffix sums therefore restart at the end of every *tail block* b of TCS chunks
+(`TritonConfig.tail_chunks`, 512 tokens by default), from the exact fp32 value there:
 
-    d log a_t = Σ_{τ ≥ t, τ ∈ s} (q_τ·dq_τ − k_τ·dk_τ) + ⟨dS_out(s), S_out(s)⟩,
+    d log a_t = Σ_{τ ≥ t, τ ∈ b} (q_τ·dq_τ − k_τ·dk_τ) + ⟨dS_out(b), S_out(b)⟩,
     dλ_h = Σ_{b,t} d log a_t,   dg_{t,h} = d log a_t.
 
-These sums cancel heavily (dλ sums T of them), so their terms must be *consistent* with the state
+The dq kernel stores S_out(b) (it carries S forward), the dk kernel forms ⟨dS_out(b), S_out(b)⟩ when its
+backward sweep reaches the block's end, and ``_dloga_kernel`` takes the suffix sums in float64 and
+writes d gate in [B, T, H]. Blocks are aligned so that the last chunk is a block of its own: a
+gradient arriving on the final state is large, and its rounding errors stay inside that chunk.
+Without the restarts the per-token terms would cancel over the whole segment: each chunk's inter-chunk
+share carries a bf16 rounding of S (in dq) and dS (in dk), and those errors add up like a random walk
+(d gate error ∝ √block length: 3.4e-3 at 128 tokens, 5.2e-3 at 512, 6.6e-3 at 1024, > 1e-2 at 4096).
+
+dλ sums all T of them (it cancels 50-150× more), so there the terms must be *consistent* with the state
 recurrences, not merely accurate: per chunk Σ_i q_i·dq_i^inter − Σ_j k_j·dk_j^inter must telescope
 into ⟨S_in, dS_in⟩ − ⟨S_out, dS_out⟩. The recurrences use the bf16 operands (dO ⊙ wq) and (V ⊙ wk);
 the inter-chunk terms therefore use the same operands and the fp32 state split as S = S_hi + S_lo
-(two bf16 dots, "HILO") whenever dλ is required, and for dλ the intra-chunk share is taken from the fp32 products
-M = (Q Kᵀ) ⊙ (dO Vᵀ) ⊙ D ("EXACT"). Without this, bf16 rounding of S makes dλ wrong by O(1) at
-T = 1000. d gate alone (λ fixed, as in the models) skips the split: its suffix sums stop at the
-segment's exact tail, and with bf16 S it stays within 1e-2.
+(two bf16 dots, "HILO") whenever dλ is required, and the intra-chunk share is taken from the fp32
+products M = (Q Kᵀ) ⊙ (dO Vᵀ) ⊙ D ("EXACT"). Without this, bf16 rounding of S makes dλ wrong by O(1)
+at T = 1000. d gate alone (λ fixed, as in the models) skips both.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ class TritonConfig:
     kernel; dq_bk: K-block of the dq kernel; dkdv_split: compute dk and dv in two launches
     (tiles [bk, V] and [K, bv]) instead of one with the full [K, V] state; state_bk/state_bv:
     tile of the segment-state kernel; chunk: chunk length C overriding the caller's chunk_size (0: keep it);
-    gate_seg_chunks: segment length used instead when the gate needs a gradient and λ does not.
+    tail_chunks: chunks between the exact tails ⟨S, dS⟩ at which the d log a suffix sums restart (a power of two).
     """
 
     seg_chunks: int = 64
@@ -95,15 +105,7 @@ class TritonConfig:
     state_warps: int = 4
     num_stages: int = 2
     chunk: int = 0
-    gate_seg_chunks: int = 16
-
-
-def _call_config(cfg: TritonConfig, gate_grad: bool, lam_grad: bool) -> TritonConfig:
-    """Shorter segments when d gate is taken without the hi/lo split (λ fixed): its suffix sums stop at
-    each segment's exact tail, so a 1024-token segment keeps the bf16 error ≈ 0.7 % instead of ≈ 1 %."""
-    if gate_grad and not lam_grad and cfg.gate_seg_chunks:
-        return replace(cfg, seg_chunks=min(cfg.seg_chunks, cfg.gate_seg_chunks))
-    return cfg
+    tail_chunks: int = 8
 
 
 DEFAULT_CONFIG = TritonConfig()
@@ -223,14 +225,12 @@ def _lin_combine(a1, x1, a2, x2):
 
 @triton.jit
 def _seg_scan_kernel(
-    buf, seg_log2, init, S_next, cpart, NS, KV,
-    NSP: tl.constexpr, E: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, DOT_NEXT: tl.constexpr,
+    buf, seg_log2, init, NS, KV, NSP: tl.constexpr, E: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     """In-place scan over segments of E state elements, as one parallel associative scan.
 
     Forward: buf[s] ← S_in(s) where S_in(0) = init, S_in(s+1) = A_s S_in(s) + M_s (buf[s] held M_s).
     Reverse: buf[s] ← dS_out(s) where dS_out(NS−1) = init, dS_out(s−1) = A_s dS_out(s) + D_s.
-    DOT_NEXT (reverse): cpart[e-block, bh, s] = Σ_e dS_out(s)·S_in(s+1) for s < NS−1 (S_in in S_next).
     """
     i_e = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -260,10 +260,6 @@ def _seg_scan_kernel(
     mn = (mr & (offs_r < NS - 1))[:, None] & me[None, :]
     tl.store(buf + (i_bh * NS + nxt[:, None]) * KV + offs_e[None, :], y, mask=mn)
     tl.store(buf + (i_bh * NS + first) * KV + offs_e, s0, mask=me)
-    if DOT_NEXT:
-        # y at scan position r is dS_out(seg − 1); pair it with S_in(seg)
-        sn = tl.load(S_next + (i_bh * NS + seg[:, None]) * KV + offs_e[None, :], mask=mn, other=0.0)
-        tl.store(cpart + (i_e * tl.num_programs(1) + i_bh) * NS + nxt, tl.sum(y * sn, 1), mask=mr & (offs_r < NS - 1))
 
 
 @triton.jit
@@ -352,7 +348,7 @@ def _chunk_weights(G, lam2, t0, T, offs_c, scale, C: tl.constexpr, DECAY: tl.con
 
 @triton.jit
 def _bwd_dq_kernel(
-    q, k, v, do, G, lam_ptr, s_in, dq, dgq, T, H, NC, NCS, NS, scale,
+    q, k, v, do, G, lam_ptr, s_in, dq, dgq, s_tail, T, H, NC, NCS, NS, NT, TCS, TOFF, scale,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, LOAD_S: tl.constexpr, NEED_DG: tl.constexpr, HILO: tl.constexpr,
     EXACT: tl.constexpr, PREC: tl.constexpr,
@@ -363,6 +359,7 @@ def _bwd_dq_kernel(
     ∂L/∂Γ_i: Σ_j M_ij − Σ_l M_li + q_i·((dO ⊙ wq)_i Sᵀ), M = (Q Kᵀ) ⊙ (dO Vᵀ) ⊙ D in fp32, where
     (dO ⊙ wq) is the same bf16 operand the dS recurrence uses and S enters as S_hi + S_lo (HILO), so
     the chunk sums telescope exactly into ⟨S_in, dS_in⟩ − ⟨S_out, dS_out⟩ (no long-range cancellation).
+    NEED_DG also stores S_out (fp32) after the last chunk of every tail block into s_tail (see `_tail_share`).
     """
     i_kb = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -414,11 +411,26 @@ def _bwd_dq_kernel(
             tl.store(dgq + (i_kb * tl.num_programs(2) + i_bh) * T + rows, dg, mask=mt)
         tl.store(dq + r64[:, None] * (H * K) + offs_k[None, :], acc.to(dq.dtype.element_ty), mask=mqk)
         St = tl.dot(tl.trans((bv * wk[:, None]).to(bv.dtype)), bk, St * decay_last, input_precision=PREC)
+        if NEED_DG:
+            c = c0 + i
+            if ((c + TOFF + 1) % TCS == 0) | (c == NC - 1):
+                tl.store(s_tail + (i_bh * NT + (c + TOFF) // TCS) * (K * V) + st_tile, St, mask=st_mask)
+
+
+@triton.jit
+def _tail_share(s_tail, tails, dS, c, i_kb, i_bh, n_bh, NT, TCS, TOFF, NC, KV, tile, mask):
+    """With dS = dS_out(c): if chunk c ends a tail block, store this tile's share of ⟨S_out(c), dS_out(c)⟩.
+
+    Chunk c is in tail block (c + TOFF) // TCS; TOFF makes the last chunk a block of its own, so the large
+    rounding errors of a final-state gradient stay inside it."""
+    if ((c + TOFF + 1) % TCS == 0) | (c == NC - 1):
+        S = tl.load(s_tail + (i_bh * NT + (c + TOFF) // TCS) * KV + tile, mask=mask, other=0.0)
+        tl.store(tails + (i_kb * n_bh + i_bh) * NT + (c + TOFF) // TCS, tl.sum(tl.sum(S * dS, 1), 0))
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q, k, v, do, G, lam_ptr, ds_out, dk, dv, dgk, ds0, T, H, NC, NCS, NS, scale,
+    q, k, v, do, G, lam_ptr, ds_out, dk, dv, dgk, ds0, s_tail, tails, T, H, NC, NCS, NS, NT, TCS, TOFF, scale,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, LOAD_S: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
     NEED_DG: tl.constexpr, HILO: tl.constexpr, EXACT: tl.constexpr, STORE_DS0: tl.constexpr,
@@ -428,7 +440,8 @@ def _bwd_dkdv_kernel(
 
     dk = (dO Vᵀ ⊙ D)ᵀ Q + (V ⊙ wk) dSᵀ,  dv = (Q Kᵀ ⊙ D)ᵀ dO + (K dS) ⊙ wk,
     dS ← e^{G_last} dS + Qᵀ (dO ⊙ wq). With NEED_DG (dk only) it writes k_j·((V ⊙ wk)_j dSᵀ), the
-    inter-chunk share of −∂L/∂Γ_j, with the bf16 operand of the S recurrence and dS = dS_hi + dS_lo.
+    inter-chunk share of −∂L/∂Γ_j, with the bf16 operand of the S recurrence and dS = dS_hi + dS_lo, and
+    this K-block's share of the exact tail ⟨S_out, dS_out⟩ after every tail block (S_out from s_tail).
     """
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -454,8 +467,12 @@ def _bwd_dkdv_kernel(
     dS = _load_segment_state(ds_out, i_bh, i_s, NS, K * V, st_tile, st_mask, BK, BV, LOAD_S)
     c0 = i_s * NCS
     n = tl.minimum(NCS, NC - c0)
+    n_bh = tl.num_programs(2)
+    if NEED_DG:
+        _tail_share(s_tail, tails, dS, c0 + n - 1, i_kb, i_bh, n_bh, NT, TCS, TOFF, NC, K * V, st_tile, st_mask)
     for i in range(0, n):
-        t0 = (c0 + n - 1 - i) * C
+        c = c0 + n - 1 - i
+        t0 = c * C
         rows = t0 + offs_c
         mt = rows < T
         r64 = rows.to(tl.int64)
@@ -486,12 +503,46 @@ def _bwd_dkdv_kernel(
             if NEED_DG:
                 if not EXACT:
                     dg = tl.sum(acc_k * bk.to(tl.float32), 1)
-                tl.store(dgk + (i_kb * tl.num_programs(2) + i_bh) * T + rows, dg, mask=mt)
+                tl.store(dgk + (i_kb * n_bh + i_bh) * T + rows, dg, mask=mt)
             tl.store(dk + r64[:, None] * (H * K) + offs_k[None, :], acc_k.to(dk.dtype.element_ty), mask=mqk)
         dS = tl.dot(tl.trans(bq), (bdo * wq[:, None]).to(bdo.dtype), dS * decay_last, input_precision=PREC)
+        if NEED_DG:
+            if i < n - 1:  # dS is now dS_out(c − 1)
+                _tail_share(s_tail, tails, dS, c - 1, i_kb, i_bh, n_bh, NT, TCS, TOFF, NC, K * V, st_tile,
+                            st_mask)
     if STORE_DS0:
         if i_s == 0:
             tl.store(ds0 + i_bh * K * V + st_tile, dS, mask=st_mask)
+
+
+@triton.jit
+def _dloga_kernel(
+    dgq, dgk, tails, shift, dgate, dlam_part, T, H, NT, TOFF,
+    NQ: tl.constexpr, NK: tl.constexpr, L: tl.constexpr, TCS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    STORE_GATE: tl.constexpr, STORE_LAM: tl.constexpr,
+):
+    """d log a of tail block i (L tokens from chunk i·TCS − TOFF) in float64: the suffix sum of ∂L/∂Γ
+    (dq-kernel shares minus dk-kernel shares) plus the block's exact tail and a per-row shift. Writes
+    d gate in [B, T, H] and/or the block's sum (for dλ)."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    rows = i_t * L - TOFF * (L // TCS) + tl.arange(0, L)
+    m = (rows >= 0) & (rows < T)
+    x = tl.zeros([L], dtype=tl.float64)
+    for j in tl.static_range(NQ):
+        x += tl.load(dgq + (j * n_bh + i_bh) * T + rows, mask=m, other=0.0).to(tl.float64)
+    tail = tl.zeros([1], dtype=tl.float64)
+    for j in tl.static_range(NK):
+        x -= tl.load(dgk + (j * n_bh + i_bh) * T + rows, mask=m, other=0.0).to(tl.float64)
+        tail += tl.load(tails + (j * n_bh + i_bh) * NT + i_t + tl.arange(0, 1)).to(tl.float64)
+    if HAS_SHIFT:
+        tail += tl.load(shift + i_bh + tl.arange(0, 1)).to(tl.float64)
+    d = tl.cumsum(x, 0, reverse=True) + tail
+    if STORE_GATE:
+        tl.store(dgate + ((i_bh // H) * T + rows) * H + i_bh % H, d.to(dgate.dtype.element_ty), mask=m)
+    if STORE_LAM:
+        tl.store(dlam_part + i_bh * NT + i_t, tl.sum(tl.where(m, d, 0.0), 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -607,8 +658,8 @@ def _forward(p: _Plan, q, k, v, G, lam, seg_log2, initial_state, need_final: boo
         nsp, e, warps = _scan_tile(NS)
         init = initial_state if initial_state is not None else s_in
         _seg_scan_kernel[(triton.cdiv(K * V, e), B * H)](
-            s_in, seg_log2, init, s_in, seg_log2, NS, K * V, NSP=nsp, E=e, REVERSE=False,
-            HAS_INIT=initial_state is not None, DOT_NEXT=False, num_warps=warps)
+            s_in, seg_log2, init, NS, K * V, NSP=nsp, E=e, REVERSE=False, HAS_INIT=initial_state is not None,
+            num_warps=warps)
     elif initial_state is not None:
         s_in = initial_state.reshape(B * H, 1, K, V)
     o = _empty((B, T, H, V), q.dtype, dev)
@@ -635,30 +686,34 @@ def _rechunk(p: _Plan, G: torch.Tensor, Cb: int) -> tuple[_Plan, torch.Tensor]:
     return pb, G
 
 
-def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg: bool, need_dlam: bool,
-              need_ds0: bool, d_raw=None):
-    """Backward launches; returns dq, dk, dv, d log a [B, H, T] (or None), dS_init (or None).
+def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, dht, *, gate_dtype=None, lam_dtype=None,
+              need_ds0: bool = False, d_raw=None, dloga_shift=None):
+    """Backward launches; returns dq, dk, dv, d gate [B, T, H] in gate_dtype (if given), dλ [H] in lam_dtype
+    (if given) and dS_init (if need_ds0).
 
-    d_raw: the raw segment states of (q, do) when already computed (consumed: scanned in place).
+    d_raw: the raw segment states of (q, do) when already computed (consumed: scanned in place);
+    dloga_shift: [B·H] float64 added to every d log a of a row.
     """
+    # tail blocks: d log a restarts its suffix sums every tail_tokens from the exact ⟨S_out, dS_out⟩ there
+    tail_tokens = triton.next_power_of_2(max(1, p.cfg.tail_chunks)) * p.C
     if 0 < p.cfg.bwd_chunk < p.C and p.C % p.cfg.bwd_chunk == 0:
         p, G = _rechunk(p, G, p.cfg.bwd_chunk)
     B, T, H, K, V, C, NC, NCS, NS = p.B, p.T, p.H, p.K, p.V, p.C, p.NC, p.NCS, p.NS
     cfg, dev, scale = p.cfg, q.device, p.scale
     f32 = torch.float32
+    TCS = tail_tokens // C
+    TOFF = (TCS - (NC - 1) % TCS) % TCS  # the last chunk starts a tail block
+    NT = (NC - 1 + TOFF) // TCS + 1
+    need_dlam = lam_dtype is not None
+    need_dg = need_dlam or gate_dtype is not None
     ds_out = None
-    cpart = None
     if NS > 1:
         ds_out = d_raw if d_raw is not None else _segment_states(p, q, do, G, lam, qdo=True)
         nsp, e, warps = _scan_tile(NS)
-        n_tiles = triton.cdiv(K * V, e)
-        if need_dg:
-            cpart = torch.zeros((n_tiles, B * H, NS), dtype=f32, device=dev)
         init = dht.reshape(B * H, K, V) if dht is not None else ds_out
-        _seg_scan_kernel[(n_tiles, B * H)](
-            ds_out, seg_log2, init, s_in if s_in is not None else ds_out, cpart if cpart is not None else seg_log2,
-            NS, K * V, NSP=nsp, E=e, REVERSE=True, HAS_INIT=dht is not None,
-            DOT_NEXT=need_dg and s_in is not None, num_warps=warps)
+        _seg_scan_kernel[(triton.cdiv(K * V, e), B * H)](
+            ds_out, seg_log2, init, NS, K * V, NSP=nsp, E=e, REVERSE=True, HAS_INIT=dht is not None,
+            num_warps=warps)
     elif dht is not None:
         ds_out = dht.reshape(B * H, 1, K, V)
 
@@ -668,8 +723,9 @@ def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg
     ds0 = _empty((B, H, K, V), f32, dev) if need_ds0 else None
     dummy = dq
 
-    # the hi+lo state split keeps dλ (a sum over all T tokens) accurate; d gate (segment-long suffix sums) does
-    # not need it: 2.2× faster dq kernel
+    s_tail = _empty((B * H, NT, K, V), f32, dev) if need_dg else None
+    # the hi+lo state split keeps dλ (a sum over all T tokens) accurate; d gate (suffix sums over one tail block)
+    # does not need it: 2.2× faster dq kernel
     hilo, exact = need_dlam and p.prec != "ieee", need_dlam
     if DG_MODE is not None:
         hilo, exact = DG_MODE
@@ -678,66 +734,53 @@ def _backward(p: _Plan, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg
     dgq = _empty((n_kq, B * H, T), f32, dev) if need_dg else None
     _bwd_dq_kernel[(n_kq, NS, B * H)](
         q, k, v, do, G, lam, s_in if s_in is not None else dummy, dq, dgq if dgq is not None else dummy,
-        T, H, NC, NCS, NS, scale, K=K, V=V, C=C, BK=bkq, BV=p.Vp, DECAY=p.decay,
-        LOAD_S=s_in is not None, NEED_DG=need_dg, HILO=hilo, EXACT=exact, PREC=p.prec,
+        s_tail if s_tail is not None else dummy, T, H, NC, NCS, NS, NT, TCS, TOFF, scale, K=K, V=V, C=C, BK=bkq,
+        BV=p.Vp, DECAY=p.decay, LOAD_S=s_in is not None, NEED_DG=need_dg, HILO=hilo, EXACT=exact, PREC=p.prec,
         num_warps=cfg.dq_warps, num_stages=cfg.num_stages)
 
-    common = dict(T=T, H=H, NC=NC, NCS=NCS, NS=NS, scale=scale, K=K, V=V, C=C, DECAY=p.decay,
+    common = dict(T=T, H=H, NC=NC, NCS=NCS, NS=NS, NT=NT, TCS=TCS, TOFF=TOFF, scale=scale, K=K, V=V, C=C, DECAY=p.decay,
                   LOAD_S=ds_out is not None, NEED_DG=need_dg, HILO=hilo, EXACT=exact, PREC=p.prec,
                   num_warps=cfg.dkdv_warps, num_stages=cfg.num_stages)
     ptrs = dict(q=q, k=k, v=v, do=do, G=G, lam_ptr=lam, ds_out=ds_out if ds_out is not None else dummy,
-                dk=dk, dv=dv, ds0=ds0 if ds0 is not None else dummy)
+                dk=dk, dv=dv, ds0=ds0 if ds0 is not None else dummy, s_tail=s_tail if s_tail is not None else dummy)
+    n_kk = triton.cdiv(K, min(p.Kp, cfg.dkdv_bk)) if cfg.dkdv_split else 1
+    dgk = _empty((n_kk, B * H, T), f32, dev) if need_dg else None
+    tails = _empty((n_kk, B * H, NT), f32, dev) if need_dg else None
+    dg_ptrs = dict(dgk=dgk if dgk is not None else dummy, tails=tails if tails is not None else dummy)
     if cfg.dkdv_split:
-        bkk = min(p.Kp, cfg.dkdv_bk)
-        n_kk = triton.cdiv(K, bkk)
-        dgk = _empty((n_kk, B * H, T), f32, dev) if need_dg else None
         _bwd_dkdv_kernel[(n_kk, NS, B * H)](
-            **ptrs, dgk=dgk if dgk is not None else dummy, BK=bkk, BV=p.Vp, DO_DK=True, DO_DV=False,
-            STORE_DS0=False, **common)
+            **ptrs, **dg_ptrs, BK=min(p.Kp, cfg.dkdv_bk), BV=p.Vp, DO_DK=True, DO_DV=False, STORE_DS0=False,
+            **common)
         bvv = min(p.Vp, cfg.dkdv_bv)
         _bwd_dkdv_kernel[(triton.cdiv(V, bvv), NS, B * H)](
-            **ptrs, dgk=dummy, BK=p.Kp, BV=bvv, DO_DK=False, DO_DV=True, STORE_DS0=need_ds0,
+            **ptrs, dgk=dummy, tails=dummy, BK=p.Kp, BV=bvv, DO_DK=False, DO_DV=True, STORE_DS0=need_ds0,
             **{**common, "NEED_DG": False, "HILO": False, "EXACT": False})
     else:
-        dgk = _empty((1, B * H, T), f32, dev) if need_dg else None
         _bwd_dkdv_kernel[(1, NS, B * H)](
-            **ptrs, dgk=dgk if dgk is not None else dummy, BK=p.Kp, BV=p.Vp, DO_DK=True, DO_DV=True,
-            STORE_DS0=need_ds0, **common)
+            **ptrs, **dg_ptrs, BK=p.Kp, BV=p.Vp, DO_DK=True, DO_DV=True, STORE_DS0=need_ds0, **common)
 
-    dloga = None
+    dgate = dlam = None
     if need_dg:
-        # ∂L/∂Γ_t without the segment tails, [B·H, T]; suffix sums in float64 (cheap, [B·H, T] only)
-        dgam = dgq.double().sum(0) - dgk.double().sum(0)
-        L = NCS * C
-        dgam = torch.nn.functional.pad(dgam, (0, NS * L - T)).view(B * H, NS, L)
-        suffix = dgam.flip(-1).cumsum(-1).flip(-1)
-        tail = torch.zeros(B * H, NS, dtype=torch.float64, device=dev)
-        if cpart is not None:
-            tail += cpart.double().sum(0)
-        if dht is not None and final is not None:
-            tail[:, -1] += (dht.reshape(B * H, -1).double() * final.reshape(B * H, -1)).sum(-1)
-        dloga = (suffix + tail[..., None]).view(B * H, NS * L)[:, :T].reshape(B, H, T)
-    return dq, dk, dv, dloga, ds0
+        dgate = _empty((B, T, H), gate_dtype, dev) if gate_dtype is not None else None
+        dlam_part = _empty((B * H, NT), torch.float64, dev) if need_dlam else None
+        _dloga_kernel[(NT, B * H)](
+            dgq, dgk, tails, dloga_shift if dloga_shift is not None else dgq, dgate if dgate is not None else dgq,
+            dlam_part if dlam_part is not None else dgq, T, H, NT, TOFF, NQ=n_kq, NK=n_kk, L=TCS * C, TCS=TCS,
+            HAS_SHIFT=dloga_shift is not None, STORE_GATE=dgate is not None, STORE_LAM=need_dlam, num_warps=4)
+        if need_dlam:
+            dlam = dlam_part.view(B, H, NT).sum((0, 2)).to(lam_dtype)
+    return dq, dk, dv, dgate, dlam, ds0
 
 
 def _setup(ctx, q, v, log_decay, gate, scale: float, chunk_size: int, cfg: TritonConfig):
-    """Plan, λ argument and log-decay cumsums of one call; records the dtypes the decay gradients take."""
+    """Plan, λ argument and log-decay cumsums of one call; records the dtypes the decay gradients take
+    (None where no gradient is needed)."""
     decay = 2 if gate is not None else (1 if log_decay is not None else 0)
-    cfg = _call_config(cfg, ctx.needs_input_grad[4], ctx.needs_input_grad[3])
     p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
-    ctx.gate_dtype = gate.dtype if gate is not None else None
-    ctx.lam_dtype = log_decay.dtype if log_decay is not None else None
+    ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[4] else None
+    ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[3] else None
     G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
     return p, _lam_arg(log_decay, q.device), G, seg_log2
-
-
-def _decay_grads(ctx, dloga: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """d log a [B, H, T] → (dλ [H], d gate [B, T, H]) for the inputs that need them."""
-    if dloga is None:
-        return None, None
-    dlam = dloga.sum((0, 2)).to(ctx.lam_dtype) if ctx.needs_input_grad[3] else None
-    dgate = dloga.permute(0, 2, 1).to(ctx.gate_dtype) if ctx.needs_input_grad[4] else None
-    return dlam, dgate
 
 
 def _checked_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
@@ -763,23 +806,22 @@ class _LinearAttentionTriton(torch.autograd.Function):
         ctx.plan = p
         ctx.has_init = initial_state is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final)
+        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, G, lam, seg_log2, s_in, final = ctx.saved_tensors
+        q, k, v, G, lam, seg_log2, s_in = ctx.saved_tensors
         p: _Plan = ctx.plan
-        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         need_ds0 = ctx.has_init and ctx.needs_input_grad[5]
         if do is None:
             do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()
         if dht is not None:
             dht = dht.float().contiguous()
-        dq, dk, dv, dloga, ds0 = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dht, need_dg,
-                                           ctx.needs_input_grad[3], need_ds0)
-        return dq, dk, dv, *_decay_grads(ctx, dloga), ds0, None, None, None, None
+        dq, dk, dv, dgate, dlam, ds0 = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, dht, gate_dtype=ctx.gate_dtype,
+                                                 lam_dtype=ctx.lam_dtype, need_ds0=need_ds0)
+        return dq, dk, dv, dlam, dgate, ds0, None, None, None, None
 
 
 def _segment_weights(seg_log2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -820,29 +862,26 @@ class _ShardedTriton(torch.autograd.Function):
         M = torch.einsum("rs,rse->re", w_after, m_raw.view(p.B * p.H, p.NS, -1))
         log_A = log_A.view(p.B, p.H)
         S0 = exchange.forward(M.view(p.B, p.H, p.K, p.V), log_A).float().contiguous()
-        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        o, final, s_in = _forward(p, q, k, v, G, lam, seg_log2, S0, need_dg, m_raw=m_raw)
+        o, _, s_in = _forward(p, q, k, v, G, lam, seg_log2, S0, False, m_raw=m_raw)
         ctx.plan, ctx.exchange = p, exchange
-        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, final, S0, log_A, w_before)
+        ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, S0, log_A, w_before)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, G, lam, seg_log2, s_in, final, S0, log_A, w_before = ctx.saved_tensors
+        q, k, v, G, lam, seg_log2, s_in, S0, log_A, w_before = ctx.saved_tensors
         p: _Plan = ctx.plan
-        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         do = do.to(q.dtype).contiguous()
         d_raw = _segment_states(p, q, do, G, lam, qdo=True)
         dS0 = torch.einsum("rs,rse->re", w_before, d_raw.view(p.B * p.H, p.NS, -1))
         dM, dlog_A = ctx.exchange.backward(dS0.view(p.B, p.H, p.K, p.V))
         dM = dM.float().contiguous()
-        dq, dk, dv, dloga, _ = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, final, dM, need_dg,
-                                         ctx.needs_input_grad[3], False, d_raw=d_raw)
-        if dloga is not None:
-            # F = A·S_0 + M: the kernel's d log a holds ⟨dM, A·S_0⟩ per token, which M does not depend on
-            s0_path = (dM.double() * S0.double()).sum((-1, -2)) * log_A.double().exp()
-            dloga = dloga + (dlog_A.double() - s0_path)[..., None]
-        return dq, dk, dv, *_decay_grads(ctx, dloga), None, None, None, None
+        # F = A·S_0 + M: the kernel's d log a holds ⟨dM, A·S_0⟩ per token, which M does not depend on
+        s0_path = (dM.double() * S0.double()).sum((-1, -2)) * log_A.double().exp()
+        shift = (dlog_A.double() - s0_path).reshape(-1).contiguous()
+        dq, dk, dv, dgate, dlam, _ = _backward(p, q, k, v, do, G, lam, seg_log2, s_in, dM, gate_dtype=ctx.gate_dtype,
+                                               lam_dtype=ctx.lam_dtype, d_raw=d_raw, dloga_shift=shift)
+        return dq, dk, dv, dlam, dgate, None, None, None, None
 
 
 def linear_attention_triton_sharded(

@@ -26,13 +26,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Small tiles and 2-chunk segments exercise the segment scans; the second keeps one segment and the
-# fused dk/dv kernel.
+# Small tiles and 2-chunk segments exercise the segment scans, with a d log a tail after every chunk; the
+# second keeps one segment and the fused dk/dv kernel, with tails every 2 chunks.
 SEGMENTED = tc.with_config(seg_chunks=2, fwd_bv=16, dq_bk=16, dkdv_split=True, dkdv_bk=16, dkdv_bv=16,
-                           state_bk=16, state_bv=16)
-FUSED = tc.with_config(seg_chunks=16, dkdv_split=False)
-# forward chunks of 32, backward chunks of 16 (the backward re-chunks the gate cumsum)
-RECHUNKED = tc.with_config(seg_chunks=2, bwd_chunk=16)
+                           state_bk=16, state_bv=16, tail_chunks=1)
+FUSED = tc.with_config(seg_chunks=16, dkdv_split=False, tail_chunks=2)
+# forward chunks of 32, backward chunks of 16 (the backward re-chunks the gate cumsum); tails span segments
+RECHUNKED = tc.with_config(seg_chunks=2, bwd_chunk=16, tail_chunks=8)
 
 
 @pytest.fixture(autouse=True)
@@ -226,10 +226,11 @@ def test_gpu_long_sequences(T, dtype, tol):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("T", [1000, 4096 + 37, 16384, 65536])
-def test_gpu_gate_gradient_fixed_decay(T):
-    """λ fixed, gate learned (the models' case): d gate without the hi/lo state split stays within 1e-2."""
-    _compare_to_chunked(1, T, 2, 128, 128, torch.bfloat16, 1e-2, seed=11, lam_grad=False)
+@pytest.mark.parametrize("T,seed", [(1000, 11), (1000, 12), (1000, 13), (4096 + 37, 11), (16384, 11), (65536, 11)])
+def test_gpu_gate_gradient_fixed_decay(T, seed):
+    """λ fixed, gate learned (the models' case): d gate without the hi/lo state split stays within 1e-2.
+    At T = 1000 the final-state gradient's chunk dominates (seed 12 gave 2.5e-2 before the tail blocks)."""
+    _compare_to_chunked(1, T, 2, 128, 128, torch.bfloat16, 1e-2, seed=seed, lam_grad=False)
 
 
 @gpu
