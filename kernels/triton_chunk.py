@@ -87,7 +87,8 @@ class TritonConfig:
     kernel; dq_bk: K-block of the dq kernel; dkdv_split: compute dk and dv in two launches
     (tiles [bk, V] and [K, bv]) instead of one with the full [K, V] state; state_bk/state_bv:
     tile of the segment-state kernel; chunk: chunk length C overriding the caller's chunk_size (0: keep it);
-    tail_chunks: chunks between the exact tails ⟨S, dS⟩ at which the d log a suffix sums restart (a power of two).
+    tail_chunks: chunks between the exact tails ⟨S, dS⟩ at which the d log a suffix sums restart (rounded up to
+    a power of two).
     """
 
     seg_chunks: int = 64
