@@ -414,19 +414,26 @@ def _bwd_dq_kernel(
         St = tl.dot(tl.trans((bv * wk[:, None]).to(bv.dtype)), bk, St * decay_last, input_precision=PREC)
         if NEED_DG:
             c = c0 + i
-            if ((c + TOFF + 1) % TCS == 0) | (c == NC - 1):
-                tl.store(s_tail + (i_bh * NT + (c + TOFF) // TCS) * (K * V) + st_tile, St, mask=st_mask)
+            ends, blk = _tail_block(c, TCS, TOFF, NC)
+            if ends:
+                tl.store(s_tail + (i_bh * NT + blk) * (K * V) + st_tile, St, mask=st_mask)
+
+
+@triton.jit
+def _tail_block(c, TCS, TOFF, NC):
+    """(whether chunk c ends its tail block, the block's index). Chunk c is in block (c + TOFF) // TCS;
+    TOFF makes the last chunk a block of its own, so the large rounding errors of a final-state gradient
+    stay inside it."""
+    return ((c + TOFF + 1) % TCS == 0) | (c == NC - 1), (c + TOFF) // TCS
 
 
 @triton.jit
 def _tail_share(s_tail, tails, dS, c, i_kb, i_bh, n_bh, NT, TCS, TOFF, NC, KV, tile, mask):
-    """With dS = dS_out(c): if chunk c ends a tail block, store this tile's share of ⟨S_out(c), dS_out(c)⟩.
-
-    Chunk c is in tail block (c + TOFF) // TCS; TOFF makes the last chunk a block of its own, so the large
-    rounding errors of a final-state gradient stay inside it."""
-    if ((c + TOFF + 1) % TCS == 0) | (c == NC - 1):
-        S = tl.load(s_tail + (i_bh * NT + (c + TOFF) // TCS) * KV + tile, mask=mask, other=0.0)
-        tl.store(tails + (i_kb * n_bh + i_bh) * NT + (c + TOFF) // TCS, tl.sum(tl.sum(S * dS, 1), 0))
+    """With dS = dS_out(c): if chunk c ends a tail block, store this tile's share of ⟨S_out(c), dS_out(c)⟩."""
+    ends, blk = _tail_block(c, TCS, TOFF, NC)
+    if ends:
+        S = tl.load(s_tail + (i_bh * NT + blk) * KV + tile, mask=mask, other=0.0)
+        tl.store(tails + (i_kb * n_bh + i_bh) * NT + blk, tl.sum(tl.sum(S * dS, 1), 0))
 
 
 @triton.jit
