@@ -56,7 +56,7 @@ def parse_configs(spec: str | None) -> dict[str, TritonConfig]:
         kw: dict[str, object] = {}
         for item in filter(None, kv.split(",")):
             key, val = item.split("=")
-            kw[key] = val.lower() in ("1", "true") if key == "dkdv_split" else int(val)
+            kw[key] = val.lower() in ("1", "true") if isinstance(getattr(DEFAULT_CONFIG, key), bool) else int(val)
         out[name] = with_config(**kw)
     return out
 

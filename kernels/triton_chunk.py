@@ -553,6 +553,26 @@ def _dloga_kernel(
         tl.store(dlam_part + i_bh * NT + i_t, tl.sum(tl.where(m, d, 0.0), 0))
 
 
+@triton.jit
+def _gate_cumsum_kernel(gate, lam_ptr, G, chunk_tot, T, H, NCP, C: tl.constexpr, HP: tl.constexpr):
+    """One chunk of one batch row, all heads: G[b·H + h, t] = Σ_{τ ≤ t in the chunk} log2 a_τ with
+    log a = gate + λ_h, and the chunk's total (G at its last token) into chunk_tot [B·H, NCP]."""
+    i_c = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    offs_h = tl.arange(0, HP)
+    rows = i_c * C + offs_c
+    mh = offs_h < H
+    m = (rows < T)[:, None] & mh[None, :]
+    x = tl.load(gate + (i_b * T + rows)[:, None] * H + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.where(m, x + tl.load(lam_ptr + offs_h, mask=mh, other=0.0)[None, :], 0.0)
+    g = tl.cumsum(x * 1.4426950408889634, 0)
+    tl.store(G + (i_b * H + offs_h)[None, :] * T + rows[:, None], g, mask=m)
+    # padded rows add exact zeros, so the last row holds G at the chunk's last token
+    tl.store(chunk_tot + (i_b * H + offs_h) * NCP + i_c, tl.sum(tl.where(offs_c[:, None] == C - 1, g, 0.0), 0),
+             mask=mh)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------
@@ -610,32 +630,31 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, decay: int, chunk_size: int, cf
     return _Plan(B, T, H, K, V, C, NC, NCS, NS, _pow2(K), _pow2(V), decay, prec, cfg)
 
 
-def _log_decay_cumsum(p: _Plan, log_decay: torch.Tensor | None, gate: torch.Tensor | None, device) -> tuple:
-    """(G [B·H, T] chunk-local inclusive cumsum of log2 a, or a dummy; segment totals [B·H, NS] in log2)."""
+def _log_decay_cumsum(p: _Plan, lam: torch.Tensor, gate: torch.Tensor | None, device) -> tuple:
+    """(G [B·H, T] chunk-local inclusive cumsum of log2 a, or a dummy; segment totals [B·H, NS] in log2).
+
+    lam: λ [H] fp32 (`_lam_arg`)."""
     B, T, H, C, NC, NCS, NS = p.B, p.T, p.H, p.C, p.NC, p.NCS, p.NS
     if p.decay == 0:
         dummy = torch.zeros(1, dtype=torch.float32, device=device)
         return dummy, torch.zeros(B * H, NS, dtype=torch.float32, device=device)
     if p.decay == 1:
-        lam = log_decay.detach().float()
         # tokens per segment, built on the device (a setitem from a Python number would sync the stream)
         counts = (T - torch.arange(NS, device=device, dtype=torch.float32) * (NCS * C)).clamp(max=NCS * C)
         seg = (lam.view(1, H, 1) * LOG2E * counts.view(1, 1, NS)).expand(B, H, NS)
         return torch.zeros(1, dtype=torch.float32, device=device), seg.reshape(B * H, NS).contiguous()
-    la = gate.detach().float().permute(0, 2, 1)  # [B, H, T]
-    if log_decay is not None:
-        la = la + log_decay.detach().float().view(1, H, 1)
-    la = torch.nn.functional.pad(la * LOG2E, (0, NC * C - T))
-    Gc = la.view(B, H, NC, C).cumsum(-1)
-    chunk_tot = torch.nn.functional.pad(Gc[..., -1], (0, NS * NCS - NC))
-    seg = chunk_tot.view(B * H, NS, NCS).sum(-1).contiguous()
-    G = Gc.view(B * H, NC * C)[:, :T].contiguous()
-    return G, seg
+    G = _empty((B * H, T), torch.float32, device)
+    chunk_tot = torch.zeros(B * H, NS * NCS, dtype=torch.float32, device=device)  # chunks past the end: 0
+    _gate_cumsum_kernel[(NC, B)](
+        gate.detach().contiguous(), lam, G, chunk_tot, T, H, NS * NCS, C=C, HP=triton.next_power_of_2(H),
+        num_warps=4)
+    return G, chunk_tot.view(B * H, NS, NCS).sum(-1)
 
 
-def _lam_arg(log_decay: torch.Tensor | None, device) -> torch.Tensor:
+def _lam_arg(log_decay: torch.Tensor | None, H: int, device) -> torch.Tensor:
+    """λ [H] fp32 (zeros without a per-head decay)."""
     if log_decay is None:
-        return torch.zeros(1, dtype=torch.float32, device=device)
+        return torch.zeros(H, dtype=torch.float32, device=device)
     return log_decay.detach().float().contiguous()
 
 
@@ -787,8 +806,9 @@ def _setup(ctx, q, v, log_decay, gate, scale: float, chunk_size: int, cfg: Trito
     p = replace(_make_plan(q, v, decay, chunk_size, cfg), scale=scale)
     ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[4] else None
     ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[3] else None
-    G, seg_log2 = _log_decay_cumsum(p, log_decay, gate, q.device)
-    return p, _lam_arg(log_decay, q.device), G, seg_log2
+    lam = _lam_arg(log_decay, p.H, q.device)
+    G, seg_log2 = _log_decay_cumsum(p, lam, gate, q.device)
+    return p, lam, G, seg_log2
 
 
 def _checked_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
