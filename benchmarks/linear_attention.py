@@ -56,6 +56,9 @@ def parse_configs(spec: str | None) -> dict[str, TritonConfig]:
         kw: dict[str, object] = {}
         for item in filter(None, kv.split(",")):
             key, val = item.split("=")
+            if not hasattr(DEFAULT_CONFIG, key):
+                fields = ", ".join(vars(DEFAULT_CONFIG))
+                raise SystemExit(f"unknown TritonConfig field {key!r} in --configs; fields: {fields}")
             kw[key] = val.lower() in ("1", "true") if isinstance(getattr(DEFAULT_CONFIG, key), bool) else int(val)
         out[name] = with_config(**kw)
     return out
