@@ -26,7 +26,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.triton_chunk as tc  # noqa: E402
-from benchmarks.linear_attention import floor_ms, parse_configs, parse_shapes  # noqa: E402
+from benchmarks.linear_attention import bench_ms, floor_ms, parse_configs, parse_shapes  # noqa: E402
 from kernels.reference import linear_attention_chunked  # noqa: E402
 
 H, D = 16, 128
@@ -68,7 +68,7 @@ def sweep_forward(shapes: list[tuple[int, int]], configs: dict) -> None:
                     if err > 1e-2:
                         print(f"{B}x{T} {name}: WRONG rel err {err:.2e}", flush=True)
                         continue
-                    ms = triton.testing.do_bench(run, warmup=25, rep=100)
+                    ms = bench_ms(run)
                 print(f"{B}x{T} {name:14s} fwd {ms:7.3f} ms  ÷floor {ms / floor:5.2f}  err {err:.1e}", flush=True)
             except Exception as exc:  # a config the compiler refuses: report, keep going
                 print(f"{B}x{T} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}", flush=True)
@@ -115,7 +115,7 @@ def sweep_gate(B: int, T: int, configs: dict, prefix: int) -> None:
                     if gate == "grad":
                         dg = fwd_bwd(xp, cfg, "grad")()[3]
                         err = rel(dg, dg_ref)
-                    ms = triton.testing.do_bench(fwd_bwd(x, cfg, gate), warmup=10, rep=100)
+                    ms = bench_ms(fwd_bwd(x, cfg, gate))
                     if gate == "none" and name == "default":
                         base = ms
                     ratio = ms / base if base else float("nan")
