@@ -48,7 +48,8 @@ everything after it, so the whole tail of that sum is one inner product, Σ_{τ 
     dλ_h = Σ_{b,t} d log a_t,   dg_{t,h} = d log a_t.
 
 The dq kernel stores S_out(b) (it carries S forward), the dk/dv kernel forms ⟨dS_out(b), S_out(b)⟩ when
-its backward sweep reaches the block's end (in the dv launch, which has registers to spare), and
+its backward sweep reaches the block's end (the dv launch when dk and dv are split: it has registers to
+spare), and
 ``_dloga_kernel`` takes the suffix sums in float64 and writes d gate in [B, T, H]. Blocks are aligned so
 that the last chunk is a block of its own: a gradient arriving on the final state is large, and its
 rounding errors stay inside that chunk.
