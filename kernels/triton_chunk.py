@@ -77,6 +77,7 @@ import triton.language as tl
 __all__ = ["linear_attention_triton", "linear_attention_triton_sharded", "ShardExchange", "TritonConfig"]
 
 LOG2E = 1.4426950408889634
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # the same constant inside jit functions
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _head_log2_decay(lam_ptr, i_bh, H, DECAY: tl.constexpr):
     """λ_h in log2 units under constant decay (DECAY 1); 0 otherwise."""
     lam2 = 0.0
     if DECAY == 1:
-        lam2 = tl.load(lam_ptr + i_bh % H).to(tl.float32) * 1.4426950408889634
+        lam2 = tl.load(lam_ptr + i_bh % H).to(tl.float32) * _LOG2E
     return lam2
 
 
@@ -585,7 +586,7 @@ def _gate_cumsum_kernel(gate, lam_ptr, G, chunk_tot, T, H, NCP, C: tl.constexpr,
     m = (rows < T)[:, None] & mh[None, :]
     x = tl.load(gate + (i_b * T + rows)[:, None] * H + offs_h[None, :], mask=m, other=0.0).to(tl.float32)
     x = tl.where(m, x + tl.load(lam_ptr + offs_h, mask=mh, other=0.0)[None, :], 0.0)
-    g = tl.cumsum(x * 1.4426950408889634, 0)
+    g = tl.cumsum(x * _LOG2E, 0)
     tl.store(G + (i_b * H + offs_h)[None, :] * T + rows[:, None], g, mask=m)
     # padded rows add exact zeros, so the last row holds G at the chunk's last token
     tl.store(chunk_tot + (i_b * H + offs_h) * NCP + i_c, tl.sum(tl.where(offs_c[:, None] == C - 1, g, 0.0), 0),
