@@ -48,14 +48,10 @@ def measure(args: argparse.Namespace, M: int, world: int) -> tuple[tuple, list]:
     dev, P = mesh.device, world
     torch.manual_seed(0)
     model, ranges = build_stage_model(cfg, mesh)
-    model.remat = None
     n_tok = float(args.batch * args.seq_len)
 
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return token_loss_sum(logits, y) / n_tok
-
     pipe = GPipe(model, stage_index=mesh.coord("pp"), num_stages=P, group=mesh.group("pp"), device=dev,
-                 microbatches=M, loss_fn=loss_fn)
+                 microbatches=M, loss_fn=token_loss_sum)
     V, d, mb = cfg.model.vocab_size, cfg.model.dim, args.batch // M
     tokens = torch.randint(0, V, (args.batch, args.seq_len), device=dev)
     targets = torch.randint(0, V, (args.batch, args.seq_len), device=dev)
@@ -66,12 +62,12 @@ def measure(args: argparse.Namespace, M: int, world: int) -> tuple[tuple, list]:
     def stage_alone() -> None:
         with autocast:
             out = model(x_mb)
-            loss = loss_fn(out, targets[:mb]) if pipe.is_last else (out.float() * 1e-3).sum()
+            loss = token_loss_sum(out, targets[:mb]) / n_tok if pipe.is_last else (out.float() * 1e-3).sum()
         loss.backward()
 
     def pipeline_step() -> None:
         with autocast:
-            loss = pipe.step(tokens, targets)
+            loss = pipe.step(tokens, targets, loss_divisor=n_tok)
         if pipe.is_last:
             assert torch.isfinite(loss), "the pipeline produced a non-finite loss"
 

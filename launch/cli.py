@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from runtime.errors import ConfigError
@@ -93,16 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; every error ends in one line on stderr (exit 2: fix the input, 1: the job failed)."""
+    from launch.local import RankFailed, one_line
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"longtrain: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "RayJobFailed":
-            raise
+    except RankFailed as e:
         print(f"longtrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("longtrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the launcher's own failure, still one line
+        if os.environ.get("LONGTRAIN_TRACEBACK"):
+            raise
+        print(f"longtrain: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

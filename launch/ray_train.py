@@ -16,9 +16,11 @@ import os
 import re
 from pathlib import Path
 
+from launch.train import job_config
 from runtime.checkpoint import check_resume
-from runtime.config import JobConfig, load_config
+from runtime.config import JobConfig
 from runtime.errors import ConfigError
+from runtime.rundir import prepare_run_dir
 
 PASS_THROUGH_ENV = ("NCCL_", "TORCH_NCCL_", "NVSHMEM_", "CUDA_", "GLOO_", "TORCH_SYMM_MEM_", "LONGTRAIN_")
 
@@ -31,6 +33,12 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                         help="auto (an existing cluster) or ray://HOST:PORT; default: start a local Ray instance")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the job fails")
     parser.add_argument("--storage", default=None, help="Ray's storage path (default: <run.dir>/ray)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue an earlier run of run.dir (auto) or from PATH (restarts always resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.dir that holds a run (deletes its metrics, checkpoints, logs)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
 
 
@@ -40,6 +48,7 @@ def _worker(config: dict) -> None:
     import torch
 
     from launch.local import configure_threads
+    from runtime.faults import failure_from_env
     from runtime.trainer import train
 
     cfg = JobConfig.from_dict(config["job"])
@@ -50,11 +59,11 @@ def _worker(config: dict) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
-    train(cfg, on_report=report)
+    train(cfg, on_report=report, before_step=failure_from_env(cfg.run.dir))
 
 
 def run_ray(args: argparse.Namespace) -> dict:
-    cfg = load_config(args.config, args.overrides)
+    cfg = job_config(args)
     workers = args.num_workers if args.num_workers is not None else cfg.world_size()
     if workers < 1:
         raise ConfigError(f"--num-workers {workers} must be ≥ 1")
@@ -62,6 +71,8 @@ def run_ray(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--max-failures {args.max_failures} must be ≥ 0")
     cfg.validate(workers)
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    cfg.run.overwrite = False
     cfg.run.resume = cfg.run.resume or "auto"  # a restarted worker group continues from the last checkpoint
     check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict())
     use_gpu = args.gpus_per_worker > 0
@@ -88,7 +99,7 @@ def run_ray(args: argparse.Namespace) -> dict:
         train_loop_config={"job": cfg.to_dict(), "workers_per_node": -(-workers // nodes)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy="PACK"),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.parallel.timeout_s)),
         run_config=RunConfig(name=Path(cfg.run.dir).name, storage_path=args.storage or str(Path(cfg.run.dir) / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )

@@ -10,8 +10,11 @@ import argparse
 import os
 import sys
 
+from launch.local import RankFailed, run_rank, spawn
 from runtime.checkpoint import check_resume
 from runtime.config import JobConfig, load_config
+from runtime.errors import ConfigError
+from runtime.rundir import log_dir, prepare_run_dir
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -19,40 +22,66 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None,
                         help="local processes to spawn (default: dp·pp·sp of the config, or WORLD_SIZE under torchrun)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the newest committed checkpoint of run.dir (auto) or from PATH")
+                        help="continue from the newest valid checkpoint of run.dir (auto) or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.dir that holds a run (deletes its metrics, checkpoints, logs)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                         help="override config keys, e.g. --set train.steps=100 parallel.sp=4")
 
 
-def run_job(cfg: JobConfig) -> None:
-    from runtime.trainer import train
-
-    train(cfg)
-
-
-def main_args(args: argparse.Namespace) -> None:
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The configuration of `train` / `ray` from their flags (before validation)."""
     cfg = load_config(args.config, args.overrides)
     if args.resume is not None:
         cfg.run.resume = args.resume
-    under_torchrun = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-    if under_torchrun:
-        cfg.validate(int(os.environ["WORLD_SIZE"]))
-        check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict())
-        run_job(cfg)
-        return
-    nproc = args.nproc if args.nproc is not None else cfg.world_size()
-    if nproc < 1:
-        from runtime.errors import ConfigError
+    cfg.run.overwrite = cfg.run.overwrite or args.overwrite
+    cfg.run.trust_checkpoint = cfg.run.trust_checkpoint or args.trust_checkpoint
+    return cfg
 
+
+def run_job(cfg: JobConfig) -> None:
+    from runtime.faults import failure_from_env
+    from runtime.trainer import train
+
+    train(cfg, before_step=failure_from_env(cfg.run.dir))
+
+
+def main_args(args: argparse.Namespace) -> None:
+    cfg = job_config(args)
+    under_torchrun = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun else (
+        args.nproc if args.nproc is not None else cfg.world_size())
+    if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be ≥ 1")
     cfg.validate(nproc)
+    if not under_torchrun or int(os.environ.get("RANK", 0)) == 0:
+        prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict())
+    cfg.run.overwrite = False  # done: the ranks see a clean folder
+    logs = log_dir(cfg.run.dir)
+    if under_torchrun:  # every process runs its rank; torchrun's agent watches them
+        code = run_rank(run_job, (cfg,), int(os.environ["RANK"]), logs)
+        if code:
+            raise RankFailed(_rank_error(logs, int(os.environ["RANK"])), code)
+        os._exit(0)  # see launch.local: a finished rank must not risk the gloo teardown abort
     if nproc == 1:
-        run_job(cfg)
-    else:
-        from launch.local import spawn
+        code = run_rank(run_job, (cfg,), 0, logs)
+        if code:
+            raise RankFailed(_rank_error(logs, 0), code)
+        return
+    spawn(run_job, nproc, cfg, log_dir=logs, timeout_s=cfg.parallel.timeout_s)
 
-        spawn(run_job, nproc, cfg)
+
+def _rank_error(logs, rank: int) -> str:
+    import json
+
+    try:
+        message = json.loads((logs / f"rank_{rank}.error").read_text())["message"]
+    except (OSError, ValueError, KeyError):
+        return f"rank {rank} failed; see {logs}"
+    return f"{message} (traceback: {logs}/rank_{rank}.log)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,11 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
 from models.config import ModelConfig
+from parallel.attention import sp_attention
 from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
 from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
-from parallel.pipeline import Rematerialization
 
 
 class RMSNorm(nn.Module):
@@ -150,23 +150,13 @@ class SoftmaxAttention(nn.Module):
         pos = self.sp.positions(T, device=x.device)
         q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
         if self.sp.world > 1:
-            o = sp_softmax_attention(q, k, v, self.sp)
+            o = sp_attention(q, k, v, method=self.sp.attention, group=self.sp.group, layout=self.sp.layout, causal=True)
         else:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=self.kv_heads != self.n_heads,
             ).transpose(1, 2)
         return self.o(o.reshape(B, T, -1))
-
-
-def sp_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-    try:
-        from parallel.attention import sp_attention
-    except ImportError as e:
-        raise NotImplementedError(
-            "softmax layers ('A') cannot run with sp > 1 yet; use a pure linear layout (model.layout=L) or sp=1"
-        ) from e
-    return sp_attention(q, k, v, method=sp.attention, group=sp.group, layout=sp.layout, causal=True)
 
 
 class Block(nn.Module):
@@ -195,7 +185,6 @@ class LinearLlama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.remat: Rematerialization | None = None  # set by the trainer: which forwards recompute layers
         self.reset_parameters()
 
     @torch.no_grad()
@@ -245,11 +234,12 @@ class LinearLlama(nn.Module):
         for block in self.layers.values():
             block.mixer.sp = sp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpoint_layers: bool = False) -> torch.Tensor:
+        """`checkpoint_layers`: keep only each block's input and recompute the block in backward
+        (the pipeline schedule decides, per micro-batch)."""
         h = self.embed(x) if self.embed is not None else x
-        recompute = self.remat is not None and torch.is_grad_enabled() and self.remat.begin_microbatch()
         for block in self.layers.values():
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            h = checkpoint(block, h, use_reentrant=False) if checkpoint_layers else block(h)
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None else h

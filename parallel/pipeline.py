@@ -44,43 +44,62 @@ def partition(costs: Sequence[float], n_stages: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
-class Rematerialization:
-    """Which micro-batches keep only each layer's input and recompute the layer in backward.
+def recompute_plan(mode: str, microbatches: int) -> list[bool]:
+    """Which of a step's M micro-batches keep only each layer's input and recompute the layer in backward.
 
-    "always": every micro-batch; "except_last": all but the last of a step (its backward
-    follows at once, so its activations are needed right away — torchgpipe's default);
-    "never": none. `begin_microbatch` is called once per training forward.
+    "always": every micro-batch; "except_last": all but the last (its backward follows at once, so its
+    activations are needed right away — torchgpipe's `checkpoint_stop = M − 1`); "never": none.
     """
+    if mode not in REMAT_MODES:
+        raise ValueError(f"unknown re-materialization mode {mode!r}; use one of {REMAT_MODES}")
+    return [mode == "always" or (mode == "except_last" and i < microbatches - 1) for i in range(microbatches)]
 
-    def __init__(self, mode: str = "never", microbatches: int = 1):
-        if mode not in REMAT_MODES:
-            raise ValueError(f"unknown re-materialization mode {mode!r}; use one of {REMAT_MODES}")
-        self.mode, self.microbatches, self._count = mode, microbatches, 0
 
-    def begin_microbatch(self) -> bool:
-        index, self._count = self._count % self.microbatches, self._count + 1
-        return self.mode == "always" or (self.mode == "except_last" and index != self.microbatches - 1)
+class _Recomputed(nn.Module):
+    """The stage module as the schedule sees it: forward `i` of a training step runs the wrapped model
+    with `checkpoint_layers=plan[i]`. GPipe sets the plan before each step; fill–drain runs exactly
+    the M forwards of the plan, in order. Forwards without autograd (evaluation) and the schedule's
+    shape inference on meta tensors do not consume the plan."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.plan: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = torch.is_grad_enabled() and not x.is_meta
+        checkpoint_layers = self.plan.pop(0) if training and self.plan else False
+        return self.module(x, checkpoint_layers=checkpoint_layers)
 
 
 class GPipe:
     """Runs one pipeline stage: `step` = fill–drain forward/backward of M micro-batches.
 
-    `loss_fn(output, target)` is applied per micro-batch on the last stage and gradients
-    accumulate unscaled (the loss function carries the normalisation). With one stage
-    this is plain gradient accumulation over micro-batches.
+    The loss of micro-batch i is `loss_fn(output_i, target_i) / loss_divisor` on the last stage;
+    gradients accumulate unscaled, so a step's gradient is that of Σ_i loss_i. `remat` decides per
+    micro-batch whether the stage recomputes its layers in backward (`recompute_plan`); the module
+    must take `forward(x, checkpoint_layers: bool)`. With one stage this is plain gradient
+    accumulation over micro-batches.
     """
 
     def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
-                 device: torch.device, microbatches: int,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 device: torch.device, microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 remat: str = "never"):
         self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
         self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
+        self.plan = recompute_plan(remat, microbatches)
+        self._divisor: torch.Tensor | float = 1.0
+        self._stage_module = _Recomputed(module)
         self.schedule = None
         if num_stages > 1:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-            stage = PipelineStage(module, stage_index, num_stages, device, group=group)
-            self.schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+            stage = PipelineStage(self._stage_module, stage_index, num_stages, device, group=group)
+            self.schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=self._scaled_loss,
+                                          scale_grads=False)
+
+    def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, target) / self._divisor
 
     @property
     def is_first(self) -> bool:
@@ -90,15 +109,18 @@ class GPipe:
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+             loss_divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Forward and backward of one batch; returns Σ micro-batch losses on the last stage (0 elsewhere)."""
+        self._divisor = loss_divisor
         if self.schedule is None:
             losses = []
-            for x, y in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches)):
-                loss = self.loss_fn(self.module(x), y)
+            for x, y, recompute in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches), self.plan):
+                loss = self._scaled_loss(self.module(x, checkpoint_layers=recompute), y)
                 loss.backward()
                 losses.append(loss.detach())
             return torch.stack(losses).sum()
+        self._stage_module.plan = list(self.plan)
         losses: list[torch.Tensor] = []
         if self.is_first:
             self.schedule.step(inputs)
@@ -106,6 +128,9 @@ class GPipe:
             self.schedule.step(target=targets, losses=losses)
         else:
             self.schedule.step()
+        if self._stage_module.plan:
+            raise RuntimeError(f"the schedule ran {len(self.plan) - len(self._stage_module.plan)} of "
+                               f"{len(self.plan)} micro-batch forwards")
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     @torch.no_grad()

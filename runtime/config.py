@@ -10,7 +10,7 @@ Every problem is a ConfigError: one line that names the fix, raised before any p
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,50 +32,98 @@ BALANCE = ("params", "time")
 
 @dataclass
 class ParallelConfig:
-    dp: int | None = None  # default: world size / (pp · sp)
+    """How the world is split: a ("dp", "pp", "sp") device mesh, sp innermost (DESIGN §5, §6)."""
+
+    dp: int | None = None
+    """Data-parallel replicas; None: world size / (pp · sp)."""
     pp: int = 2
+    """Pipeline stages (GPipe); consecutive layers per stage."""
     sp: int = 2
-    layout: str = "zigzag"  # contiguous | zigzag
+    """Sequence-parallel ranks per sequence (LASP-2 for linear layers, `sp_attention` for softmax layers)."""
+    layout: str = "zigzag"
+    """How a sequence is cut over sp: contiguous (rank r owns shard r) | zigzag (shards r and 2P−1−r)."""
     microbatches: int = 2
-    remat: str = "never"  # never | except_last | always
-    balance: str = "params"  # params | time
-    sp_attention: str = "allgather"  # softmax layers under sp: allgather | ring | ulysses
+    """GPipe micro-batches M per step; must divide the sequences per dp replica."""
+    remat: str = "never"
+    """Per-layer re-materialization: never | except_last (all micro-batches but the last) | always."""
+    balance: str = "params"
+    """How layers are cut into stages: by parameter count (params) or measured layer time (time)."""
+    sp_attention: str = "allgather"
+    """Softmax layers under sp > 1: allgather (LASP-2H) | ring (zigzag ring) | ulysses (all-to-all over heads)."""
+    timeout_s: float = 600.0
+    """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation: AdamW with linear warmup and cosine decay, gradient clipping."""
+
     steps: int = 300
-    batch_size: int = 16  # sequences per step, global
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    batch_size: int = 16
+    """Sequences per step, global (over all dp replicas)."""
     seq_len: int = 64
+    """Tokens per sequence (over all sp ranks)."""
     lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.1
+    """The cosine ends at min_lr_ratio · lr on the last step."""
     warmup_steps: int = 10
+    """Steps of linear warmup from lr / warmup_steps to lr."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay of matrices (norm weights and vectors get none)."""
     beta1: float = 0.9
+    """AdamW's first-moment (momentum) decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
     seed: int = 0
+    """Seed of parameters, data order and every random stream."""
     eval_batches: int = 4
-    dtype: str = "float32"  # parameter dtype: float32 (bf16 autocast on CUDA) | float64 (CPU reference runs)
+    """Held-out batches evaluated at the end (accuracy on the task's questions); 0: no evaluation."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (bf16 autocast on CUDA) | float64 (CPU reference runs)."""
+    skip_nonfinite: int = 0
+    """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops."""
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic:mqar"  # synthetic:mqar | synthetic:passkey
-    num_pairs: int = 4  # MQAR key-value pairs per sequence
+    """Where the tokens come from."""
+
+    source: str = "synthetic:mqar"
+    """synthetic:mqar (associative recall) | synthetic:passkey (any length) | zarr:PATH (`longtrain prepare-data`)."""
+    num_pairs: int = 4
+    """MQAR key–value pairs per sequence."""
     passkey_digits: int = 5
+    """Digits of the passkey to retrieve."""
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    """Outputs, checkpoints and resumption."""
+
+    dir: str = "runs/tiny"
+    """Run folder: metrics.parquet, tensorboard/, checkpoints/, logs/."""
     log_every: int = 10
+    """Steps between metric rows (the last step is always logged)."""
     tensorboard: bool = True
+    """Also write metrics to <dir>/tensorboard."""
     progress: bool = True
-    checkpoint_every: int = 0  # steps between checkpoints (0: none); the last step is always saved when > 0
-    keep: int = 2  # newest committed checkpoints kept under <dir>/checkpoints
-    resume: str = ""  # "" (fresh start) | auto (newest committed checkpoint of dir, or fresh) | PATH
-    report_every: int = 20  # steps between metric reports to Ray (its controller polls about every 2 s)
+    """Show a progress bar on rank 0."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: none); the last step is always saved when > 0."""
+    keep: int = 2
+    """Newest committed checkpoints kept under <dir>/checkpoints."""
+    resume: str = ""
+    """"" (fresh start) | auto (newest valid checkpoint of dir, or fresh) | PATH of a step_* checkpoint."""
+    report_every: int = 20
+    """Steps between metric reports to Ray (its controller polls about every 2 s)."""
+    overwrite: bool = False
+    """Start afresh in a dir that already holds a run, deleting its metrics, checkpoints and logs."""
+    trust_checkpoint: bool = False
+    """Load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself: it can run code)."""
 
 
 @dataclass
@@ -126,8 +174,14 @@ class JobConfig:
             raise ConfigError(f"train.dtype={train.dtype!r} is unknown; use float32 or float64")
         if train.steps < 1:
             raise ConfigError(f"train.steps={train.steps} must be a positive integer")
-        if not train.lr > 0:
-            raise ConfigError(f"train.lr={train.lr} must be positive")
+        if not (train.lr > 0 and math.isfinite(train.lr)):
+            raise ConfigError(f"train.lr={train.lr} must be positive and finite, e.g. train.lr=3e-4")
+        if train.eval_batches < 0:
+            raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
+        if train.skip_nonfinite < 0:
+            raise ConfigError(f"train.skip_nonfinite={train.skip_nonfinite} must be ≥ 0")
+        if not (par.timeout_s > 0 and math.isfinite(par.timeout_s)):
+            raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be a positive number of seconds")
         if train.seq_len < 1 or train.batch_size < 1:
             raise ConfigError("train.seq_len and train.batch_size must be positive")
         shards = num_shards(sp, par.layout)
@@ -146,18 +200,25 @@ class JobConfig:
                 f"parallel.microbatches={par.microbatches} does not divide the {per_replica} sequences per dp replica; "
                 f"use a divisor of {per_replica}"
             )
-        if "A" in m.layer_kinds() and sp > 1 and importlib.util.find_spec("parallel.attention") is None:
-            raise ConfigError("softmax layers (A) cannot run with sp > 1 in this version; use model.layout=L or sp=1")
         if "A" in m.layer_kinds() and sp > 1 and par.sp_attention == "ulysses" and m.kv_heads % sp:
             raise ConfigError(f"ulysses needs model.n_kv_heads={m.kv_heads} divisible by sp={sp}")
         kind, _, where = self.data.source.partition(":")
         if kind not in ("synthetic", "zarr") or not where:
             raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar, synthetic:passkey "
                               f"or zarr:PATH")
+        if kind == "synthetic":
+            from runtime.synthetic import SyntheticTask
+
+            SyntheticTask(where, m.vocab_size, train.seq_len, train.seed, self.data.num_pairs,
+                          self.data.passkey_digits)  # checks the task and its settings
         if kind == "zarr":
             from runtime.data import open_store
 
-            _, attrs = open_store(where)
+            group, attrs = open_store(where)
+            rows = group["tokens"].shape[0]
+            if rows < train.batch_size:
+                raise ConfigError(f"token store {where!r} holds {rows} sequences, fewer than train.batch_size="
+                                  f"{train.batch_size}; set train.batch_size ≤ {rows} or add data")
             if attrs["seq_len"] != train.seq_len:
                 raise ConfigError(f"token store {where!r} has rows of {attrs['seq_len']} tokens but train.seq_len="
                                   f"{train.seq_len}; set train.seq_len={attrs['seq_len']} or prepare the data again")

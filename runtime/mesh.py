@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,18 +27,23 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device | None = None) -> torch.device:
-    """Make sure a default process group exists; returns this rank's device."""
+def init_distributed(device: torch.device | None = None, timeout_s: float | None = None) -> torch.device:
+    """Make sure a default process group exists; returns this rank's device. `timeout_s` bounds every
+    collective and P2P of a group created here (a launcher that made the group sets its own)."""
     device = device or default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return device
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    if backend == "nccl":  # a collective that times out raises (and tears the process down) instead of hanging
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=timeout)
     else:  # a world of one: no rendezvous needed
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
 
 
@@ -86,9 +92,20 @@ class ParallelMesh:
         return dist.get_world_size()
 
 
-def build_mesh(dp: int | None = None, pp: int = 1, sp: int = 1, device: torch.device | None = None) -> ParallelMesh:
+def build_mesh(dp: int | None = None, pp: int = 1, sp: int = 1, device: torch.device | None = None,
+               timeout_s: float | None = None) -> ParallelMesh:
     """Join or create the process group and lay the ("dp", "pp", "sp") mesh over it."""
-    device = init_distributed(device)
+    device = init_distributed(device, timeout_s)
     dp, pp, sp = resolve_dims(dist.get_world_size(), dp, pp, sp)
     mesh = init_device_mesh(device.type, (dp, pp, sp), mesh_dim_names=AXES)
+    if timeout_s:  # also a group the launcher made (Ray, torchrun's elastic agent) and the mesh's subgroups
+        for group in {None: None, **{axis: mesh.get_group(axis) for axis in AXES}}.values():
+            set_timeout(group, timeout_s)
     return ParallelMesh(mesh, device)
+
+
+def set_timeout(group: dist.ProcessGroup | None, timeout_s: float) -> None:
+    """Bound every collective and P2P on `group` (None: the default group) by `timeout_s` seconds."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=timeout_s), group)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from models import LinearLlama, ModelConfig
 from parallel.context import SINGLE, SequenceParallel
-from parallel.pipeline import Rematerialization, partition
+from parallel.pipeline import partition
 from runtime.config import JobConfig
 from runtime.mesh import ParallelMesh
 
@@ -94,7 +95,6 @@ def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, 
     model.set_sequence_parallel(
         SequenceParallel(mesh.group("sp"), cfg.parallel.layout, cfg.parallel.sp_attention) if sp > 1 else SINGLE
     )
-    model.remat = Rematerialization(cfg.parallel.remat, cfg.parallel.microbatches)
     return model, ranges
 
 
@@ -110,7 +110,7 @@ def tied_embedding_group(cfg: JobConfig, mesh: ParallelMesh) -> dist.ProcessGrou
     for d in range(ranks.shape[0]):
         for s in range(ranks.shape[2]):
             members = [int(ranks[d, 0, s]), int(ranks[d, pp - 1, s])]
-            group = dist.new_group(members)
+            group = dist.new_group(members, timeout=timedelta(seconds=cfg.parallel.timeout_s))
             if mesh.rank in members:
                 mine = group
     return mine

@@ -8,10 +8,10 @@ import torch
 from _dist import run_distributed, scratch_dir
 
 from models import LinearLlama, token_loss_sum
-from parallel.pipeline import Rematerialization, partition
+from parallel.pipeline import partition, recompute_plan
 from runtime.config import load_config
 from runtime.mesh import build_mesh
-from runtime.synthetic import IGNORE
+from runtime.synthetic import IGNORE, SyntheticTask
 from runtime.trainer import Trainer, train
 
 
@@ -24,8 +24,9 @@ def test_partition_balances_contiguous_ranges() -> None:
 
 
 def test_except_last_recomputes_all_but_last_microbatch() -> None:
-    r = Rematerialization("except_last", 3)
-    assert [r.begin_microbatch() for _ in range(6)] == [True, True, False, True, True, False]
+    assert recompute_plan("except_last", 3) == [True, True, False]
+    assert recompute_plan("always", 2) == [True, True]
+    assert recompute_plan("never", 2) == [False, False]
 
 
 def _cfg(dp: int, pp: int, sp: int, microbatches: int, remat: str = "never", layout: str = "zigzag"):
@@ -44,12 +45,13 @@ def _check_step(rank: int, world: int, dp: int, pp: int, sp: int, microbatches: 
         # the single-process reference on the whole global batch
         ref = LinearLlama(cfg.model)
         ref.reset_parameters(cfg.train.seed)
-        x, y = trainer.task.rows(0, range(cfg.train.batch_size))
+        task = SyntheticTask("mqar", cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, cfg.data.num_pairs)
+        x, y = task.rows(0, range(cfg.train.batch_size))
         ref_loss = token_loss_sum(ref(x), y) / (y != IGNORE).sum()
         ref_loss.backward()
         ref_grads = dict(ref.named_parameters())
 
-        loss = trainer.forward_backward(*trainer.local_batch(0))
+        loss = trainer.forward_backward(*trainer.data.batch(0))
         assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5, (remat, loss, ref_loss)
         names = []
         for name, p in trainer.model.named_parameters():
