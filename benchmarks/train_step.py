@@ -1,0 +1,557 @@
+"""Benchmark: the steady-state training step of a 1B linear-attention model, batch 1, one GPU (DESIGN §8, §9).
+
+    python benchmarks/train_step.py [--seq-lens 32K,128K,256K,512K,1M] [--only longtrain|fla]
+        [--variant NAME:KEY=V,KEY=V ...] [--set KEY=VALUE ...] [--steps-check 20] [--out FILE]
+
+Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison the next row):
+- `longtrain[NAME]`: our `1b` preset (gate on) through the real `Trainer` (pp = sp = dp = 1, one micro-batch,
+  remat always, synthetic MQAR data), timing `trainer.step(i)`. `--set` pairs go to every variant,
+  `--variant` pairs to that variant only (later keys win).
+- `fla-retnet`: flash-linear-attention 0.6.0's `RetNetForCausalLM` of the same shape (hidden 2048, 16 layers,
+  16 heads, expand_k = expand_v = 1, SwiGLU 6144, vocab 32000, tied embeddings, fused linear cross-entropy,
+  fla's other defaults), HF gradient checkpointing, fp32 master weights + bf16 autocast, fused AdamW,
+  random token ids as inputs and labels. One warm-up step at the smallest length (Triton autotuning,
+  minutes) runs before anything is timed.
+Per row: W warm-up steps (the first one's loss must be finite), then N timed steps with
+`torch.cuda.synchronize()` around each; ms/step = the median; tokens/s = T / median; peak =
+`torch.cuda.max_memory_allocated` since a reset before the row's first step; MFU (ours) =
+`runtime.metrics.flops_per_token` of our config of that size × tokens/s ÷ `peak_flops` (one formula for both
+rows); MFU (6N) = 6 · (the impl's own parameters, tied counted once) × tokens/s ÷ peak. After an OOM or a
+timeout, the larger T of that variant are recorded as skipped. Rows are appended to
+benchmarks/results/train_step.json (other runs' rows kept); the markdown table goes to stdout.
+`--steps-check N`: the longtrain row at the first length runs N steps in all (timed after the warm-up)
+and records every loss, to show the loss falling.
+
+The issue's table, on one H200 with the wheels of .whl (see .whl/INSTALL.txt):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 benchmarks/train_step.py --seq-lens 32K,128K,256K,512K,1M --steps-check 20
+
+CPU dry run (tiny model, no memory numbers): python benchmarks/train_step.py --only longtrain --preset tiny
+--seq-lens 64,128 --warmup 1 --steps 2 --out /tmp/ts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import queue
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.config import load_config  # noqa: E402
+from runtime.errors import ConfigError  # noqa: E402
+from runtime.metrics import flops_per_token, peak_flops  # noqa: E402
+
+PROTO = "@@train_step "  # prefix of the worker's JSON lines on stdout
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_step.json"
+DEFAULT_SEQ_LENS = "32K,128K,256K,512K,1M"
+FLA_LABEL = "fla-retnet"
+MISSING = "—"
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def parse_len(s: str) -> int:
+    """'32768', '32K', '1M' → tokens (K = 1024)."""
+    s = s.strip().upper()
+    mult = {"K": 1024, "M": 1024**2}.get(s[-1:], 1)
+    return int(s[:-1] if mult > 1 else s) * mult
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'NAME:train.window=8192,parallel.remat=never' → (NAME, ['train.window=8192', ...])."""
+    name, _, kv = spec.partition(":")
+    pairs = [p.strip() for p in kv.split(",") if p.strip()]
+    if not name or any("=" not in p for p in pairs):
+        raise SystemExit(f"--variant {spec!r}: use NAME:section.key=value,section.key=value")
+    return name, pairs
+
+
+def base_overrides(preset: str) -> list[str]:
+    return [f"model.preset={preset}", "model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.dp=1",
+            "parallel.microbatches=1", "parallel.remat=always", "train.batch_size=1", "run.progress=false",
+            "run.tensorboard=false", "data.source=synthetic:mqar"]
+
+
+def literal(v: str):
+    """A --fla-set value: JSON (true, 1.0, null, "s") or else the string itself."""
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+# -- worker side: one process per impl (and variant), rows in increasing T ------------------------------------
+def emit(event: str, **fields) -> None:
+    print(PROTO + json.dumps(clean({"event": event, **fields})), file=sys.__stdout__, flush=True)
+
+
+def clean(x):
+    """NaN / inf → None, recursively (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def watch_parent() -> None:
+    """Exit if the parent dies (a killed benchmark must not leave a worker holding the GPU)."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def measure(step_fn: Callable[[int], float], device: torch.device, warmup: int, steps: int,
+            total: int | None = None) -> dict:
+    """max(warmup, 1) warm-up steps (the first one's loss must be finite), then timed steps up to
+    max(warm-up + steps, total); step_fn(i) runs step i and returns its loss as a float."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    warm = max(warmup, 1)
+    total = max(warm + steps, total or 0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for i in range(total):
+        sync()
+        start = time.perf_counter()
+        loss = step_fn(i)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+        if i == 0 and not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} at the first step (checked before timing)")
+    timed = times[warm:]
+    med = statistics.median(timed) if timed else math.nan
+    return dict(median_s=med, step_ms=[1e3 * t for t in times], losses=losses, timed_from=warm,
+                loss_first=losses[warm] if timed else math.nan, loss_last=losses[-1] if timed else math.nan,
+                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan)
+
+
+def stats_row(T: int, m: dict, flops_tok: float, n_params: int, peak: float) -> dict:
+    tps = T / m["median_s"]
+    return dict(seq_len=T, status="ok", tokens_per_s=tps, ms_per_step=1e3 * m["median_s"],
+                mfu=tps * flops_tok / peak, mfu_6n=6.0 * n_params * tps / peak, peak_gib=m["peak_gib"],
+                loss_first=m["loss_first"], loss_last=m["loss_last"], step_ms=m["step_ms"], n_params=n_params)
+
+
+def run_rows(job: dict, device: torch.device, row_fn: Callable[[int], dict]) -> None:
+    """row_fn(T) for each T in order, an OOM stops the worker (larger T are skipped by the parent)."""
+    for T in job["seq_lens"]:
+        emit("start", what="row", seq_len=T)
+        oom = False
+        try:
+            row = row_fn(T)
+        except Exception as e:  # noqa: BLE001 — every failure becomes the row's status
+            oom = is_oom(e)
+            row = dict(seq_len=T, status="oom" if oom else f"error: {one_line(e)}")
+            if not oom:
+                import traceback
+
+                traceback.print_exc()
+        free_memory()
+        emit("row", **row)
+        if oom:
+            return
+
+
+def longtrain_worker(job: dict, device: torch.device) -> None:
+    from runtime.mesh import build_mesh
+    from runtime.trainer import Trainer
+
+    mesh = build_mesh(1, 1, 1)
+    peak = peak_flops(device)
+
+    def row(T: int) -> dict:
+        check = job["steps_check"] if T == job["seq_lens"][0] and job["first_is_check"] else 0
+        total = max(max(job["warmup"], 1) + job["steps"], check)
+        with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
+            overrides = [f"train.steps={total}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
+            cfg = load_config(None, overrides)
+            cfg.validate(world_size=1)
+            torch.manual_seed(cfg.train.seed)
+            live = {"trainer": Trainer(cfg, mesh)}  # dropped before the next row builds its own
+            try:
+                n = live["trainer"].n_params_total
+                m = measure(lambda i: live["trainer"].step(i).loss, device, job["warmup"], job["steps"], check)
+            finally:
+                live.clear()
+                free_memory()
+        out = stats_row(T, m, flops_per_token(cfg.model, T, n), n, peak)
+        out["overrides"] = overrides[:-1]
+        if check:
+            out.update(steps_check=check, losses=m["losses"])
+        return out
+
+    run_rows(job, device, row)
+
+
+def fla_worker(job: dict, device: torch.device) -> None:
+    Ts = job["seq_lens"]
+    try:
+        from fla.models import RetNetConfig, RetNetForCausalLM
+    except ImportError as e:
+        print(f"train_step: fla is not importable ({one_line(e)})", file=sys.stderr, flush=True)
+        for T in Ts:
+            emit("row", seq_len=T, status="error: fla not installed")
+        return
+    if device.type != "cuda":
+        for T in Ts:
+            emit("row", seq_len=T, status="error: fla needs a CUDA device")
+        return
+    ours = load_config(None, job["overrides"])  # our config of the same size: the MFU formula of both rows
+    from runtime.trainer import cfg_param_count
+
+    n_ours, m = cfg_param_count(ours), ours.model
+    fields = dict(hidden_size=m.dim, num_hidden_layers=m.n_layers, num_heads=m.n_heads, expand_k=1.0, expand_v=1.0,
+                  intermediate_size=m.ffn_dim, vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings,
+                  fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
+    fields.update({k: literal(v) for k, v in (p.split("=", 1) for p in job["fla_set"])})
+    peak = peak_flops(device)
+    state: dict = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def build() -> None:
+        torch.manual_seed(0)
+        model = RetNetForCausalLM(RetNetConfig(**fields)).to(device)  # fp32 master weights
+        model.gradient_checkpointing_enable()
+        model.train()
+        state["model"] = model
+        state["opt"] = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                         fused=True)
+        state["n"] = sum(p.numel() for p in model.parameters())  # tied weight counted once
+
+    def step(T: int) -> float:
+        model, opt = state["model"], state["opt"]
+        x = torch.randint(1, fields["vocab_size"], (1, T), device=device, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss  # HF shifts the labels
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    emit("start", what="warmup", seq_len=Ts[0])
+    failed = None
+    try:
+        start = time.perf_counter()
+        build()
+        built = time.perf_counter()
+        print(f"train_step: {FLA_LABEL} {state['n'] / 1e6:.1f}M params, built in {built - start:.1f} s; "
+              f"warm-up step at T={Ts[0]} (Triton autotuning, minutes) …", file=sys.stderr, flush=True)
+        loss = step(Ts[0])
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - built
+    except Exception as e:  # noqa: BLE001 — that row's status; a next worker (if any) warms up at the next T
+        failed = "oom" if is_oom(e) else f"error: {one_line(e)}"
+        if failed != "oom":
+            import traceback
+
+            traceback.print_exc()
+    if failed is not None:
+        state.clear()
+        free_memory()
+        emit("row", seq_len=Ts[0], status=failed)
+        return
+    print(f"train_step: {FLA_LABEL} warm-up step at T={Ts[0]} took {secs:.1f} s (loss {loss:.3f})",
+          file=sys.stderr, flush=True)
+    emit("warmup", seq_len=Ts[0], seconds=secs)
+
+    def row(T: int) -> dict:
+        try:
+            m = measure(lambda i: step(T), device, job["warmup"], job["steps"])
+        finally:
+            state["opt"].zero_grad(set_to_none=True)
+        out = stats_row(T, m, flops_per_token(ours.model, T, n_ours), state["n"], peak)
+        out["fla_config"] = fields
+        return out
+
+    run_rows({**job, "seq_lens": Ts}, device, row)
+
+
+def worker(job: dict) -> None:
+    watch_parent()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    emit("env", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+         peak_flops=peak_flops(device))
+    (longtrain_worker if job["impl"] == "longtrain" else fla_worker)(job, device)
+
+
+# -- parent side: start workers, enforce the per-row timeout, collect rows ------------------------------------
+class Results:
+    """This run's rows, kept with the other runs' rows of the JSON file (rewritten atomically per row)."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta, self.rows = path, meta, []
+        self.previous = []
+        if path.exists():
+            try:
+                self.previous = json.loads(path.read_text())
+            except ValueError as e:
+                raise SystemExit(f"{path} is not valid JSON ({e}); move it away or pass --out") from None
+            if not isinstance(self.previous, list):
+                raise SystemExit(f"{path} does not hold a JSON list; move it away or pass --out")
+
+    def add(self, impl: str, row: dict) -> None:
+        row = {"impl": impl, **row, **self.meta}
+        for key in ("tokens_per_s", "ms_per_step", "mfu", "mfu_6n", "peak_gib", "loss_first", "loss_last"):
+            row[key] = math.nan if row.get(key) is None else row[key]  # the worker's JSON has null for NaN
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(clean(self.previous + self.rows), indent=1) + "\n")
+        tmp.replace(self.path)
+        print(f"train_step: {impl} T={row['seq_len']}: {row['status']}"
+              + (f", {row['tokens_per_s']:,.0f} tokens/s, peak {fmt(row['peak_gib'], 1)} GiB"
+                 if row["status"] == "ok" else ""), file=sys.stderr, flush=True)
+
+
+def pump(stream, q: queue.Queue | None, tail: deque | None) -> None:
+    """stdout lines → q (then None at EOF); stderr lines → our stderr and `tail`."""
+    for line in stream:
+        if q is not None:
+            q.put(line)
+        else:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.strip():
+                tail.append(line.strip())
+    if q is not None:
+        q.put(None)
+
+
+def run_impl(impl: str, job: dict, args: argparse.Namespace, results: Results, env: dict) -> None:
+    """Rows of one impl/variant: a worker per attempt; a crash costs only its row, a hang is killed at
+    the row timeout; after an OOM or a timeout the larger T are skipped."""
+    pending, skipped, first, extra = list(job["seq_lens"]), None, True, {}
+    while pending:
+        if skipped:
+            for T in pending:
+                results.add(impl, dict(seq_len=T, status=skipped))
+            return
+        child = {**job, "seq_lens": pending, "first_is_check": first}
+        first = False
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(child)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines: queue.Queue = queue.Queue()
+        tail: deque = deque(maxlen=20)
+        readers = [threading.Thread(target=pump, args=(proc.stdout, lines, None), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, None, tail), daemon=True)]
+        for t in readers:
+            t.start()
+        current, what, progressed = None, "row", False
+        deadline = time.monotonic() + args.row_timeout  # the worker's start counts as part of its first row
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:  # the row (or fla's warm-up step) ran past its time: kill the worker
+                    proc.kill()
+                    T = current if current is not None else pending[0]
+                    limit = args.warmup_timeout if what == "warmup" else args.row_timeout
+                    results.add(impl, dict(seq_len=T, status="timeout", timeout_s=limit, **extra))
+                    pending.remove(T)
+                    skipped = "timeout (skipped: smaller T already timed out)"
+                    break
+                if line is None:  # the worker exited
+                    rc = proc.wait()
+                    for t in readers:
+                        t.join(timeout=5)
+                    why = f"worker exited with {rc}: {tail[-1] if tail else 'no output'}"[:300]
+                    if current is not None:  # inside a row: that row failed, the next worker goes on
+                        results.add(impl, dict(seq_len=current, status=f"error: {why}", **extra))
+                        pending.remove(current)
+                    elif not progressed:  # before any row: do not start it again
+                        skipped = f"error: {why}"
+                    break
+                if not line.startswith(PROTO):
+                    sys.stderr.write(line)
+                    continue
+                ev = json.loads(line[len(PROTO):])
+                kind = ev.pop("event")
+                if kind == "env":
+                    env.update(ev)
+                    results.meta["device"] = ev["device"]
+                elif kind == "start":
+                    current, what = ev["seq_len"], ev["what"]
+                    deadline = time.monotonic() + (args.warmup_timeout if what == "warmup" else args.row_timeout)
+                elif kind == "warmup":
+                    extra.update(fla_warmup_s=ev["seconds"], fla_warmup_seq_len=ev["seq_len"])
+                    current, what = None, "row"
+                    deadline = time.monotonic() + args.row_timeout
+                elif kind == "row":
+                    results.add(impl, {**ev, **extra})
+                    pending.remove(ev["seq_len"])
+                    current, progressed = None, True
+                    deadline = time.monotonic() + args.row_timeout
+                    if ev["status"] == "oom":
+                        skipped = "oom (skipped: smaller T already OOM)"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def fmt(x, digits: int = 2) -> str:
+    return MISSING if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def render(rows: list[dict]) -> str:
+    hdr = ("| impl | seq_len | tokens/s | ms/step | MFU (ours) | MFU (6N) | peak GiB | status | loss first / last |\n"
+           "|---|---:|---:|---:|---:|---:|---:|---|---|")
+    lines = [hdr]
+    pct = lambda x: MISSING if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"  # noqa: E731
+    for r in rows:
+        tps = r["tokens_per_s"]
+        lines.append(" | ".join([
+            f"| {r['impl']}", str(r["seq_len"]), MISSING if not math.isfinite(tps) else f"{tps:,.0f}",
+            fmt(r["ms_per_step"], 1), pct(r["mfu"]), pct(r["mfu_6n"]), fmt(r["peak_gib"], 1), r["status"],
+            f"{fmt(r['loss_first'], 3)} / {fmt(r['loss_last'], 3)} |"]))
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="comma list of tokens per sequence (32K, 1M …)")
+    ap.add_argument("--only", choices=("longtrain", "fla"), default=None, help="one implementation (default both)")
+    ap.add_argument("--preset", default="1b", help="our model preset (fla is built with the same shape)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every longtrain variant (repeatable), e.g. train.window=8192")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
+                    help="a named longtrain variant (repeatable); default one variant 'default'")
+    ap.add_argument("--fla-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra RetNetConfig field (repeatable), e.g. expand_v=2.0")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per row (at least 1: the loss check)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    ap.add_argument("--steps-check", type=int, default=0,
+                    help="longtrain: run this many steps at the first seq len and record every loss")
+    ap.add_argument("--row-timeout", type=float, default=300.0, help="seconds per row before its worker is killed")
+    ap.add_argument("--warmup-timeout", type=float, default=540.0, help="seconds for fla's first (autotuning) step")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON list the rows are appended to")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._worker is not None:
+        worker(json.loads(args._worker))
+        return
+    signal.signal(signal.SIGTERM, interrupted)  # `timeout` stops us: kill the worker, print what finished
+
+    seq_lens = sorted({parse_len(s) for s in args.seq_lens.split(",") if s.strip()})
+    variants = [parse_variant(v) for v in args.variant] or [("default", [])]
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("--variant names must differ")
+    for p in args.set + args.fla_set:
+        if "=" not in p:
+            raise SystemExit(f"{p!r}: use KEY=VALUE")
+    base = base_overrides(args.preset) + args.set
+    for name, pairs in variants:  # a wrong key fails here, before any worker starts
+        try:
+            load_config(None, base + pairs)
+        except ConfigError as e:
+            raise SystemExit(f"train_step: variant {name!r}: {e}") from None
+    common = dict(seq_lens=seq_lens, warmup=args.warmup, steps=args.steps, steps_check=args.steps_check,
+                  fla_set=args.fla_set)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=version("triton"), fla=version("fla-core"),
+                git_commit=git_commit(), command=shlex.join([sys.executable, *sys.argv]),
+                warmup=args.warmup, steps=args.steps)
+    results = Results(args.out, meta)
+    env: dict = {}
+    print(f"train_step: seq lens {seq_lens}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}, "
+          f"commit {meta['git_commit'][:12]}", file=sys.stderr, flush=True)
+    try:
+        if args.only in (None, "longtrain"):
+            for name, pairs in variants:
+                job = dict(common, impl="longtrain", variant=name, overrides=base + pairs)
+                run_impl(f"longtrain[{name}]", job, args, results, env)
+        if args.only in (None, "fla"):
+            job = dict(common, impl="fla", variant="", overrides=base, steps_check=0)
+            run_impl(FLA_LABEL, job, args, results, env)
+    except KeyboardInterrupt:
+        print("train_step: interrupted; the table has the rows finished so far", file=sys.stderr)
+
+    print(f"\n{env.get('device', '?')}, batch 1, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}, "
+          f"{meta['date']}, commit {meta['git_commit'][:12]}; {args.warmup} warm-up + {args.steps} timed steps, "
+          f"median; MFU on {fmt((env.get('peak_flops') or math.nan) / 1e12, 0)} TFLOP/s\n")
+    print(render(results.rows))
+    for r in results.rows:
+        if r.get("fla_warmup_s") is not None:
+            print(f"\n{FLA_LABEL}: one warm-up step (Triton autotuning) at T={r['fla_warmup_seq_len']} took "
+                  f"{r['fla_warmup_s']:.1f} s before anything was timed")
+            break
+    for r in results.rows:
+        if r.get("losses"):
+            first, last = r["losses"][0], r["losses"][-1]
+            verdict = "decreasing" if first is not None and last is not None and last < first else "NOT decreasing"
+            print(f"steps-check {r['impl']} T={r['seq_len']}: {len(r['losses'])} steps, loss {fmt(first, 4)} → "
+                  f"{fmt(last, 4)} ({verdict})")
+    print(f"\nrows appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
