@@ -25,13 +25,13 @@ from kernels import linear_attention
 from kernels.api import resolve_backend
 from kernels.reference import log_decay_per_token, state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
-from parallel.layout import num_shards, shard_ids, stack_local_shards, unstack_local_shards
+from parallel.layout import num_shards, shard_ids, shard_owners, stack_local_shards, unstack_local_shards
 
 
 def _prefix_states(gathered: torch.Tensor, world: int, layout: str, wanted: list[int],
                    k_dim: int, v_dim: int) -> torch.Tensor:
     """States entering the shards `wanted`, from gathered [P, n_local, B, H, K·V + 1]."""
-    owner = {c: (r, j) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout))}
+    owner = shard_owners(world, layout)
     B, H = gathered.shape[2:4]
     S = gathered.new_zeros(B, H, k_dim, v_dim)
     entering: dict[int, torch.Tensor] = {}
