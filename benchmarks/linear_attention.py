@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.reference import linear_attention_chunked  # noqa: E402
-from kernels.triton_chunk import DEFAULT_CONFIG, TritonConfig, linear_attention_triton, with_config  # noqa: E402
+from kernels.triton import DEFAULT_CONFIG, TritonConfig, linear_attention_triton, with_config  # noqa: E402
 
 H, D = 16, 128
 PEAK_FLOPS, PEAK_BW = 731e12, 3.0e12  # H100 ceilings measured here (DESIGN §8)
@@ -47,7 +47,7 @@ def parse_shapes(spec: str) -> list[tuple[int, int]]:
 
 
 def parse_configs(spec: str | None) -> dict[str, TritonConfig]:
-    """'name:key=val,key=val;name2:...' → named TritonConfigs (fields of kernels.triton_chunk.TritonConfig)."""
+    """'name:key=val,key=val;name2:...' → named TritonConfigs (fields of kernels.triton.TritonConfig)."""
     if not spec:
         return {"default": DEFAULT_CONFIG}
     out = {}

@@ -25,9 +25,10 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.triton_chunk as tc  # noqa: E402
+import kernels.triton.backward as triton_bwd  # noqa: E402  (its DG_MODE switch)
 from benchmarks.linear_attention import bench_ms, floor_ms, parse_configs, parse_shapes  # noqa: E402
 from kernels.reference import linear_attention_chunked  # noqa: E402
+from kernels.triton import DEFAULT_CONFIG, linear_attention_triton  # noqa: E402
 
 H, D = 16, 128
 DEFAULT_FWD = ("default:;bv128:fwd_bv=128;bv128w8:fwd_bv=128,fwd_warps=8;bv32:fwd_bv=32;"
@@ -60,7 +61,7 @@ def sweep_forward(shapes: list[tuple[int, int]], configs: dict) -> None:
             try:
                 with torch.no_grad():
                     def run(c=cfg, x=x):
-                        return tc.linear_attention_triton(x["q"], x["k"], x["v"], log_decay=x["lam"], config=c)
+                        return linear_attention_triton(x["q"], x["k"], x["v"], log_decay=x["lam"], config=c)
                     o = run()[0]
                     if ref is None:
                         ref = o.float()
@@ -87,7 +88,7 @@ def fwd_bwd(x: dict, cfg, gate: str):
             leaves.append(g)
 
     def run():
-        o = tc.linear_attention_triton(q, k, v, log_decay=x["lam"], gate=g, config=cfg)[0]
+        o = linear_attention_triton(q, k, v, log_decay=x["lam"], gate=g, config=cfg)[0]
         return torch.autograd.grad(o, leaves, x["do"])
     return run
 
@@ -103,7 +104,7 @@ def sweep_gate(B: int, T: int, configs: dict, prefix: int) -> None:
     (dg_ref,) = torch.autograd.grad(o_ref, gq, xp["do"].double())
     base = None
     for mode_name, mode in (("auto", None), ("plain", (False, False)), ("hilo", (True, False))):
-        tc.DG_MODE = mode
+        triton_bwd.DG_MODE = mode
         for name, cfg in configs.items():
             if mode_name != "auto" and name != "default":
                 continue
@@ -124,7 +125,7 @@ def sweep_gate(B: int, T: int, configs: dict, prefix: int) -> None:
                 except Exception as exc:
                     print(f"{name} {mode_name} {gate}: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}",
                           flush=True)
-    tc.DG_MODE = None
+    triton_bwd.DG_MODE = None
 
 
 def gate_accuracy(lengths: list[int], configs: dict) -> None:
@@ -140,7 +141,7 @@ def gate_accuracy(lengths: list[int], configs: dict) -> None:
             lam = torch.log1p(-torch.exp2(-2.0 - torch.arange(2, dtype=torch.float32))).cuda()
             do = rnd(1, T, 2, D).bfloat16()
             gl = gate.detach().requires_grad_()
-            o = tc.linear_attention_triton(q, k, v, log_decay=lam, gate=gl, config=cfg)[0]
+            o = linear_attention_triton(q, k, v, log_decay=lam, gate=gl, config=cfg)[0]
             (dg,) = torch.autograd.grad(o, gl, do)
             g64 = gate.double().requires_grad_()
             o_r = linear_attention_chunked(q.double(), k.double(), v.double(), log_decay=lam.double(), gate=g64)[0]
@@ -152,7 +153,7 @@ def gate_accuracy(lengths: list[int], configs: dict) -> None:
 def profile(B: int, T: int) -> None:
     x = inputs(B, T)
     for gate in ("none", "nograd", "grad"):
-        run = fwd_bwd(x, tc.DEFAULT_CONFIG, gate)
+        run = fwd_bwd(x, DEFAULT_CONFIG, gate)
         run()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

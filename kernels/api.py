@@ -46,7 +46,7 @@ def linear_attention(
     """
     _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
     if resolve_backend(q, backend) == "triton":
-        from kernels.triton_chunk import linear_attention_triton
+        from kernels.triton import linear_attention_triton
 
         return linear_attention_triton(
             q, k, v, log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
@@ -67,7 +67,7 @@ def resolve_backend(q: torch.Tensor, backend: str) -> str:
 
 def _triton_available() -> bool:
     try:
-        import kernels.triton_chunk  # noqa: F401
+        import kernels.triton  # noqa: F401
     except ImportError:
         return False
     return True

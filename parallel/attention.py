@@ -38,9 +38,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.comm import group_rank_world
+from kernels.reference import state_dtype
+from parallel.comm import all_gather_async, group_rank_world, reduce_scatter_async
 from parallel.context import SOFTMAX_METHODS
-from parallel.layout import num_shards, shard_ids, shard_positions
+from parallel.layout import num_shards, shard_ids, shard_owners, shard_positions
 
 Job = tuple[slice, slice, bool]  # (query range, key range, causal) in local / key-buffer coordinates
 
@@ -48,10 +49,6 @@ Job = tuple[slice, slice, bool]  # (query range, key range, causal) in local / k
 # ---------------------------------------------------------------------------------------------
 # block attention with log-sum-exp
 # ---------------------------------------------------------------------------------------------
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _use_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
@@ -104,7 +101,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> tor
     """scale · q kᵀ per kv head and group, [B, Hkv, G, Tq, Tk] in the accumulation dtype; −inf above the diagonal."""
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
-    acc = _acc_dtype(q)
+    acc = state_dtype(q)
     s = torch.einsum("bqhgd,bkhd->bhgqk", q.to(acc).view(B, Tq, Hkv, Hq // Hkv, D), k.to(acc)) * scale
     if causal:
         if Tq != k.shape[1]:
@@ -151,7 +148,7 @@ class _Accumulator:
 
     def __init__(self, q: torch.Tensor):
         B, T, Hq, D = q.shape
-        acc = _acc_dtype(q)
+        acc = state_dtype(q)
         self.out = torch.zeros(B, T, Hq, D, dtype=acc, device=q.device)
         self.lse = torch.full((B, Hq, T), float("-inf"), dtype=acc, device=q.device)
         self.empty = torch.ones(T, dtype=torch.bool)  # rows with no block yet (host-side bookkeeping)
@@ -232,28 +229,8 @@ def _run_jobs_backward(jobs: list[Job], dout, q, k, v, out, lse, scale: float, a
 
 
 # ---------------------------------------------------------------------------------------------
-# collectives (gloo and nccl)
+# ring P2P (all-gather / reduce-scatter: parallel.comm)
 # ---------------------------------------------------------------------------------------------
-
-def _all_gather_async(x: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
-    out = torch.empty((dist.get_world_size(group), *x.shape), dtype=x.dtype, device=x.device)
-    if dist.get_backend(group) == "gloo":
-        work = dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group, async_op=True)
-    else:
-        work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=True)
-    return out, work
-
-
-def _reduce_scatter_async(x: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
-    """Sum over ranks of x [P, ...]; the returned tensor holds this rank's row once the work is waited on."""
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce and keep our row
-        x = x.contiguous().clone()
-        work = dist.all_reduce(x, group=group, async_op=True)
-        return x[dist.get_rank(group)], work
-    out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-    work = dist.reduce_scatter_tensor(out, x.contiguous(), group=group, async_op=True)
-    return out, work
-
 
 def _ring_exchange(sends: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[dist.Work]]:
     """Start sending each tensor to the next rank of the ring and receiving its like from the previous one."""
@@ -285,14 +262,13 @@ class _AllGatherAttention(torch.autograd.Function):
         n_local = len(ids)
         B, T_local, Hkv, D = k.shape
         size = T_local // n_local
-        gathered, work = _all_gather_async(torch.stack([k, v]), group)  # [P, 2, B, T_local, Hkv, D]
+        gathered, work = all_gather_async(torch.stack([k, v]), group)  # [P, 2, B, T_local, Hkv, D]
         acc = _Accumulator(q)
         local = [_local_job(n_local, size, causal)]
         _run_jobs(acc, local, q, k, v, scale)  # overlaps the all-gather
         work.wait()
         # remote shards in global order, as one key buffer [2, B, n_remote·size, Hkv, D]
-        owner = [(r, j, c) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout)) if r != rank]
-        owner.sort(key=lambda t: t[2])
+        owner = [(r, j, c) for c, (r, j) in sorted(shard_owners(world, layout).items()) if r != rank]
         g = gathered.view(world, 2, B, n_local, size, Hkv, D)
         remote_kv = torch.stack([g[r, :, :, j] for r, j, _ in owner], dim=2).flatten(2, 3)
         del gathered, g
@@ -320,7 +296,7 @@ class _AllGatherAttention(torch.autograd.Function):
         d_remote = d_remote.unflatten(2, (len(owner), size))
         for i, (r, j, _) in enumerate(owner):
             send[r, :, :, j] = d_remote[:, :, i]
-        mine, work = _reduce_scatter_async(send.flatten(3, 4), group)  # every rank enters this collective
+        mine, work = reduce_scatter_async(send.flatten(3, 4), group)  # every rank enters this collective
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         _run_jobs_backward(local, dout, q, k, v, out, lse, scale, aux, dq, dk, dv)  # overlaps it

@@ -1,4 +1,10 @@
-"""Collective helpers that work on both gloo (CPU tests) and nccl."""
+"""Collective helpers that work on both gloo (CPU tests) and nccl: the one home of the gloo fallbacks.
+
+all-gather: x_r on every rank r → [x_0, …, x_{P−1}] stacked on a new leading dim; reduce-scatter, its adjoint:
+x_r [P, ...] on every rank r → Σ_r x_r[rank] on each rank. gloo has neither `all_gather_into_tensor` nor
+`reduce_scatter_tensor`: a list all-gather and an all-reduce (each rank keeping its row) stand in. The `_async`
+forms return (output, work); the output is valid once the work is waited on.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,45 @@ import torch
 import torch.distributed as dist
 
 
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup | None,
+                async_op: bool) -> tuple[torch.Tensor, dist.Work | None]:
+    out = torch.empty((dist.get_world_size(group), *x.shape), dtype=x.dtype, device=x.device)
+    if dist.get_backend(group) == "gloo":
+        work = dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group, async_op=async_op)
+    else:
+        work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    return out, work
+
+
+def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup | None,
+                    async_op: bool) -> tuple[torch.Tensor, dist.Work | None]:
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce and keep our row
+        x = x.contiguous().clone()
+        work = dist.all_reduce(x, group=group, async_op=async_op)
+        return x[dist.get_rank(group)], work
+    out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+    work = dist.reduce_scatter_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    return out, work
+
+
 def all_gather_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Stack of every rank's `x` along a new leading dim: [P, *x.shape]."""
-    world = dist.get_world_size(group)
-    out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
-    if dist.get_backend(group) == "gloo":
-        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
-    else:
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
+    return _all_gather(x, group, async_op=False)[0]
+
+
+def all_gather_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, dist.Work]:
+    """`all_gather_tensor` started asynchronously: (the output, filled once the work is waited on; the work)."""
+    return _all_gather(x, group, async_op=True)
 
 
 def reduce_scatter_tensor(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum over ranks of x [P, ...], this rank keeping its row: the adjoint of `all_gather_tensor`."""
-    rank = dist.get_rank(group)
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce and keep our row
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x[rank]
-    out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
+    return _reduce_scatter(x, group, async_op=False)[0]
+
+
+def reduce_scatter_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, dist.Work]:
+    """`reduce_scatter_tensor` started asynchronously: (this rank's row once the work is waited on, the work)."""
+    return _reduce_scatter(x, group, async_op=True)
 
 
 def group_rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:

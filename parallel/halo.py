@@ -13,11 +13,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
-from parallel.layout import shard_ids
-
-
-def _owners(world: int, layout: str) -> dict[int, tuple[int, int]]:
-    return {c: (r, j) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout))}
+from parallel.layout import shard_ids, shard_owners
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -25,7 +21,7 @@ class _HaloExchange(torch.autograd.Function):
     def forward(ctx, tails: torch.Tensor, group, layout: str) -> torch.Tensor:
         rank, world = group_rank_world(group)
         gathered = all_gather_tensor(tails, group)  # [P, n_local, B, w, D]
-        owner = _owners(world, layout)
+        owner = shard_owners(world, layout)
         halos = torch.zeros_like(tails)
         for j, c in enumerate(shard_ids(rank, world, layout)):
             if c > 0:
@@ -36,7 +32,7 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_halos: torch.Tensor):
         group, layout, rank, world, shape = ctx.meta
-        owner = _owners(world, layout)
+        owner = shard_owners(world, layout)
         d_gathered = d_halos.new_zeros(shape)
         for j, c in enumerate(shard_ids(rank, world, layout)):
             if c > 0:

@@ -10,7 +10,7 @@ gives every rank all shard states, from which it forms, in fp32 and in global sh
 and corrects its outputs: o_i = o^loc_i + scale · exp(G_i) q_i S_in(c), G_i the inclusive
 cumulative log decay from the shard's start. On the Triton backend the correction is not a separate
 GEMM: the kernels' own segment-state pass yields M_c, and the outputs are computed once, starting
-from S_in(c) (`kernels.triton_chunk.linear_attention_triton_sharded`; a rank's shards are rows of a
+from S_in(c) (`parallel.lasp2_triton.linear_attention_triton_sharded`; a rank's shards are rows of a
 view, no copies). The exchange is one autograd Function whose
 backward (a reduce-scatter of the gradients of the gathered tensor) runs on every rank, so
 no rank can skip the collective; any shard→rank assignment (contiguous, zigzag) works.
@@ -25,13 +25,13 @@ from kernels import linear_attention
 from kernels.api import resolve_backend
 from kernels.reference import log_decay_per_token, state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
-from parallel.layout import num_shards, shard_ids, stack_local_shards, unstack_local_shards
+from parallel.layout import num_shards, shard_ids, shard_owners, stack_local_shards, unstack_local_shards
 
 
 def _prefix_states(gathered: torch.Tensor, world: int, layout: str, wanted: list[int],
                    k_dim: int, v_dim: int) -> torch.Tensor:
     """States entering the shards `wanted`, from gathered [P, n_local, B, H, K·V + 1]."""
-    owner = {c: (r, j) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout))}
+    owner = shard_owners(world, layout)
     B, H = gathered.shape[2:4]
     S = gathered.new_zeros(B, H, k_dim, v_dim)
     entering: dict[int, torch.Tensor] = {}
@@ -87,7 +87,9 @@ class _ShardStateExchange(torch.autograd.Function):
 
 
 class _KernelExchange:
-    """LASP-2 exchange for the Triton kernels, whose batch rows are (b, local shard j) in b-major order."""
+    """LASP-2 exchange for the Triton kernels, whose batch rows are (b, local shard j) in b-major order.
+
+    Implements `parallel.lasp2_triton.ShardExchange` by duck typing, so that this module imports without Triton."""
 
     def __init__(self, group, layout: str, n_local: int):
         self.group, self.layout, self.n = group, layout, n_local
@@ -139,7 +141,7 @@ def lasp2_linear_attention(
     if resolve_backend(q, backend) == "triton":
         # rows (b, j) in b-major order are views of the local tensors: no copies; the kernels compute the
         # shard states in their own segment pass and start each row from its entering state
-        from kernels.triton_chunk import linear_attention_triton_sharded
+        from parallel.lasp2_triton import linear_attention_triton_sharded
 
         Ts = T_local // n_local
         rows = lambda x: x.reshape(B * n_local, Ts, *x.shape[2:])  # noqa: E731

@@ -32,6 +32,11 @@ def shard_ids(rank: int, world: int, layout: str) -> list[int]:
     return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
 
 
+def shard_owners(world: int, layout: str) -> dict[int, tuple[int, int]]:
+    """Global shard c → (owning rank r, its local index j): the inverse of `shard_ids`."""
+    return {c: (r, j) for r in range(world) for j, c in enumerate(shard_ids(r, world, layout))}
+
+
 def check_divisible(seq_len: int, world: int, layout: str) -> None:
     n = num_shards(world, layout)
     if seq_len % n:

@@ -1,4 +1,4 @@
-"""Triton chunked linear attention (kernels/triton_chunk.py) against the float64 references.
+"""Triton chunked linear attention (kernels/triton/) against the float64 references.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton
 is imported) at small sizes against the step-by-step recurrence; tests marked ``gpu`` compare
@@ -18,9 +18,11 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-import kernels.triton_chunk as tc  # noqa: E402
+import kernels.triton.common as triton_common  # noqa: E402  (module switches DEFAULT_CONFIG, POISON_OUTPUTS)
 from kernels import linear_attention  # noqa: E402
 from kernels.reference import linear_attention_chunked, linear_attention_recurrent  # noqa: E402
+from kernels.triton import linear_attention_triton, with_config  # noqa: E402
+from parallel.lasp2_triton import ShardExchange, linear_attention_triton_sharded  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -28,17 +30,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # Small tiles and 2-chunk segments exercise the segment scans, with a d log a tail after every chunk; the
 # second keeps one segment and the fused dk/dv kernel, with tails every 2 chunks.
-SEGMENTED = tc.with_config(seg_chunks=2, fwd_bv=16, dq_bk=16, dkdv_split=True, dkdv_bk=16, dkdv_bv=16,
-                           state_bk=16, state_bv=16, tail_chunks=1)
-FUSED = tc.with_config(seg_chunks=16, dkdv_split=False, tail_chunks=2)
+SEGMENTED = with_config(seg_chunks=2, fwd_bv=16, dq_bk=16, dkdv_split=True, dkdv_bk=16, dkdv_bv=16,
+                        state_bk=16, state_bv=16, tail_chunks=1)
+FUSED = with_config(seg_chunks=16, dkdv_split=False, tail_chunks=2)
 # forward chunks of 32, backward chunks of 16 (the backward re-chunks the gate cumsum); tails span segments
-RECHUNKED = tc.with_config(seg_chunks=2, bwd_chunk=16, tail_chunks=8)
+RECHUNKED = with_config(seg_chunks=2, bwd_chunk=16, tail_chunks=8)
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Allocate every kernel output as NaN so unwritten elements fail the comparisons."""
-    monkeypatch.setattr(tc, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
 
 
 def _err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -86,7 +88,7 @@ def _compare_to_recurrence(B, T, H, K, V, C, cfg, decay, gate, init, final, tol=
     x = _inputs(B, T, H, K, V, decay=decay, gate=gate, init=init, seed=seed)
     do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
     df = torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE) if final else None
-    o, fs, grads = _run(tc.linear_attention_triton, x, do, df, chunk_size=C, config=cfg)
+    o, fs, grads = _run(linear_attention_triton, x, do, df, chunk_size=C, config=cfg)
     x64 = {n: t.double() for n, t in x.items()}
     o_r, fs_r, grads_r = _run(linear_attention_recurrent, x64, do.double(),
                               df.double() if df is not None else None)
@@ -133,7 +135,7 @@ def test_half_precision_decay_gradients():
     x = _inputs(B, T, H, K, V, decay=True, gate=True, init=True, dtype=torch.float16, seed=11)
     do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(12)).to(DEVICE, torch.float16)
     df = torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(13)).to(DEVICE)
-    o, fs, grads = _run(tc.linear_attention_triton, x, do, df, chunk_size=16, config=SEGMENTED)
+    o, fs, grads = _run(linear_attention_triton, x, do, df, chunk_size=16, config=SEGMENTED)
     x64 = {n: t.double() for n, t in x.items()}
     o_r, fs_r, grads_r = _run(linear_attention_chunked, x64, do.double(), df.double(), chunk_size=16)
     errs = {"o": _err(o, o_r), "final": _err(fs, fs_r)} | {f"d{n}": _err(grads[n], grads_r[n]) for n in grads}
@@ -144,7 +146,7 @@ def test_final_state_gradient_only():
     """A loss on the final state alone (no gradient arrives on o)."""
     x = _inputs(1, 40, 2, 16, 16, decay=True, gate=True, init=True)
     df = torch.randn(1, 2, 16, 16, device=DEVICE)
-    _, fs, grads = _run(tc.linear_attention_triton, x, None, df, chunk_size=16, config=SEGMENTED)
+    _, fs, grads = _run(linear_attention_triton, x, None, df, chunk_size=16, config=SEGMENTED)
     _, fs_r, grads_r = _run(linear_attention_recurrent, {n: t.double() for n, t in x.items()}, None, df.double())
     assert _err(fs, fs_r) < 1e-5
     for n in grads:
@@ -169,7 +171,7 @@ def test_public_dispatch_and_no_grad_inputs():
 def test_saved_memory_is_boundary_states_only():
     """Forward keeps inputs, the gate cumsum and one fp32 state per segment — no per-chunk states."""
     B, T, H, K, V, C = 1, 200, 2, 16, 16, 16
-    cfg = tc.with_config(seg_chunks=4)
+    cfg = with_config(seg_chunks=4)
     x = _inputs(B, T, H, K, V, decay=True, gate=True, init=True)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
     saved: list[int] = []
@@ -179,9 +181,9 @@ def test_saved_memory_is_boundary_states_only():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tc.linear_attention_triton(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
-                                   gate=leaves["gate"], initial_state=leaves["initial_state"],
-                                   output_final_state=True, chunk_size=C, config=cfg)
+        linear_attention_triton(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
+                                gate=leaves["gate"], initial_state=leaves["initial_state"],
+                                output_final_state=True, chunk_size=C, config=cfg)
     n_seg = -(-T // (C * 4))
     budget = 2 * B * T * H * K + B * T * H * V + B * H * T + B * H * (n_seg + 1) * K * V + 2 * B * H * n_seg + H
     assert sum(saved) <= budget, (sum(saved), budget)
@@ -198,7 +200,7 @@ def _compare_to_chunked(B, T, H, K, V, dtype, tol, seed=0, lam_grad=True):
     lam = x.pop("log_decay")
     if lam_grad:
         x["log_decay"] = lam
-    o, fs, grads = _run(tc.linear_attention_triton, x, do, df, fixed_log_decay=None if lam_grad else lam)
+    o, fs, grads = _run(linear_attention_triton, x, do, df, fixed_log_decay=None if lam_grad else lam)
     x64 = {n: t.double() for n, t in x.items()}
     o_r, fs_r, grads_r = _run(linear_attention_chunked, x64, do.double(), df.double(),
                               fixed_log_decay=None if lam_grad else lam.double(), chunk_size=64)
@@ -235,10 +237,10 @@ def test_gpu_gate_gradient_fixed_decay(T, seed):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", [tc.with_config(bwd_chunk=32, seg_chunks=8), tc.with_config(dkdv_split=False)],
+@pytest.mark.parametrize("cfg", [with_config(bwd_chunk=32, seg_chunks=8), with_config(dkdv_split=False)],
                          ids=["bwd32", "fused"])
 def test_gpu_configs(cfg, monkeypatch):
-    monkeypatch.setattr(tc, "DEFAULT_CONFIG", cfg)
+    monkeypatch.setattr(triton_common, "DEFAULT_CONFIG", cfg)
     _compare_to_chunked(1, 20000, 2, 128, 128, torch.bfloat16, 1e-2, seed=9)
 
 
@@ -258,8 +260,8 @@ def test_gpu_fp16():
 def _lasp2_triton(rank: int, world: int, T: int) -> None:
     from test_lasp2 import _check_lasp2
 
-    tc.DEFAULT_CONFIG = SEGMENTED  # 2-chunk segments: shards of 40 tokens hold two segments
-    tc.POISON_OUTPUTS = not torch.cuda.is_available()
+    triton_common.DEFAULT_CONFIG = SEGMENTED  # 2-chunk segments: shards of 40 tokens hold two segments
+    triton_common.POISON_OUTPUTS = not torch.cuda.is_available()
     _check_lasp2(rank, world, T, backend="triton", tol=1e-4)
 
 
@@ -272,7 +274,7 @@ def test_lasp2_fused_kernels(sp):
     run_distributed(_lasp2_triton, sp, 8 * sp * 10)
 
 
-class _ChainExchange(tc.ShardExchange):
+class _ChainExchange(ShardExchange):
     """Rows 0…n−1 of a batch of one are consecutive shards of one sequence (LASP-2 in one process)."""
 
     def forward(self, M, log_A):
@@ -298,8 +300,8 @@ def test_gpu_sharded_matches_whole_sequence():
     do = torch.randn(1, T, H, 128, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
     leaves = {name: t.detach().clone().requires_grad_() for name, t in x.items()}
     rows = lambda t: t.reshape(n, T // n, *t.shape[2:])  # noqa: E731
-    o = tc.linear_attention_triton_sharded(rows(leaves["q"]), rows(leaves["k"]), rows(leaves["v"]), _ChainExchange(),
-                                           log_decay=leaves["log_decay"], gate=rows(leaves["gate"]))
+    o = linear_attention_triton_sharded(rows(leaves["q"]), rows(leaves["k"]), rows(leaves["v"]), _ChainExchange(),
+                                        log_decay=leaves["log_decay"], gate=rows(leaves["gate"]))
     grads = torch.autograd.grad((o.float() * rows(do).float()).sum(), list(leaves.values()))
     x64 = {name: t.double() for name, t in x.items()}
     o_r, _, grads_r = _run(linear_attention_chunked, x64, do.double(), None, chunk_size=64)
