@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kernels.api import BACKENDS
+
 LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
 DECAYS = ("retnet", "none")
 
@@ -53,7 +55,7 @@ class ModelConfig:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
-        if self.backend not in ("auto", "triton", "torch"):
+        if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is unknown; use auto, triton or torch")
         if self.decay not in DECAYS:
             raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")

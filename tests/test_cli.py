@@ -41,7 +41,8 @@ def test_no_traceback_from_the_process(module: str) -> None:
     argv = ["train", "--set", "train.lr=-1"] if module == "launch.cli" else ["--set", "train.lr=-1"]
     proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "longtrain: error: train.lr=-1.0 must be positive and finite, e.g. train.lr=3e-4", proc.stderr
+    want = "longtrain: error: train.lr=-1.0 must be positive and finite, e.g. train.lr=3e-4"
+    assert proc.stderr.strip() == want, proc.stderr
 
 
 def test_presets_command(capsys) -> None:
