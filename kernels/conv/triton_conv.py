@@ -40,34 +40,38 @@ class ConvConfig:
     bwd_block_t: int = 32
     block_d: int = 128
     bwd_programs: int = 4096
+    fwd_warps: int = 4
+    bwd_warps: int = 4
 
 
 CONFIG = ConvConfig()
 
 
 @triton.jit
-def _tap(x, h, src, offs_d, mask_d, T, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
-    """fp32 [len(src), BD] tile of the input at sequence positions src; the halo at −(W−1) ≤ src < 0, else 0."""
-    in_x = (src >= 0) & (src < T)
-    rows = src.to(tl.int64)
-    v = tl.load(x + rows[:, None] * sx_t + offs_d[None, :], mask=in_x[:, None] & mask_d[None, :], other=0.0)
+def _rows(x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
+    """fp32 tile of the input rows t = t0 + r (t0 a scalar, r = 0 … n−1): x_t for 0 ≤ t < T, the halo row
+    t + W − 1 for 1 − W ≤ t < 0 (read only by a block that starts before 0), else 0. The int64 part of the address
+    is the scalar; the tile offsets are int32 and the same for every tap."""
+    t = t0 + r
+    mask = ((t >= 0) & (t < T))[:, None] & mask_d[None, :]
+    v = tl.load(x + t0.to(tl.int64) * sx_t + (r[:, None] * sx_t + offs_d[None, :]), mask=mask, other=0.0)
     v = v.to(tl.float32)
     if HAS_HALO:
-        in_h = (src < 0) & (src >= 1 - W)
-        hv = tl.load(h + (rows + W - 1)[:, None] * sh_t + offs_d[None, :], mask=in_h[:, None] & mask_d[None, :],
-                     other=0.0)
-        v += hv.to(tl.float32)
+        if t0 < 0:
+            mask = ((t < 0) & (t >= 1 - W))[:, None] & mask_d[None, :]
+            hv = tl.load(h + (t0 + W - 1) * sh_t + (r[:, None] * sh_t + offs_d[None, :]), mask=mask, other=0.0)
+            v += hv.to(tl.float32)
     return v
 
 
 @triton.jit
-def _preact(x, h, w, t, offs_d, mask_d, T, sx_t, sh_t,
+def _preact(x, h, w, t0, r, offs_d, mask_d, T, sx_t, sh_t,
             BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_HALO: tl.constexpr):
-    """z_t = Σ_i W_i x_{t−(W−1)+i} as fp32 [BT, BD] for the positions t [BT]."""
+    """z_t = Σ_i W_i x_{t−(W−1)+i} as fp32 [BT, BD] for the rows t = t0 + r."""
     z = tl.zeros([BT, BD], dtype=tl.float32)
     for i in tl.static_range(W):
         wi = tl.load(w + offs_d * W + i, mask=mask_d, other=0.0).to(tl.float32)
-        z += wi[None, :] * _tap(x, h, t - (W - 1) + i, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
+        z += wi[None, :] * _rows(x, h, t0 - (W - 1) + i, r, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
     return z
 
 
@@ -75,30 +79,30 @@ def _preact(x, h, w, t, offs_d, mask_d, T, sx_t, sh_t,
 def _fwd_kernel(x, h, w, y, T, D, sx_b, sx_t, sh_b, sh_t, sy_b, sy_t,
                 W: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    t = i_t * BT + tl.arange(0, BT)
+    t0, r = i_t * BT, tl.arange(0, BT)
     offs_d = i_d * BD + tl.arange(0, BD)
     mask_d = offs_d < D
-    z = _preact(x + i_b * sx_b, h + i_b * sh_b, w, t, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
+    z = _preact(x + i_b * sx_b, h + i_b * sh_b, w, t0, r, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
     if SILU:
         z = z * tl.sigmoid(z)
-    ptrs = y + i_b * sy_b + t.to(tl.int64)[:, None] * sy_t + offs_d[None, :]
-    tl.store(ptrs, z.to(y.dtype.element_ty), mask=(t < T)[:, None] & mask_d[None, :])
+    ptrs = y + i_b * sy_b + t0.to(tl.int64) * sy_t + (r[:, None] * sy_t + offs_d[None, :])
+    tl.store(ptrs, z.to(y.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _dx_rows(x, h, w, dy, s, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
+def _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
              BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_HALO: tl.constexpr,
              SILU: tl.constexpr, ACC_DW: tl.constexpr):
-    """dx_s = Σ_k W_{W−1−k} dz_{s+k} as fp32 [BT, BD] for the positions s [BT] (negative: halo rows); with
-    ACC_DW, adds Σ_{t∈s} dz_t x_{t−(W−1)+i} to row i of dw_acc [WP, BD]."""
+    """dx_s = Σ_k W_{W−1−k} dz_{s+k} as fp32 [BT, BD] for the rows s = t0 + r (negative: halo rows); with
+    ACC_DW, adds Σ_s dz_s x_{s−(W−1)+i} to row i of dw_acc [WP, BD]."""
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
-        t = s + k
-        in_t = (t >= 0) & (t < T)
-        dz = tl.load(dy + t.to(tl.int64)[:, None] * sdy_t + offs_d[None, :], mask=in_t[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
+        t = t0 + k + r
+        mask = ((t >= 0) & (t < T))[:, None] & mask_d[None, :]
+        dz = tl.load(dy + (t0 + k).to(tl.int64) * sdy_t + (r[:, None] * sdy_t + offs_d[None, :]), mask=mask, other=0.0)
+        dz = dz.to(tl.float32)
         if SILU:
-            z = _preact(x, h, w, t, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
+            z = _preact(x, h, w, t0 + k, r, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
             sig = tl.sigmoid(z)
             dz = dz * sig * (1.0 + z * (1.0 - sig))
         wk = tl.load(w + offs_d * W + (W - 1 - k), mask=mask_d, other=0.0).to(tl.float32)
@@ -107,7 +111,7 @@ def _dx_rows(x, h, w, dy, s, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
             if k == 0:
                 taps = tl.arange(0, WP)
                 for i in tl.static_range(W):
-                    xi = _tap(x, h, t - (W - 1) + i, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
+                    xi = _rows(x, h, t0 - (W - 1) + i, r, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
                     dw_acc += tl.where(taps[:, None] == i, tl.sum(dz * xi, axis=0)[None, :], 0.0)
     return dx, dw_acc
 
@@ -125,20 +129,21 @@ def _bwd_kernel(x, h, w, dy, dx, dh, dw_part, T, D, n_blocks, chunk_blocks,
     dy += i_b * sdy_b
     dx += i_b * sdx_b
     dw_acc = tl.zeros([WP, BD], dtype=tl.float32)
+    r = tl.arange(0, BT)
     first = i_c * chunk_blocks
     for j in range(first, tl.minimum(first + chunk_blocks, n_blocks)):
-        s = j * BT + tl.arange(0, BT)
-        dxs, dw_acc = _dx_rows(x, h, w, dy, s, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
+        t0 = j * BT
+        dxs, dw_acc = _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
                                BT, BD, W, WP, HAS_HALO, SILU, True)
-        ptrs = dx + s.to(tl.int64)[:, None] * sdx_t + offs_d[None, :]
-        tl.store(ptrs, dxs.to(dx.dtype.element_ty), mask=(s < T)[:, None] & mask_d[None, :])
+        ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
+        tl.store(ptrs, dxs.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
     if HAS_HALO:
         if i_c == 0:
-            s = tl.arange(0, HP) - (W - 1)
-            dhs, dw_acc = _dx_rows(x, h, w, dy, s, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
-                                   HP, BD, W, WP, HAS_HALO, SILU, False)
-            ptrs = dh + i_b * sdh_b + (s + W - 1).to(tl.int64)[:, None] * sdh_t + offs_d[None, :]
-            tl.store(ptrs, dhs.to(dh.dtype.element_ty), mask=(s < 0)[:, None] & mask_d[None, :])
+            rh = tl.arange(0, HP)
+            dhs, dw_acc = _dx_rows(x, h, w, dy, tl.full([], 1 - W, tl.int32), rh, offs_d, mask_d, T, sx_t, sh_t,
+                                   sdy_t, dw_acc, HP, BD, W, WP, HAS_HALO, SILU, False)
+            ptrs = dh + i_b * sdh_b + rh[:, None] * sdh_t + offs_d[None, :]
+            tl.store(ptrs, dhs.to(dh.dtype.element_ty), mask=(rh < W - 1)[:, None] & mask_d[None, :])
     taps = tl.arange(0, WP)
     ptrs = dw_part + ((i_b * tl.num_programs(0) + i_c) * W + taps)[:, None] * D + offs_d[None, :]
     tl.store(ptrs, dw_acc, mask=(taps < W)[:, None] & mask_d[None, :])
@@ -167,7 +172,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | N
     BT, BD = cfg.fwd_block_t, _block_d(D, cfg)
     grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
     _fwd_kernel[grid](x, h, weight, y, T, D, x.stride(0), x.stride(1), sh_b, sh_t, y.stride(0), y.stride(1),
-                      W=W, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD)
+                      W=W, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD, num_warps=cfg.fwd_warps)
     return y
 
 
@@ -192,7 +197,7 @@ def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo
         x, h, weight, dy, dx, dh_arg, dw_part, T, D, n_blocks, chunk_blocks,
         x.stride(0), x.stride(1), sh_b, sh_t, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), sdh_b, sdh_t,
         W=W, WP=triton.next_power_of_2(W), HP=triton.next_power_of_2(max(W - 1, 1)), HAS_HALO=has_halo, SILU=silu,
-        BT=BT, BD=BD,
+        BT=BT, BD=BD, num_warps=cfg.bwd_warps,
     )
     dw = dw_part.sum(0).t().to(weight.dtype)
     if halo is not None and not has_halo:  # w = 1: the halo is empty
