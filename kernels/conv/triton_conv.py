@@ -1,0 +1,234 @@
+"""Triton causal short convolution with fused SiLU: forward and backward.
+
+Per channel d, with w taps, the halo x_{−(w−1)} … x_{−1} (zeros without one) and z the pre-activation:
+
+    z_t = Σ_{i<w} W_i x_{t−(w−1)+i},        y_t = silu(z_t) = z_t σ(z_t)   (or y_t = z_t)
+
+**Forward** (``_fwd_kernel``, grid T-blocks × D-blocks × B): each tap is one shifted [BT, BD] load, read
+from x, or from the halo for negative positions (no concatenated copy); fp32 sums, y in x's dtype.
+
+**Backward** (``_bwd_kernel``), with dz_t = dy_t σ(z_t)(1 + z_t(1 − σ(z_t))) and z recomputed from x:
+
+    dx_s    = Σ_{k<w} W_{w−1−k} dz_{s+k}                (s ≥ 0; the same sum at s < 0 is d halo)
+    dW_i    = Σ_{b,t} dz_t x_{t−(w−1)+i}
+
+Register tiles cannot be shifted, so dz_{s+k} is recomputed for each shift k from shifted loads of x
+(w² tap loads per tile, all but the first w served by L1: HBM traffic stays x, dy and dx once). Each
+program walks a chunk of consecutive T-blocks, so its dW partial sums ([w, BD] fp32 in registers) cover
+many tokens; the partials of all programs ([B·chunks, w, D] fp32, a few MiB) are summed afterwards. The
+program that owns a row's first chunk also computes the w−1 halo rows of dx: d halo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ConvConfig", "CONFIG", "short_conv_triton", "short_conv_fwd", "short_conv_bwd"]
+
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes: tokens per forward / backward block, channels per block, and the number of backward
+    programs aimed at (the backward's chunks of T-blocks are sized to reach it)."""
+
+    fwd_block_t: int = 64
+    bwd_block_t: int = 32
+    block_d: int = 128
+    bwd_programs: int = 4096
+    fwd_warps: int = 4
+    bwd_warps: int = 4
+
+
+CONFIG = ConvConfig()
+
+
+@triton.jit
+def _rows(x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
+    """fp32 tile of the input rows t = t0 + r (t0 a scalar, r = 0 … n−1): x_t for 0 ≤ t < T, the halo row
+    t + W − 1 for 1 − W ≤ t < 0 (read only by a block that starts before 0), else 0. The int64 part of the address
+    is the scalar; the tile offsets are int32 and the same for every tap."""
+    t = t0 + r
+    mask = ((t >= 0) & (t < T))[:, None] & mask_d[None, :]
+    v = tl.load(x + t0.to(tl.int64) * sx_t + (r[:, None] * sx_t + offs_d[None, :]), mask=mask, other=0.0)
+    v = v.to(tl.float32)
+    if HAS_HALO:
+        if t0 < 0:
+            mask = ((t < 0) & (t >= 1 - W))[:, None] & mask_d[None, :]
+            hv = tl.load(h + (t0 + W - 1) * sh_t + (r[:, None] * sh_t + offs_d[None, :]), mask=mask, other=0.0)
+            v += hv.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _preact(x, h, w, t0, r, offs_d, mask_d, T, sx_t, sh_t,
+            BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_HALO: tl.constexpr):
+    """z_t = Σ_i W_i x_{t−(W−1)+i} as fp32 [BT, BD] for the rows t = t0 + r."""
+    z = tl.zeros([BT, BD], dtype=tl.float32)
+    for i in tl.static_range(W):
+        wi = tl.load(w + offs_d * W + i, mask=mask_d, other=0.0).to(tl.float32)
+        z += wi[None, :] * _rows(x, h, t0 - (W - 1) + i, r, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
+    return z
+
+
+@triton.jit
+def _fwd_kernel(x, h, w, y, T, D, sx_b, sx_t, sh_b, sh_t, sy_b, sy_t,
+                W: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t0, r = i_t * BT, tl.arange(0, BT)
+    offs_d = i_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < D
+    z = _preact(x + i_b * sx_b, h + i_b * sh_b, w, t0, r, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
+    if SILU:
+        z = z * tl.sigmoid(z)
+    ptrs = y + i_b * sy_b + t0.to(tl.int64) * sy_t + (r[:, None] * sy_t + offs_d[None, :])
+    tl.store(ptrs, z.to(y.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
+             BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_HALO: tl.constexpr,
+             SILU: tl.constexpr, ACC_DW: tl.constexpr):
+    """dx_s = Σ_k W_{W−1−k} dz_{s+k} as fp32 [BT, BD] for the rows s = t0 + r (negative: halo rows); with
+    ACC_DW, adds Σ_s dz_s x_{s−(W−1)+i} to row i of dw_acc [WP, BD]."""
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        t = t0 + k + r
+        mask = ((t >= 0) & (t < T))[:, None] & mask_d[None, :]
+        dz = tl.load(dy + (t0 + k).to(tl.int64) * sdy_t + (r[:, None] * sdy_t + offs_d[None, :]), mask=mask, other=0.0)
+        dz = dz.to(tl.float32)
+        if SILU:
+            z = _preact(x, h, w, t0 + k, r, offs_d, mask_d, T, sx_t, sh_t, BT, BD, W, HAS_HALO)
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        wk = tl.load(w + offs_d * W + (W - 1 - k), mask=mask_d, other=0.0).to(tl.float32)
+        dx += wk[None, :] * dz
+        if ACC_DW:
+            if k == 0:
+                taps = tl.arange(0, WP)
+                for i in tl.static_range(W):
+                    xi = _rows(x, h, t0 - (W - 1) + i, r, offs_d, mask_d, T, sx_t, sh_t, W, HAS_HALO)
+                    dw_acc += tl.where(taps[:, None] == i, tl.sum(dz * xi, axis=0)[None, :], 0.0)
+    return dx, dw_acc
+
+
+@triton.jit
+def _bwd_kernel(x, h, w, dy, dx, dh, dw_part, T, D, n_blocks, chunk_blocks,
+                sx_b, sx_t, sh_b, sh_t, sdy_b, sdy_t, sdx_b, sdx_t, sdh_b, sdh_t,
+                W: tl.constexpr, WP: tl.constexpr, HP: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr):
+    i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = i_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < D
+    x += i_b * sx_b
+    h += i_b * sh_b
+    dy += i_b * sdy_b
+    dx += i_b * sdx_b
+    dw_acc = tl.zeros([WP, BD], dtype=tl.float32)
+    r = tl.arange(0, BT)
+    first = i_c * chunk_blocks
+    for j in range(first, tl.minimum(first + chunk_blocks, n_blocks)):
+        t0 = j * BT
+        dxs, dw_acc = _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, dw_acc,
+                               BT, BD, W, WP, HAS_HALO, SILU, True)
+        ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
+        tl.store(ptrs, dxs.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
+    if HAS_HALO:
+        if i_c == 0:
+            rh = tl.arange(0, HP)
+            dhs, dw_acc = _dx_rows(x, h, w, dy, tl.full([], 1 - W, tl.int32), rh, offs_d, mask_d, T, sx_t, sh_t,
+                                   sdy_t, dw_acc, HP, BD, W, WP, HAS_HALO, SILU, False)
+            ptrs = dh + i_b * sdh_b + rh[:, None] * sdh_t + offs_d[None, :]
+            tl.store(ptrs, dhs.to(dh.dtype.element_ty), mask=(rh < W - 1)[:, None] & mask_d[None, :])
+    taps = tl.arange(0, WP)
+    ptrs = dw_part + ((i_b * tl.num_programs(0) + i_c) * W + taps)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, dw_acc, mask=(taps < W)[:, None] & mask_d[None, :])
+
+
+def _block_d(D: int, cfg: ConvConfig) -> int:
+    return min(cfg.block_d, triton.next_power_of_2(D))
+
+
+def _halo_args(halo: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The halo pointer and its strides (x as a never-read stand-in without one)."""
+    if halo is None:
+        return x, 0, 0
+    return halo, halo.stride(0), halo.stride(1)
+
+
+def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, silu: bool,
+                   cfg: ConvConfig | None = None) -> torch.Tensor:
+    """y [B, T, D] in x's dtype. x: [B, T, D] (channels contiguous); weight: [D, w] contiguous; halo: [B, w−1, D]."""
+    cfg = cfg or CONFIG
+    B, T, D = x.shape
+    W = weight.shape[1]
+    has_halo = halo is not None and W > 1
+    h, sh_b, sh_t = _halo_args(halo if has_halo else None, x)
+    y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    BT, BD = cfg.fwd_block_t, _block_d(D, cfg)
+    grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
+    _fwd_kernel[grid](x, h, weight, y, T, D, x.stride(0), x.stride(1), sh_b, sh_t, y.stride(0), y.stride(1),
+                      W=W, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD, num_warps=cfg.fwd_warps)
+    return y
+
+
+def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, silu: bool,
+                   cfg: ConvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dx in x's dtype, dW [D, w] in weight's dtype, d halo in halo's dtype or None) for the gradient dy of y."""
+    cfg = cfg or CONFIG
+    B, T, D = x.shape
+    W = weight.shape[1]
+    has_halo = halo is not None and W > 1
+    h, sh_b, sh_t = _halo_args(halo if has_halo else None, x)
+    dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    dh = torch.empty(halo.shape, dtype=halo.dtype, device=x.device) if has_halo else None
+    dh_arg, sdh_b, sdh_t = _halo_args(dh, x)
+    BT, BD = cfg.bwd_block_t, _block_d(D, cfg)
+    n_d, n_blocks = triton.cdiv(D, BD), triton.cdiv(T, BT)
+    n_chunks = min(n_blocks, max(1, triton.cdiv(cfg.bwd_programs, B * n_d)))
+    chunk_blocks = triton.cdiv(n_blocks, n_chunks)
+    n_chunks = triton.cdiv(n_blocks, chunk_blocks)
+    dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
+    _bwd_kernel[(n_chunks, n_d, B)](
+        x, h, weight, dy, dx, dh_arg, dw_part, T, D, n_blocks, chunk_blocks,
+        x.stride(0), x.stride(1), sh_b, sh_t, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), sdh_b, sdh_t,
+        W=W, WP=triton.next_power_of_2(W), HP=triton.next_power_of_2(max(W - 1, 1)), HAS_HALO=has_halo, SILU=silu,
+        BT=BT, BD=BD, num_warps=cfg.bwd_warps,
+    )
+    dw = dw_part.sum(0).t().to(weight.dtype)
+    if halo is not None and not has_halo:  # w = 1: the halo is empty
+        dh = torch.zeros_like(halo)
+    return dx, dw, dh
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim is contiguous (the kernels take the other strides), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _ShortConvTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, halo, silu):
+        x, halo = _rows_contiguous(x), None if halo is None else _rows_contiguous(halo)
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight, halo)
+        ctx.silu = silu
+        return short_conv_fwd(x, weight, halo, silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, halo = ctx.saved_tensors
+        dx, dw, dh = short_conv_bwd(_rows_contiguous(dy), x, weight, halo, ctx.silu)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dw if need[1] else None, dh if need[2] else None, None
+
+
+def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None = None,
+                      activation: str | None = "silu") -> torch.Tensor:
+    """Differentiable y = act(causal depthwise conv(x; halo)) on the Triton kernels; weight [D, w] (checked by
+    the caller: kernels.conv.short_conv)."""
+    return _ShortConvTriton.apply(x, weight, halo, activation == "silu")
