@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
+from kernels.conv import short_conv
 from models.config import ModelConfig
 from parallel.attention import sp_attention
 from parallel.context import SINGLE, SequenceParallel
@@ -59,23 +61,27 @@ def retnet_log_decay(n_heads: int) -> torch.Tensor:
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution of width w followed by SiLU (as in GLA / Mamba-2 / Based):
-    y_t = silu(Σ_{i<w} W_i ⊙ x_{t−i}). Under sp the w−1 tokens before each shard come by halo exchange."""
+    y_t = silu(Σ_{i<w} W_i ⊙ x_{t−w+1+i}). The w−1 tokens before the input (the halo) are zeros at the
+    sequence start, the previous shards' tails under sp (halo exchange), or the previous window's tail
+    when the sequence streams through the model window by window."""
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, channels: int, width: int, backend: str = "auto"):
         super().__init__()
-        self.width = width
+        self.width, self.backend = width, backend
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
-    def forward(self, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        B, T, D = x.shape
-        n_local = len(shard_ids(sp.rank, sp.world, sp.layout)) if sp.world > 1 else 1
+    def forward(self, x: torch.Tensor, sp: SequenceParallel, halo: torch.Tensor | None = None) -> torch.Tensor:
+        if sp.world == 1:
+            return short_conv(x, self.weight.to(x.dtype), halo, backend=self.backend)
+        if halo is not None:
+            raise ValueError("a carried halo (streaming windows) cannot be combined with sequence parallelism")
+        n_local = len(shard_ids(sp.rank, sp.world, sp.layout))
         xs = stack_local_shards(x, n_local)
-        if sp.world > 1:
-            halo = previous_tokens(xs, self.width - 1, sp.group, sp.layout)
-        else:
-            halo = xs.new_zeros(xs.shape[0], self.width - 1, D)
-        y = F.conv1d(torch.cat([halo, xs], dim=1).transpose(1, 2), self.weight.to(x.dtype), groups=D)
-        return unstack_local_shards(F.silu(y.transpose(1, 2)), n_local)
+        halo = previous_tokens(xs, self.width - 1, sp.group, sp.layout)
+        return unstack_local_shards(short_conv(xs, self.weight.to(x.dtype), halo, backend=self.backend), n_local)
+
+
+Carry = tuple  # a linear layer's (state S [B, H, K, V] fp32, conv tail [B, w−1, 3d] or None) between windows
 
 
 class LinearAttention(nn.Module):
@@ -90,7 +96,7 @@ class LinearAttention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.o = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.g = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.gate else None
-        self.conv = ShortConv(3 * cfg.dim, cfg.short_conv) if cfg.short_conv > 1 else None
+        self.conv = ShortConv(3 * cfg.dim, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
         self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.decay = cfg.decay
         self.register_buffer("log_decay", None, persistent=False)
@@ -103,20 +109,37 @@ class LinearAttention(nn.Module):
         if self.decay == "retnet" and device.type != "meta":
             self.log_decay = retnet_log_decay(self.n_heads).to(device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: Carry | None = None):
+        """x [B, T, d] → output [B, T, d]; with `carry` = (S, tail) entering this window, → (output, carry
+        leaving it): the state after the window's last token and the last w−1 conv inputs."""
         B, T, _ = x.shape
         qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        state, halo = carry if carry is not None else (None, None)
+        tail = None
         if self.conv is not None:
-            qkv = self.conv(qkv, self.sp)
+            if halo is not None:  # the last w−1 conv inputs, copied (a view would keep all of qkv alive)
+                halo, keep = halo.to(qkv.dtype), self.conv.width - 1
+                tail = (qkv[:, -keep:] if T >= keep else torch.cat([halo, qkv], dim=1)[:, -keep:]).clone()
+            qkv = self.conv(qkv, self.sp, halo)
         q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         gate = F.logsigmoid(self.g(x).float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,
                                        layout=self.sp.layout, chunk_size=self.chunk_size, backend=self.backend)
         else:
-            o, _ = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size,
-                                    backend=self.backend)
-        return self.o(self.out_norm(o).reshape(B, T, -1))
+            o, state = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size,
+                                        backend=self.backend, initial_state=state,
+                                        output_final_state=carry is not None)
+        out = self.o(self.out_norm(o).reshape(B, T, -1))
+        return out if carry is None else (out, (state, tail))
+
+    def zero_carry(self, batch: int, device: torch.device) -> Carry:
+        """The carry entering the first window: a zero state and a zero conv tail."""
+        state = torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
+        dtype = self.q.weight.dtype
+        tail = None if self.conv is None else torch.zeros(batch, self.conv.width - 1, 3 * self.n_heads *
+                                                          self.head_dim, device=device, dtype=dtype)
+        return state, tail
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -168,9 +191,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.mixer(self.mixer_norm(h))
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, h: torch.Tensor, carry: Carry | None = None):
+        """h → h + mixer(norm(h)), then + SwiGLU(norm(h)); with a carry (linear layers streaming windows),
+        → (h, carry leaving the window)."""
+        if carry is None:
+            h = h + self.mixer(self.mixer_norm(h))
+            return h + self.mlp(self.mlp_norm(h))
+        out, carry = self.mixer(self.mixer_norm(h), carry)
+        h = h + out
+        return h + self.mlp(self.mlp_norm(h)), carry
 
 
 class LinearLlama(nn.Module):
@@ -234,15 +263,37 @@ class LinearLlama(nn.Module):
         for block in self.layers.values():
             block.mixer.sp = sp
 
-    def forward(self, x: torch.Tensor, checkpoint_layers: bool = False) -> torch.Tensor:
-        """`checkpoint_layers`: keep only each block's input and recompute the block in backward
-        (the pipeline schedule decides, per micro-batch)."""
+    def forward(self, x: torch.Tensor, checkpoint_layers: bool = False, logits: bool = True) -> torch.Tensor:
+        """Tokens (first stage) or hidden states → logits (last stage; with `logits=False` the final-normed
+        hidden states, for a loss that applies the head itself) or hidden states (other stages).
+        `checkpoint_layers`: keep only each block's input and recompute the block in backward (the
+        pipeline schedule decides, per micro-batch)."""
         h = self.embed(x) if self.embed is not None else x
         for block in self.layers.values():
             h = checkpoint(block, h, use_reentrant=False) if checkpoint_layers else block(h)
+        return self._head(h, logits)
+
+    def forward_window(self, x: torch.Tensor, carries: dict[str, Carry], checkpoint_layers: bool = False,
+                       logits: bool = True) -> tuple[torch.Tensor, dict[str, Carry]]:
+        """One window of a sequence that streams through the model (DESIGN §9): as `forward`, each linear
+        layer starting from the carry of the previous window; returns (output, carries leaving the window)."""
+        h = self.embed(x) if self.embed is not None else x
+        leaving = {}
+        for key, block in self.layers.items():
+            run = partial(checkpoint, block, use_reentrant=False) if checkpoint_layers else block
+            h, leaving[key] = run(h, carries[key])
+        return self._head(h, logits), leaving
+
+    def zero_carries(self, batch: int, device: torch.device) -> dict[str, Carry]:
+        """Carries entering the first window; only pure linear-attention stacks stream."""
+        if any(block.kind != "L" for block in self.layers.values()):
+            raise ValueError("streaming windows need a pure linear-attention layout (model.layout=L)")
+        return {key: block.mixer.zero_carry(batch, device) for key, block in self.layers.items()}
+
+    def _head(self, h: torch.Tensor, logits: bool) -> torch.Tensor:
         if self.norm is not None:
             h = self.norm(h)
-        return self.head(h) if self.head is not None else h
+        return self.head(h) if self.head is not None and logits else h
 
 
 def num_parameters(model: nn.Module) -> int:

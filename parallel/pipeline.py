@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel.streaming import streaming_step
+
 REMAT_MODES = ("never", "except_last", "always")
 
 
@@ -61,15 +63,15 @@ class _Recomputed(nn.Module):
     the M forwards of the plan, in order. Forwards without autograd (evaluation) and the schedule's
     shape inference on meta tensors do not consume the plan."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, forward_kwargs: dict):
         super().__init__()
-        self.module = module
+        self.module, self.forward_kwargs = module, forward_kwargs
         self.plan: list[bool] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled() and not x.is_meta
         checkpoint_layers = self.plan.pop(0) if training and self.plan else False
-        return self.module(x, checkpoint_layers=checkpoint_layers)
+        return self.module(x, checkpoint_layers=checkpoint_layers, **self.forward_kwargs)
 
 
 class GPipe:
@@ -78,18 +80,22 @@ class GPipe:
     The loss of micro-batch i is `loss_fn(output_i, target_i) / loss_divisor` on the last stage;
     gradients accumulate unscaled, so a step's gradient is that of Σ_i loss_i. `remat` decides per
     micro-batch whether the stage recomputes its layers in backward (`recompute_plan`); the module
-    must take `forward(x, checkpoint_layers: bool)`. With one stage this is plain gradient
-    accumulation over micro-batches.
+    must take `forward(x, checkpoint_layers: bool, **forward_kwargs)`. With one stage this is plain
+    gradient accumulation over micro-batches, or — with `window` — each micro-batch streams through the
+    model in windows of that many tokens (`parallel.streaming`).
     """
 
     def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
                  device: torch.device, microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 remat: str = "never"):
+                 remat: str = "never", window: int = 0, forward_kwargs: dict | None = None):
+        if window and num_stages > 1:
+            raise ValueError("streaming windows run on one pipeline stage; use pp=1 with a window")
         self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
+        self.window, self.forward_kwargs = window, dict(forward_kwargs or {})
         self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
         self.plan = recompute_plan(remat, microbatches)
         self._divisor: torch.Tensor | float = 1.0
-        self._stage_module = _Recomputed(module)
+        self._stage_module = _Recomputed(module, self.forward_kwargs)
         self.schedule = None
         if num_stages > 1:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
@@ -116,7 +122,11 @@ class GPipe:
         if self.schedule is None:
             losses = []
             for x, y, recompute in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches), self.plan):
-                loss = self._scaled_loss(self.module(x, checkpoint_layers=recompute), y)
+                if self.window:
+                    losses.append(streaming_step(self.module, x, y, self.window, self._scaled_loss, recompute,
+                                                 self.forward_kwargs))
+                    continue
+                loss = self._scaled_loss(self.module(x, checkpoint_layers=recompute, **self.forward_kwargs), y)
                 loss.backward()
                 losses.append(loss.detach())
             return torch.stack(losses).sum()
@@ -137,7 +147,7 @@ class GPipe:
     def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
         """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
         h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
-        h = self.module(h)
+        h = self.module(h, **self.forward_kwargs)
         if self.is_last:
             return h
         _send_tensor(h, self.stage_index + 1, self.group)

@@ -86,6 +86,11 @@ class TrainConfig:
     """Parameter dtype: float32 (bf16 autocast on CUDA) | float64 (CPU reference runs)."""
     skip_nonfinite: int = 0
     """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops."""
+    loss_chunk: int = 8192
+    """Tokens per chunk of the head + cross-entropy (no [T, vocab] logits are ever held); 0: whole logits."""
+    window: int = 0
+    """Streaming windows: run each sequence through the model this many local tokens at a time, carrying
+    every linear layer's state (memory flat in seq_len; pure linear layouts, pp = sp = 1); 0: off."""
 
 
 @dataclass
@@ -178,6 +183,12 @@ class JobConfig:
             raise ConfigError(f"train.lr={train.lr} must be positive and finite, e.g. train.lr=3e-4")
         if train.eval_batches < 0:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
+        if train.loss_chunk < 0 or train.window < 0:
+            raise ConfigError("train.loss_chunk and train.window must be ≥ 0 (0: off)")
+        if train.window and ("A" in m.layer_kinds() or par.pp > 1 or par.sp > 1):
+            raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage without "
+                              f"sequence parallelism (model.layout=L, parallel.pp=1, parallel.sp=1); "
+                              f"set train.window=0 for this layout")
         if train.skip_nonfinite < 0:
             raise ConfigError(f"train.skip_nonfinite={train.skip_nonfinite} must be ≥ 0")
         if not (par.timeout_s > 0 and math.isfinite(par.timeout_s)):

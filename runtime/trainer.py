@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entropy
 from models import num_parameters, token_loss_sum
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.pipeline import GPipe
@@ -63,9 +64,12 @@ class Trainer:
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
+        # the loss applies the head itself, chunk by chunk (no [T, vocab] logits), unless loss_chunk = 0
+        self.fused_loss = cfg.train.loss_chunk > 0
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
-                          device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=token_loss_sum,
-                          remat=cfg.parallel.remat)
+                          device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=self._token_loss_sum,
+                          remat=cfg.parallel.remat, window=cfg.train.window,
+                          forward_kwargs={"logits": not self.fused_loss})
         # gradients are summed over these; the tied embedding/head pair (pp > 1) over its own group
         self.replica_groups = [mesh.group(axis) for axis in ("sp", "dp") if mesh.size(axis) > 1]
         self.tied_group = tied_embedding_group(cfg, mesh)
@@ -83,6 +87,13 @@ class Trainer:
         self.data: DataSource = build_data_source(cfg, mesh.coord("dp"), self.dp, mesh.coord("sp"), self.sp)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.skipped_steps = 0
+
+    def _token_loss_sum(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ cross-entropy of the last stage's output (hidden states under the fused loss, else logits)."""
+        if not self.fused_loss:
+            return token_loss_sum(out, targets)
+        return linear_cross_entropy(out, self.model.head.weight, targets, ignore_index=IGNORE,
+                                    chunk_tokens=self.cfg.train.loss_chunk)
 
     def _sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
         for group in self.replica_groups:
@@ -152,10 +163,16 @@ class Trainer:
         for b in range(batches):
             inputs, targets = (t.to(self.device) for t in self.data.eval_batch(b))
             with self.autocast:
-                logits = self.pipe.forward(inputs if self.pipe.is_first else None)
-            if logits is not None:
+                out = self.pipe.forward(inputs if self.pipe.is_first else None)
+            if out is None:
+                continue
+            if self.fused_loss:
+                hits, asked = linear_argmax_hits(out, self.model.head.weight, targets, ignore_index=IGNORE,
+                                                 chunk_tokens=self.cfg.train.loss_chunk)
+                counts += torch.stack([hits, asked]).to(counts.dtype)
+            else:
                 asked = targets != IGNORE
-                counts[0] += (logits.argmax(-1)[asked] == targets[asked]).sum()
+                counts[0] += (out.argmax(-1)[asked] == targets[asked]).sum()
                 counts[1] += asked.sum()
         self._sum_over_replicas(counts)
         if self.pp > 1:
