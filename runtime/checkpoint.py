@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -180,9 +181,26 @@ def _chunk_keys(meta: dict):
 
 
 def _check_chunks(folder: Path, meta: dict, fail, name: str) -> None:
+    """Every chunk file exists; a Blosc chunk's header also matches its file size and the chunk size
+    (Blosc decodes a truncated buffer into garbage without an error)."""
+    blosc = meta["codecs"][-1]["name"] == "blosc"
+    chunk_bytes = int(np.prod(meta["chunk_grid"]["configuration"]["chunk_shape"])) * \
+        np.dtype(meta["data_type"]).itemsize
     for key in _chunk_keys(meta):
-        if not (folder / key).is_file():
-            raise fail(f"array {name} is missing its chunk {key} (zarr would read it as zeros)")
+        file = folder / key
+        if not blosc:
+            if not file.is_file():
+                raise fail(f"array {name} is missing its chunk {key} (zarr would read it as zeros)")
+            continue
+        try:
+            with open(file, "rb") as f:
+                head, size = f.read(16), os.fstat(f.fileno()).st_size
+        except OSError:
+            raise fail(f"array {name} is missing its chunk {key} (zarr would read it as zeros)") from None
+        if len(head) < 16 or struct.unpack_from("<II", head, 8)[1] != size or \
+                struct.unpack_from("<I", head, 4)[0] != chunk_bytes:
+            raise fail(f"array {name}: chunk {key} is truncated or damaged ({size} bytes on disk, not what its "
+                       f"Blosc header says)")
 
 
 def _read_array(folder: Path, meta: dict, fail, name: str, sel=Ellipsis) -> np.ndarray:

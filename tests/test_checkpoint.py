@@ -260,7 +260,7 @@ def test_verify_command(committed_run, store: str, tmp_path, capsys) -> None:
     assert re.fullmatch(rf"longtrain: {re.escape(store)} ok \(2 arrays, \d+\.\d MiB verified\)\n", out), out
     bad = {
         "missing chunk": (lambda s: (s / "tokens/c/3/1").unlink(), "tokens is missing its chunk c/3/1"),
-        "truncated chunk": (lambda s: _truncate(s / "tokens/c/3/1"), "cannot be decoded"),
+        "truncated chunk": (lambda s: _truncate(s / "tokens/c/3/1"), "chunk c/3/1 is truncated or damaged"),
         "row count": (lambda s: _edit_json(s / "zarr.json", lambda m: m["attributes"].update(sequences=9)),
                       "is not sequences × seq_len"),
         "next token": (_bump_next_token, "next_token of rows 0-"),
