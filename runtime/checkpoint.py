@@ -565,8 +565,12 @@ def verify_checkpoint(path: str | Path, *, trust: bool = False, keep=lambda name
         for k in _RNG_REQUIRED:
             if f"rng/rank_{r}/{k}" not in nodes:
                 raise fail(f"RNG state rng/rank_{r}/{k} is missing")
+    rng_names = {f"rng/rank_{r}/{k}" for r in range(attrs["world_size"]) for k in (*_RNG_REQUIRED, "cuda")}
+    for name in nodes:
+        if name.startswith("rng/") and name not in rng_names and not marker["legacy"]:
+            raise fail(f"array {name} is not an RNG state of this checkpoint's {attrs['world_size']} ranks")
     result = Verified(attrs=attrs, legacy=marker["legacy"])
-    rng: dict[str, dict[str, np.ndarray]] = {}
+    rng: dict[str, dict[str, tuple[np.ndarray, dict]]] = {}
     for name, meta in sorted(nodes.items()):
         data = _read_verified(path, name, meta, listed.get(name) if not marker["legacy"] else None)
         result.arrays += 1

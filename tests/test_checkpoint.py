@@ -273,10 +273,14 @@ def test_verify_command(committed_run, store: str, tmp_path, capsys) -> None:
         how(copy)
         assert main(["verify", str(copy)]) == 2
         _one_line_error(capsys, needle, "re-create it with `longtrain prepare-data`")
-    extra = _copy(committed_run, tmp_path) / "checkpoints/step_00000010"
+    run = _copy(committed_run, tmp_path)
+    extra, stray = run / "checkpoints/step_00000010", run / "checkpoints/step_00000020"
     shutil.copytree(extra / EMBED, extra / "model/extra")
+    shutil.copytree(stray / "rng/rank_0/torch", stray / "rng/rank_5/torch")  # listed, as a forger would
+    _edit_json(stray / "COMMITTED", lambda m: m["arrays"].update({"rng/rank_5/torch": m["arrays"]["rng/rank_0/torch"]}))
     for path, needle in ((tmp_path / "nope", "does not exist"), (tmp_path, "neither a committed checkpoint"),
-                         (extra, "array model/extra is not listed in COMMITTED")):
+                         (extra, "array model/extra is not listed in COMMITTED"),
+                         (stray, "rng/rank_5/torch is not an RNG state of this checkpoint's 1 ranks")):
         assert main(["verify", str(path)]) == 2
         _one_line_error(capsys, needle)
 
