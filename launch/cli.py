@@ -8,6 +8,9 @@ import sys
 
 from runtime.errors import ConfigError
 
+TRUST_HELP = ("accept an old-format checkpoint whose RNG states are Python pickles (they can run code: "
+              "only for checkpoints you wrote yourself)")
+
 
 def cmd_presets(args: argparse.Namespace) -> None:
     """Print every model preset with its parameter count."""
@@ -49,8 +52,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Checkpoint → consolidated safetensors."""
     from runtime.checkpoint import export_safetensors
 
-    n = export_safetensors(args.checkpoint, args.output)
+    n = export_safetensors(args.checkpoint, args.output, trust=args.trust_checkpoint)
     print(f"longtrain: wrote {n} tensors to {args.output}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    """A checkpoint or token store, read in full and checked; no model is loaded."""
+    from runtime.checkpoint import verify_path
+
+    _, checked = verify_path(args.path, trust=args.trust_checkpoint)
+    note = "; old format, no digests to check" if checked.legacy else ""
+    print(f"longtrain: {args.path} ok ({checked.arrays} arrays, {checked.nbytes / 2**20:.1f} MiB verified{note})")
 
 
 def cmd_ray(args: argparse.Namespace) -> None:
@@ -89,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a checkpoint's consolidated weights as safetensors")
     export.add_argument("checkpoint", help="a committed checkpoint folder (<run.dir>/checkpoints/step_*)")
     export.add_argument("--output", required=True)
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.set_defaults(func=cmd_export)
+    verify = sub.add_parser("verify", help="check a checkpoint (marker, digests, config) or a token store "
+                                           "(chunks, attributes) without loading a model")
+    verify.add_argument("path", help="a checkpoint folder (<run.dir>/checkpoints/step_*) or a .zarr token store")
+    verify.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -244,10 +244,14 @@ class JobConfig:
             raise ConfigError(f"run.log_every={self.run.log_every} must be ≥ 1")
 
 
+_ANNOTATED = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
 def _coerce(value, annotation, where: str):
     """Check/convert a TOML or command-line value to the field's type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
+    if isinstance(annotation, str):  # `from __future__ import annotations`: "int", "int | None", …
+        options = tuple(_ANNOTATED[part.strip()] for part in annotation.split("|"))
+        annotation = options[0] if len(options) == 1 else typing.Union[options]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import zarr
 from _dist import run_distributed
 
@@ -30,13 +34,16 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
     train(load_config(None, overrides))
 
 
-def _run(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
+def _overrides(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> list[str]:
     dims = ["parallel.pp=2", "parallel.sp=2"] if world == 4 else ["parallel.pp=1", "parallel.sp=1"]
-    overrides = [*dims, "parallel.microbatches=2", f"data.source=zarr:{store}", "model.vocab_size=257",
-                 "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}", "run.checkpoint_every=10",
-                 "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
-                 "train.eval_batches=1", f"run.dir={run_dir}", *extra]
-    run_distributed(_train, world, overrides)
+    return [*dims, "parallel.microbatches=2", f"data.source=zarr:{store}", "model.vocab_size=257",
+            "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}", "run.checkpoint_every=10",
+            "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
+            "train.eval_batches=1", f"run.dir={run_dir}", *extra]
+
+
+def _run(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
+    run_distributed(_train, world, _overrides(world, store, run_dir, steps, extra))
 
 
 def _params(ckpt) -> dict[str, np.ndarray]:
@@ -113,3 +120,190 @@ def test_export_safetensors(store: str, tmp_path) -> None:
     shutil.rmtree(ckpt / "rng")
     (ckpt / "COMMITTED").unlink()
     assert main(["export", str(ckpt), "--output", str(tmp_path / "x.safetensors")]) == 2
+
+
+# -- integrity (issue 15): a damaged checkpoint is refused in one line, nothing is written --------------
+@pytest.fixture(scope="module")
+def committed_run(store: str, tmp_path_factory):
+    """A finished run with checkpoints at steps 10 and 20 (one process); tests corrupt copies of it."""
+    run = tmp_path_factory.mktemp("committed") / "run"
+    _run(1, store, run, 20)
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("longtrain: error: ") and err.count("\n") == 1, err
+    assert all(n in err for n in needles), err
+    return err
+
+
+def _edit_json(file, edit) -> None:
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+def _truncate(file) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _drop_from_marker(ckpt, name: str) -> None:
+    shutil.rmtree(ckpt / name)
+    _edit_json(ckpt / "COMMITTED", lambda m: m["arrays"].pop(name))
+
+
+def _change_a_value(ckpt) -> None:
+    arr = zarr.open_array(str(ckpt / "model/embed.weight"), mode="r+")
+    arr[0, 0] = arr[0, 0] + 1.0  # decodes fine, digest differs
+
+
+EMBED = "model/embed.weight"
+CORRUPTIONS = {  # name: (how, words the one-line error must hold)
+    "missing chunk": (lambda c: (c / EMBED / "c/0/0").unlink(), [EMBED, "missing its chunk"]),
+    "truncated chunk": (lambda c: _truncate(c / EMBED / "c/0/0"), [EMBED, "cannot be decoded"]),
+    "changed bytes": (_change_a_value, [EMBED, "does not match its digest"]),
+    "missing optimizer array": (lambda c: shutil.rmtree(c / "optim/embed.weight/exp_avg"),
+                                ["optim/embed.weight/exp_avg", "missing"]),
+    "optimizer array missing from the marker too": (
+        lambda c: _drop_from_marker(c, "optim/embed.weight/exp_avg_sq"),
+        ["optimizer state exp_avg_sq of parameter embed.weight is missing"]),
+    "parameter missing from the marker too": (lambda c: _drop_from_marker(c, "model/norm.weight"),
+                                              ["parameter norm.weight is missing"]),
+    "truncated array zarr.json": (lambda c: _truncate(c / EMBED / "zarr.json"),
+                                  [f"{EMBED}/zarr.json is not valid JSON"]),
+    "truncated group zarr.json": (lambda c: _truncate(c / "zarr.json"), ["step_00000020/zarr.json is not valid JSON"]),
+    "missing config attribute": (lambda c: _edit_json(c / "zarr.json", lambda m: m["attributes"].pop("config")),
+                                 ["has no config attribute"]),
+    "bad config attribute": (lambda c: _edit_json(c / "zarr.json", lambda m: m["attributes"].update(config=[1])),
+                             ["config attribute has no model section"]),
+    "truncated marker": (lambda c: _truncate(c / "COMMITTED"), ["COMMITTED is not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_damaged_checkpoint_is_refused(case: str, committed_run, store: str, tmp_path, capsys) -> None:
+    from models import LinearLlama
+    from runtime.checkpoint import load_checkpoint
+    from runtime.errors import ConfigError
+
+    run = _copy(committed_run, tmp_path)
+    ckpt = run / "checkpoints/step_00000020"
+    how, needles = CORRUPTIONS[case]
+    how(ckpt)
+    before = _snapshot(run)
+    output = tmp_path / "export" / "m.safetensors"
+    common = ["--nproc", "1", "--set", *_overrides(1, store, run, 30)]
+    for argv in (["train", "--resume", str(ckpt), *common], ["export", str(ckpt), "--output", str(output)],
+                 ["verify", str(ckpt)]):
+        assert main(argv) == 2, argv
+        _one_line_error(capsys, *needles)
+    assert _snapshot(run) == before  # metrics and checkpoints untouched
+    assert not output.parent.exists()
+    # the trainer's own load path refuses before it modifies anything
+    cfg = load_config(None, _overrides(1, store, run, 30))
+    model = LinearLlama(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as refused:
+        load_checkpoint(ckpt, model=model, optimizer=optimizer, config=cfg.to_dict())
+    assert "\n" not in str(refused.value)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and not optimizer.state
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(committed_run, store: str, tmp_path, capsys) -> None:
+    from runtime.checkpoint import check_resume
+    from runtime.errors import ConfigError
+
+    run = _copy(committed_run, tmp_path)
+    newest = run / "checkpoints/step_00000020"
+    final = _params(newest)
+    _truncate(newest / EMBED / "c/0/0")
+    cfg = load_config(None, _overrides(1, store, run, 20)).to_dict()
+    assert check_resume("auto", run, cfg).name == "step_00000010"
+    err = capsys.readouterr().err
+    assert err.startswith(f"longtrain: warning: skipped checkpoint {newest}: ") and err.count("\n") == 1, err
+    assert "cannot be decoded" in err
+    _run(1, store, run, 20, ["run.resume=auto"])  # the trainer takes step 10 too and writes step 20 again
+    again = _params(newest)
+    assert final.keys() == again.keys() and all(np.array_equal(final[n], again[n]) for n in final)
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / EMBED / "c/0/0").unlink()
+    with pytest.raises(ConfigError, match="none of the 2 committed checkpoints"):
+        check_resume("auto", run, cfg)
+    assert capsys.readouterr().err.count("longtrain: warning: skipped checkpoint") == 2
+
+
+def _bump_next_token(store) -> None:
+    arr = zarr.open_array(str(store / "next_token"), mode="r+")
+    arr[5, 0] = (arr[5, 0] + 1) % 256
+
+
+def test_verify_command(committed_run, store: str, tmp_path, capsys) -> None:
+    ckpt = committed_run / "checkpoints/step_00000010"
+    assert main(["verify", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"longtrain: {re.escape(str(ckpt))} ok \(\d+ arrays, \d+\.\d MiB verified\)\n", out), out
+    assert main(["verify", store]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"longtrain: {re.escape(store)} ok \(2 arrays, \d+\.\d MiB verified\)\n", out), out
+    bad = {
+        "missing chunk": (lambda s: (s / "tokens/c/3/1").unlink(), "tokens is missing its chunk c/3/1"),
+        "truncated chunk": (lambda s: _truncate(s / "tokens/c/3/1"), "chunk c/3/1 is truncated or damaged"),
+        "row count": (lambda s: _edit_json(s / "zarr.json", lambda m: m["attributes"].update(sequences=9)),
+                      "is not sequences × seq_len"),
+        "next token": (_bump_next_token, "next_token of rows 0-"),
+        "format": (lambda s: _edit_json(s / "zarr.json", lambda m: m["attributes"].update(format="x")),
+                   "format attribute"),
+    }
+    for i, (how, needle) in enumerate(bad.values()):
+        copy = tmp_path / f"s{i}.zarr"
+        shutil.copytree(store, copy)
+        how(copy)
+        assert main(["verify", str(copy)]) == 2
+        _one_line_error(capsys, needle, "re-create it with `longtrain prepare-data`")
+    run = _copy(committed_run, tmp_path)
+    extra, stray = run / "checkpoints/step_00000010", run / "checkpoints/step_00000020"
+    shutil.copytree(extra / EMBED, extra / "model/extra")
+    shutil.copytree(stray / "rng/rank_0/torch", stray / "rng/rank_5/torch")  # listed, as a forger would
+    _edit_json(stray / "COMMITTED", lambda m: m["arrays"].update({"rng/rank_5/torch": m["arrays"]["rng/rank_0/torch"]}))
+    for path, needle in ((tmp_path / "nope", "does not exist"), (tmp_path, "neither a committed checkpoint"),
+                         (extra, "array model/extra is not listed in COMMITTED"),
+                         (stray, "rng/rank_5/torch is not an RNG state of this checkpoint's 1 ranks")):
+        assert main(["verify", str(path)]) == 2
+        _one_line_error(capsys, needle)
+
+
+def test_export_output_errors_are_one_line(committed_run, tmp_path, capsys, monkeypatch) -> None:
+    import safetensors.numpy
+
+    ckpt = str(committed_run / "checkpoints/step_00000010")
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file" / "m.safetensors", "is a file, not a folder"), (tmp_path, "is a folder")]
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        cases.append((tmp_path / "ro" / "m.safetensors", "cannot write --output"))
+    for output, needle in cases:
+        assert main(["export", ckpt, "--output", str(output)]) == 2
+        _one_line_error(capsys, needle)
+
+    def fail_midway(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", fail_midway)
+    output = tmp_path / "out" / "m.safetensors"
+    assert main(["export", ckpt, "--output", str(output)]) == 2
+    _one_line_error(capsys, "No space left on device")
+    assert list(output.parent.iterdir()) == []  # the .partial is gone
