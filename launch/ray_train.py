@@ -74,7 +74,7 @@ def run_ray(args: argparse.Namespace) -> dict:
     prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     cfg.run.overwrite = False
     cfg.run.resume = cfg.run.resume or "auto"  # a restarted worker group continues from the last checkpoint
-    check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict())
+    check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict(), trust=cfg.run.trust_checkpoint)
     use_gpu = args.gpus_per_worker > 0
 
     import ray

@@ -58,7 +58,9 @@ def main_args(args: argparse.Namespace) -> None:
     cfg.validate(nproc)
     if not under_torchrun or int(os.environ.get("RANK", 0)) == 0:
         prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
-    check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict())
+    path = check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict(), trust=cfg.run.trust_checkpoint)
+    if path is not None:  # verified here in full once; each rank then checks only the arrays it reads
+        cfg.run.resume = str(path)
     cfg.run.overwrite = False  # done: the ranks see a clean folder
     logs = log_dir(cfg.run.dir)
     if under_torchrun:  # every process runs its rank; torchrun's agent watches them

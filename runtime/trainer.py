@@ -151,7 +151,8 @@ class Trainer:
 
     def restore(self, path) -> int:
         """Load a checkpoint; returns the number of steps it holds (the learning rate follows from it)."""
-        attrs = load_checkpoint(path, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict())
+        attrs = load_checkpoint(path, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict(),
+                                trust=self.cfg.run.trust_checkpoint)
         return int(attrs["step"])
 
     @torch.no_grad()
@@ -210,7 +211,8 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
     mesh, t = trainer.mesh, cfg.train
     is_main = mesh.rank == 0
     start_step = 0
-    resume_from = resolve_resume(cfg.run.resume, cfg.run.dir, warn=False)  # the launcher warned
+    resume_from = resolve_resume(cfg.run.resume, cfg.run.dir, warn=False,  # the launcher warned
+                                 trust=cfg.run.trust_checkpoint)
     if resume_from is not None:
         start_step = trainer.restore(resume_from)
         if is_main:
