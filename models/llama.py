@@ -51,7 +51,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).chunk(2, dim=-1)  # one GEMM
+        return self.down(F.silu(gate) * up)
 
 
 def retnet_log_decay(n_heads: int) -> torch.Tensor:
@@ -112,8 +113,10 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, carry: Carry | None = None):
         """x [B, T, d] → output [B, T, d]; with `carry` = (S, tail) entering this window, → (output, carry
         leaving it): the state after the window's last token and the last w−1 conv inputs."""
-        B, T, _ = x.shape
-        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        B, T, d = x.shape
+        weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.g.weight] if self.g is not None else [])
+        qkvg = F.linear(x, torch.cat(weights))  # q, k, v and the gate logits in one GEMM
+        qkv, g = qkvg[..., : 3 * d], qkvg[..., 3 * d :]
         state, halo = carry if carry is not None else (None, None)
         tail = None
         if self.conv is not None:
@@ -122,7 +125,7 @@ class LinearAttention(nn.Module):
                 tail = (qkv[:, -keep:] if T >= keep else torch.cat([halo, qkv], dim=1)[:, -keep:]).clone()
             qkv = self.conv(qkv, self.sp, halo)
         q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
-        gate = F.logsigmoid(self.g(x).float()) / 16 if self.g is not None else None
+        gate = F.logsigmoid(g.float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,
                                        layout=self.sp.layout, chunk_size=self.chunk_size, backend=self.backend)
@@ -196,10 +199,18 @@ class Block(nn.Module):
         → (h, carry leaving the window)."""
         if carry is None:
             h = h + self.mixer(self.mixer_norm(h))
-            return h + self.mlp(self.mlp_norm(h))
+            return self.mlp_residual(h)
         out, carry = self.mixer(self.mixer_norm(h), carry)
-        h = h + out
-        return h + self.mlp(self.mlp_norm(h)), carry
+        return self.mlp_residual(h + out), carry
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        """h + SwiGLU(RMSNorm(h)): token-wise work only (`compile_token_wise` fuses its elementwise parts)."""
+        return h + self.mlp(self.mlp_norm(h))
+
+    def compile_token_wise(self) -> None:
+        """torch.compile the block's purely token-wise part (norm, SwiGLU, residual); the mixer's kernels
+        stay as they are."""
+        self.mlp_residual = torch.compile(self.mlp_residual)
 
 
 class LinearLlama(nn.Module):

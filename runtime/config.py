@@ -88,6 +88,8 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops."""
     loss_chunk: int = 8192
     """Tokens per chunk of the head + cross-entropy (no [T, vocab] logits are ever held); 0: whole logits."""
+    compile: bool = False
+    """torch.compile each block's token-wise part (norm, SwiGLU, residual) on CUDA; ignored on CPU."""
     window: int = 0
     """Streaming windows: run each sequence through the model this many local tokens at a time, carrying
     every linear layer's state (memory flat in seq_len; pure linear layouts, pp = sp = 1); 0: off."""

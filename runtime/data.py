@@ -109,9 +109,7 @@ def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = 
     The store is written under a temporary name and renamed at the end, so `output` never holds
     a half-written store; an existing `output` is refused unless `overwrite`.
     """
-    import pyarrow.compute as pc
     import pyarrow.dataset as ds
-    import zarr
 
     if seq_len < 2:
         raise ConfigError(f"--seq-len {seq_len} must be ≥ 2")
@@ -121,14 +119,40 @@ def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = 
     out = Path(output)
     if out.exists() and not overwrite:
         raise ConfigError(f"output {output!r} already exists; choose another path or pass --overwrite")
+    src, dst = Path(input_path).resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ConfigError(f"output {output!r} overlaps the input {input_path!r}; write the store outside the input")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"the parent of output {output!r} is a file; choose an output inside a folder")
     files, fmt = _input_files(Path(input_path))
-    dataset = ds.dataset(files, format=fmt)
-    if text_column not in dataset.schema.names:
+    try:
+        dataset = ds.dataset(files, format=fmt)
+        names = dataset.schema.names
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"input {input_path!r} is not readable {fmt} ({str(e).splitlines()[0][:160]}); "
+                          f"pass Parquet or Arrow files") from None
+    if text_column not in names:
         raise ConfigError(f"input has no column {text_column!r}; its columns are {dataset.schema.names}; "
                           f"pass --text-column")
     tok = load_tokenizer(tokenizer)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _write_store(dataset, text_column, tok, files, out, tmp, seq_len, chunk_len, batch_rows, progress)
+    except BaseException as e:  # nothing half-written stays behind, whatever failed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"cannot write {output!r} ({type(e).__name__}: {e.strerror or e}); "
+                              f"choose a writable output") from None
+        raise
+
+
+def _write_store(dataset, text_column: str, tok, files: list[str], out: Path, tmp: Path, seq_len: int,
+                 chunk_len: int, batch_rows: int, progress: Callable[[int], None] | None) -> dict:
+    """Tokenize and pack into the store at `tmp`, then rename it to `out`."""
+    import pyarrow.compute as pc
+    import zarr
+
     group = zarr.open_group(str(tmp), mode="w")
     n_chunks = seq_len // chunk_len
     tokens = group.create_array("tokens", shape=(0, seq_len), chunks=(1, chunk_len), dtype="int32",
@@ -174,7 +198,6 @@ def prepare_data(input_path: str, output: str, seq_len: int, text_column: str = 
     if full > 0:
         write(full)
     if n_rows == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"the input holds {total} tokens, fewer than one row of --seq-len {seq_len}; "
                           f"use a shorter --seq-len or more text")
     seconds = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """Fault injection for tests of recovery: `LONGTRAIN_FAIL_AT_STEP=k` kills rank `LONGTRAIN_FAIL_RANK`
-(default 1) before step k, on the first attempt only (a marker file in run.dir remembers it)."""
+(default 1) before step k, on the first attempt only (a marker file in run.dir remembers it);
+`LONGTRAIN_FAIL_MODE=raise` makes it raise an error there instead of exiting."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def failure_from_env(run_dir: str) -> Callable[[int, int], None] | None:
         if step != fail_step or rank != fail_rank or marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed rank {rank} before step {step}\n")
+        marker.write_text(f"failed rank {rank} before step {step}\n")
+        if os.environ.get("LONGTRAIN_FAIL_MODE") == "raise":
+            raise RuntimeError(f"injected failure on rank {rank} before step {step}")
         os._exit(17)
 
     return before_step

@@ -91,6 +91,9 @@ def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, 
     model.tie_weights()
     model.reset_parameters(cfg.train.seed)
     model.to(getattr(torch, cfg.train.dtype))
+    if cfg.train.compile and mesh.device.type == "cuda":
+        for block in model.layers.values():
+            block.compile_token_wise()
     sp = mesh.size("sp")
     model.set_sequence_parallel(
         SequenceParallel(mesh.group("sp"), cfg.parallel.layout, cfg.parallel.sp_attention) if sp > 1 else SINGLE

@@ -1,0 +1,174 @@
+"""Nothing lost, nothing hangs, every failure is one line: run-folder protection, timeouts, non-finite
+guards, errors inside ranks, deterministic rank exit, prepare-data safety (from the command line)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from launch.cli import main
+
+TINY = ["parallel.pp=1", "parallel.sp=1", "train.steps=4", "train.batch_size=4", "train.seq_len=32",
+        "run.progress=false", "run.tensorboard=false", "run.log_every=1", "train.eval_batches=1"]
+TWO_RANKS = ["parallel.pp=1", "parallel.sp=2", "train.batch_size=4", "train.seq_len=32", "run.progress=false",
+             "run.tensorboard=false"]
+
+
+def _cli(*argv: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_fresh_run_into_an_old_run_is_refused(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--nproc", "1", "--set", *TINY, f"run.dir={run}", "run.checkpoint_every=2"]) == 0
+    rows = pq.read_table(run / "metrics.parquet").num_rows
+    capsys.readouterr()
+    assert main(["train", "--nproc", "1", "--set", *TINY, f"run.dir={run}"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
+    assert pq.read_table(run / "metrics.parquet").num_rows == rows  # nothing lost
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    # a finished run resumed: complete, nothing written
+    before = (run / "metrics.parquet").stat().st_mtime_ns
+    assert main(["train", "--nproc", "1", "--resume", "auto", "--set", *TINY, f"run.dir={run}"]) == 0
+    assert "is complete" in capsys.readouterr().out
+    assert (run / "metrics.parquet").stat().st_mtime_ns == before
+    # --overwrite starts afresh
+    assert main(["train", "--nproc", "1", "--overwrite", "--set", *TINY, f"run.dir={run}",
+                 "train.steps=2"]) == 0
+    assert pq.read_table(run / "metrics.parquet").num_rows == 2
+    assert not (run / "checkpoints").exists()
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--nproc", "1", "--set", *TINY, f"run.dir={blocker}/run"]) == 2
+    assert "cannot be written" in _one_line(capsys.readouterr().err)
+
+
+def test_non_finite_loss_stops_with_one_line_and_no_bad_checkpoint(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    code = main(["train", "--nproc", "1", "--set", *TINY, "train.steps=20", "train.lr=1e30", "train.warmup_steps=1",
+                 "train.grad_clip=0", f"run.dir={run}", "run.checkpoint_every=1", "run.keep=50"])
+    assert code == 1
+    err = _one_line(capsys.readouterr().err)
+    assert "non-finite" in err and "train.lr" in err
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        params = zarr.open_group(str(ckpt), mode="r")["model"]
+        assert all(np.isfinite(arr[...]).all() for _, arr in params.arrays()), ckpt
+
+
+def test_skip_nonfinite_counts_skipped_steps(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--nproc", "1", "--set", *TINY, "train.steps=6", "train.lr=1e30", "train.warmup_steps=1",
+                 "train.grad_clip=0", "train.skip_nonfinite=100", f"run.dir={run}"]) == 0
+    skipped = pq.read_table(run / "metrics.parquet").to_pydict()["skipped_steps"]
+    assert skipped[-1] > 0 and skipped == sorted(skipped)
+
+
+def test_no_evaluation_prints_no_accuracy(tmp_path, capsys) -> None:
+    assert main(["train", "--nproc", "1", "--set", *TINY, "train.eval_batches=0", f"run.dir={tmp_path}/r"]) == 0
+    assert "accuracy" not in capsys.readouterr().out
+
+
+def test_error_inside_a_rank_is_one_line_with_its_log(tmp_path) -> None:
+    run = tmp_path / "run"
+    proc = _cli("train", "--nproc", "2", "--set", *TWO_RANKS, "train.steps=6", f"run.dir={run}",
+                env={"LONGTRAIN_FAIL_AT_STEP": "2", "LONGTRAIN_FAIL_MODE": "raise"})
+    assert proc.returncode == 1
+    err = _one_line(proc.stderr)
+    assert "rank 1: RuntimeError: injected failure on rank 1 before step 2" in err
+    assert "Traceback" in (run / "logs" / "rank_1.log").read_text()
+
+
+def test_dead_rank_is_named(tmp_path) -> None:
+    proc = _cli("train", "--nproc", "2", "--set", *TWO_RANKS, "train.steps=6", f"run.dir={tmp_path}/run",
+                env={"LONGTRAIN_FAIL_AT_STEP": "2"})
+    assert proc.returncode == 1
+    assert "rank 1 died" in _one_line(proc.stderr)
+
+
+def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", "--set", *TWO_RANKS,
+                             "train.steps=100000", "run.log_every=1", "parallel.timeout_s=20", f"run.dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.parquet").exists():  # training has started on every rank
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2, children
+        os.kill(int(children[-1]), signal.SIGSTOP)  # the rank spawned last: rank 1
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        assert time.monotonic() - stopped < 20 + 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "rank(s) 1 stopped answering" in _one_line(err)
+
+
+@pytest.mark.stress
+def test_finished_runs_always_exit_zero(tmp_path) -> None:
+    """Consecutive `longtrain train --nproc 2` runs all exit 0 (a gloo teardown abort once failed ≈ 2 %).
+    CI runs LONGTRAIN_STRESS_RUNS (default 3); run 200 by hand: LONGTRAIN_STRESS_RUNS=200 pytest -m stress."""
+    runs = int(os.environ.get("LONGTRAIN_STRESS_RUNS", 3))
+    for i in range(runs):
+        proc = _cli("train", "--nproc", "2", "--set", "model.preset=tiny", "train.seed=9", "train.steps=6",
+                    "run.log_every=1", "parallel.pp=1", "parallel.sp=2", "run.progress=false",
+                    f"run.dir={tmp_path}/run{i}")
+        assert proc.returncode == 0, (i, proc.returncode, proc.stderr[-2000:])
+
+
+def _corpus(root: Path) -> Path:
+    folder = root / "corpus"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["hello world " * 40] * 20}), folder / "a.parquet")
+    return folder
+
+
+def test_prepare_data_never_replaces_its_input(tmp_path, capsys) -> None:
+    folder = _corpus(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    for output in (folder, folder / "store.zarr", tmp_path):
+        code = main(["prepare-data", "--input", str(folder), "--output", str(output), "--seq-len", "16",
+                     "--overwrite"])
+        assert code == 2
+        assert "overlaps the input" in _one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_failed_prepare_data_leaves_no_partial(tmp_path, capsys) -> None:
+    folder = _corpus(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.parquet").write_text("not parquet")
+    code = main(["prepare-data", "--input", str(bad), "--output", str(tmp_path / "s.zarr"), "--seq-len", "16"])
+    assert code in (1, 2)
+    _one_line(capsys.readouterr().err)
+    code = main(["prepare-data", "--input", str(folder), "--output", str(tmp_path / "s.zarr"),
+                 "--seq-len", "100000"])  # fewer tokens than one row
+    assert code == 2
+    assert not list(tmp_path.glob("*.partial"))
