@@ -10,6 +10,10 @@ Store layout (a zarr group):
 
 Rows are consecutive windows of the stream "doc₁ EOS doc₂ EOS …"; the input at position t
 is tokens[t] and its target the token after it.
+
+Owns writing a store (`prepare_data`), opening it (`open_store`), checking all of it for
+`longtrain verify` (`verify_token_store`, with the untrusted-file readers of runtime/integrity.py)
+and reading each rank's batches (`ZarrTokens`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from parallel.layout import num_shards, shard_ids
 from runtime.errors import ConfigError
+from runtime.integrity import Verified, array_meta, check_chunks, is_int, read_array, read_json
 from runtime.tokenizer import ByteTokenizer, load_tokenizer
 
 STORE_FORMAT = "longtrain-tokens-v1"
@@ -228,6 +233,54 @@ def open_store(path: str):
     if attrs.get("format") != STORE_FORMAT or tokens.ndim != 2 or follow.shape[0] != tokens.shape[0]:
         raise ConfigError(f"token store {path!r} is incomplete or corrupt; re-create it with `longtrain prepare-data`")
     return group, attrs
+
+
+def verify_token_store(path: str | Path) -> Verified:
+    """Check a whole token store: attributes consistent, every chunk of `tokens` and `next_token`
+    present and decodable, token ids in the vocabulary, `next_token` equal to the token that follows each
+    chunk. Reads the whole store once, a block of rows at a time."""
+    path = Path(path)
+    fail = lambda what: ConfigError(f"token store {path}: {what}; re-create it with `longtrain prepare-data`")
+    meta = read_json(path / "zarr.json", fail)
+    attrs = meta.get("attributes")
+    if meta.get("node_type") != "group" or not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
+        raise fail(f"{path / 'zarr.json'} is not a group with format attribute {STORE_FORMAT!r}")
+    for key in ("vocab_size", "eos_id", "seq_len", "chunk_len", "sequences", "tokens", "dropped_tokens"):
+        if not is_int(attrs.get(key)) or attrs[key] < 0:
+            raise fail(f"attribute {key} is missing or not a non-negative integer")
+    seq_len, chunk_len, rows, vocab = attrs["seq_len"], attrs["chunk_len"], attrs["sequences"], attrs["vocab_size"]
+    if seq_len < 2 or chunk_len < 1 or seq_len % chunk_len or vocab < 1 or attrs["eos_id"] >= vocab:
+        raise fail(f"attributes seq_len={seq_len}, chunk_len={chunk_len}, vocab_size={vocab}, "
+                   f"eos_id={attrs['eos_id']} are inconsistent")
+    if attrs["tokens"] - attrs["dropped_tokens"] != rows * seq_len:
+        raise fail(f"attributes tokens - dropped_tokens = {attrs['tokens'] - attrs['dropped_tokens']} is not "
+                   f"sequences × seq_len = {rows * seq_len}")
+    n_chunks = seq_len // chunk_len
+    arrays = {"tokens": ([rows, seq_len], [1, chunk_len]), "next_token": ([rows, n_chunks], None)}
+    metas = {}
+    for name, (shape, chunks) in arrays.items():
+        metas[name] = m = array_meta(path / name / "zarr.json", fail)
+        got = m["chunk_grid"]["configuration"]["chunk_shape"]
+        if m["data_type"] != "int32" or m["shape"] != shape or (chunks is not None and got != chunks):
+            raise fail(f"array {name} is {m['data_type']}{m['shape']} in chunks {got}; the attributes say "
+                       f"int32{shape}" + (f" in chunks {chunks}" if chunks else ""))
+        check_chunks(path / name, m, fail, name)
+    result = Verified(arrays=2, attrs=attrs)
+    block = max(1, (1 << 22) // seq_len)
+    before = None  # next_token of the previous block's last row: the first token of this block
+    for lo in range(0, rows, block):
+        hi = min(rows, lo + block)
+        where = f"rows {lo}-{hi - 1}"
+        x = read_array(path / "tokens", metas["tokens"], fail, f"tokens ({where})", np.s_[lo:hi])
+        f = read_array(path / "next_token", metas["next_token"], fail, f"next_token ({where})", np.s_[lo:hi])
+        if min(x.min(), f.min()) < 0 or max(x.max(), f.max()) >= vocab:
+            raise fail(f"{where} hold token ids outside [0, {vocab})")
+        if not (np.array_equal(f[:, :-1], x[:, chunk_len::chunk_len]) and np.array_equal(f[:-1, -1], x[1:, 0])
+                and (before is None or before == x[0, 0])):
+            raise fail(f"next_token of {where} does not match the tokens that follow each chunk")
+        before = f[-1, -1]
+        result.nbytes += x.nbytes + f.nbytes
+    return result
 
 
 class ZarrTokens:
