@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 from kernels import linear_attention, linear_attention_recurrent
 
@@ -36,11 +37,6 @@ def _run(fn, inputs: dict, w_o, w_s, dtype: torch.dtype, **kw):
     return o.double(), s.double(), dict(zip(leaves, (g.double() for g in grads)))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative error; against an all-zero reference (e.g. d gate at T = 1 from a zero state) absolute."""
-    return ((a - b).norm() / b.norm().clamp_min(1.0)).item()
-
-
 @pytest.mark.parametrize("T", [1, 7, 64, 100, 257])
 @pytest.mark.parametrize("decay,gate,init", FLAGS)
 def test_chunked_matches_recurrence(T: int, decay: bool, gate: bool, init: bool) -> None:
@@ -48,10 +44,11 @@ def test_chunked_matches_recurrence(T: int, decay: bool, gate: bool, init: bool)
     ref_o, ref_s, ref_g = _run(linear_attention_recurrent, inputs, w_o, w_s, torch.float64)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         o, s, g = _run(linear_attention, inputs, w_o, w_s, dtype, chunk_size=16, backend="torch")
-        assert _rel(o, ref_o) < tol and _rel(s, ref_s) < tol, dtype
+        assert rel_err(o, ref_o, floor=1.0) < tol and rel_err(s, ref_s, floor=1.0) < tol, dtype
         assert set(g) == set(ref_g)
         for name in g:
-            assert _rel(g[name], ref_g[name]) < tol, (dtype, name, _rel(g[name], ref_g[name]))
+            err = rel_err(g[name], ref_g[name], floor=1.0)
+            assert err < tol, (dtype, name, err)
 
 
 def test_defaults_and_dtypes() -> None:

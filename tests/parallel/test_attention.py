@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import model_step, run_distributed, scratch_dir, seeded_model_and_batch
+from helpers import model_step, rel_err, run_distributed, scratch_dir, seeded_model_and_batch
 
 from launch.cli import main
 from models import preset
@@ -25,10 +25,6 @@ from runtime.trainer import train
 
 METHODS = ("allgather", "ring", "ulysses")
 LAYOUTS = ("contiguous", "zigzag")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _reference(q, k, v, causal: bool) -> torch.Tensor:
@@ -57,14 +53,14 @@ def _check_attention(rank: int, world: int) -> None:
         out = sp_attention(ql, kl, vl, method=method, layout=layout, causal=causal)
         what = (method, layout, hq, hkv, causal)
         assert out.shape == ql.shape and out.dtype == ql.dtype, what
-        assert _rel(out, shard_sequence(ref.detach(), rank, world, layout)) < 1e-5, what
+        assert rel_err(out, shard_sequence(ref.detach(), rank, world, layout)) < 1e-5, what
         grads = torch.autograd.grad((out * shard_sequence(w, rank, world, layout)).sum(), (ql, kl, vl))
         for name, got, want in zip("qkv", grads, ref_grads):
-            err = _rel(got, shard_sequence(want, rank, world, layout))
+            err = rel_err(got, shard_sequence(want, rank, world, layout))
             assert err < 1e-5, (*what, "d" + name, err)
         parts = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(parts, out.detach().contiguous())
-        assert _rel(unshard_sequence(parts, layout), ref.detach()) < 1e-5, what
+        assert rel_err(unshard_sequence(parts, layout), ref.detach()) < 1e-5, what
     if world == 4:  # 2 kv heads cannot be split over 4 ranks
         x, kv = torch.zeros(1, 8, 4, 8), torch.zeros(1, 8, 2, 8)
         with pytest.raises(ValueError, match=r"use sp in \[2\]"):
@@ -97,7 +93,7 @@ def test_single_rank_and_errors() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 12, 4, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 8)
     for method in METHODS:
-        assert _rel(sp_attention(q, k, v, method=method), _reference(q, k, v, True)) < 1e-6
+        assert rel_err(sp_attention(q, k, v, method=method), _reference(q, k, v, True)) < 1e-6
     with pytest.raises(ValueError, match="unknown sp attention method"):
         sp_attention(q, k, v, method="tree")
     with pytest.raises(ValueError, match="not a multiple of kv heads"):
@@ -119,7 +115,7 @@ def _check_hybrid_model(rank: int, world: int) -> None:
             assert abs(loss - ref_loss) / ref_loss < 1e-6, (method, layout, loss, ref_loss)
             for name, grad in grads.items():
                 dist.all_reduce(grad, group=group)  # parameters are replicated over sp: gradients summed
-                err = _rel(grad, ref_grads[name])
+                err = rel_err(grad, ref_grads[name])
                 assert err < 1e-5, (method, layout, name, err)
     assert len(shard_ids(rank, world, "zigzag")) == 2
     dist.barrier()  # no rank tears the group down while a peer still finishes its last collective

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import run_distributed
+from helpers import rel_err, run_distributed
 
 from kernels import linear_attention
 from parallel.lasp2 import lasp2_linear_attention
@@ -26,10 +26,6 @@ def _inputs(seed: int, decay: bool, gate: bool, T: int):
     return q, k, v, log_decay, gates, w
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: float = 1e-5) -> None:
     for i, (layout, decay, gate) in enumerate(CASES):
         q, k, v, ld, g, w = _inputs(100 + i, decay, gate, T)
@@ -45,7 +41,7 @@ def _check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: floa
         ldl = ld.detach().clone().requires_grad_() if ld is not None else None
         out = lasp2_linear_attention(ql, kl, vl, log_decay=ldl, gate=gl, chunk_size=16, layout=layout,
                                      backend=backend)
-        assert _rel(out, shard_sequence(ref.detach(), rank, world, layout)) < tol, (layout, decay, gate)
+        assert rel_err(out, shard_sequence(ref.detach(), rank, world, layout)) < tol, (layout, decay, gate)
         wl = shard_sequence(w, rank, world, layout)
         local_leaves = [t for t in (ql, kl, vl, ldl, gl) if t is not None]
         grads = list(torch.autograd.grad((out * wl).sum(), local_leaves))
@@ -55,11 +51,11 @@ def _check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: floa
                 dist.all_reduce(got)
             else:
                 want = shard_sequence(want, rank, world, layout)
-            assert _rel(got, want) < tol, (name, layout, decay, gate, _rel(got, want))
+            assert rel_err(got, want) < tol, (name, layout, decay, gate, rel_err(got, want))
         # the pieces reassemble into the whole sequence
         parts = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(parts, out.detach().contiguous())
-        assert _rel(unshard_sequence(parts, layout), ref.detach()) < tol
+        assert rel_err(unshard_sequence(parts, layout), ref.detach()) < tol
 
 
 @pytest.mark.parametrize("sp", [2, 4])

@@ -1,32 +1,18 @@
-"""GPipe transparency: pipelined / sequence-parallel / data-parallel steps equal the single-process step."""
+"""The Trainer's step is transparent: pipelined / sequence-parallel / data-parallel steps equal the
+single-process step, and the loss curve of a split run equals the one-process curve."""
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _dist import run_distributed, scratch_dir
+from helpers import run_distributed, scratch_dir
 
 from models import LinearLlama, token_loss_sum
-from parallel.pipeline import partition, recompute_plan
 from runtime.config import load_config
 from runtime.mesh import build_mesh
 from runtime.synthetic import IGNORE, SyntheticTask
 from runtime.trainer import Trainer, train
-
-
-def test_partition_balances_contiguous_ranges() -> None:
-    assert partition([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
-    assert partition([5, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 6)]
-    assert partition([1, 2, 3], 3) == [(0, 1), (1, 2), (2, 3)]
-    with pytest.raises(ValueError, match="pp ≤ 3"):
-        partition([1, 2, 3], 4)
-
-
-def test_except_last_recomputes_all_but_last_microbatch() -> None:
-    assert recompute_plan("except_last", 3) == [True, True, False]
-    assert recompute_plan("always", 2) == [True, True]
-    assert recompute_plan("never", 2) == [False, False]
 
 
 def _cfg(dp: int, pp: int, sp: int, microbatches: int, remat: str = "never", layout: str = "zigzag"):

@@ -269,7 +269,7 @@ def _lasp2_triton(rank: int, world: int, T: int) -> None:
 def test_lasp2_fused_kernels(sp):
     """LASP-2 on the Triton kernels (shard states from the kernels' segment pass, no correction GEMM)
     equals single-process attention: outputs and every gradient, both layouts, decay and gate."""
-    from _dist import run_distributed
+    from helpers import run_distributed
 
     run_distributed(_lasp2_triton, sp, 8 * sp * 10)
 

@@ -8,42 +8,14 @@ import re
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
-from _dist import run_distributed
+from helpers import one_line_error, run_overrides, run_training
 
 from launch.cli import main
 from runtime.config import load_config
-from runtime.data import prepare_data
-from runtime.trainer import train
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    docs = [" ".join(f"w{(i * j) % 97}" for j in range(30)) for i in range(400)]
-    pq.write_table(pa.table({"text": docs}), root / "d.parquet")
-    prepare_data(str(root / "d.parquet"), str(root / "s.zarr"), seq_len=32, chunk_len=8)
-    return str(root / "s.zarr")
-
-
-def _train(rank: int, world: int, overrides: list[str]) -> None:
-    train(load_config(None, overrides))
-
-
-def _overrides(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> list[str]:
-    dims = ["parallel.pp=2", "parallel.sp=2"] if world == 4 else ["parallel.pp=1", "parallel.sp=1"]
-    return [*dims, "parallel.microbatches=2", f"data.source=zarr:{store}", "model.vocab_size=257",
-            "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}", "run.checkpoint_every=10",
-            "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
-            "train.eval_batches=1", f"run.dir={run_dir}", *extra]
-
-
-def _run(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
-    run_distributed(_train, world, _overrides(world, store, run_dir, steps, extra))
 
 
 def _params(ckpt) -> dict[str, np.ndarray]:
@@ -58,10 +30,10 @@ def _losses(run_dir) -> list[float]:
 @pytest.mark.parametrize("world", [1, 4])
 def test_resume_is_exact(world: int, store: str, tmp_path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(world, store, straight, 20)
-    _run(world, store, resumed, 10)
+    run_training(world, store, straight, 20)
+    run_training(world, store, resumed, 10)
     assert [p.name for p in sorted((resumed / "checkpoints").iterdir())] == ["step_00000010"]
-    _run(world, store, resumed, 20, ["run.resume=auto"])
+    run_training(world, store, resumed, 20, ["run.resume=auto"])
     assert _losses(straight) == _losses(resumed)  # the metrics file continues from the resumed step
     a, b = _params(straight / "checkpoints/step_00000020"), _params(resumed / "checkpoints/step_00000020")
     assert a.keys() == b.keys() and len(a) > 10
@@ -73,21 +45,21 @@ def test_resume_is_exact(world: int, store: str, tmp_path) -> None:
 
 def test_uncommitted_checkpoint_is_skipped(store: str, tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    _run(1, store, run, 20)
+    run_training(1, store, run, 20)
     final = _params(run / "checkpoints/step_00000020")
     (run / "checkpoints/step_00000020/COMMITTED").unlink()  # as if killed before the marker
     with pytest.warns(UserWarning, match="no commit marker"):
         from runtime.checkpoint import resolve_resume
 
         assert resolve_resume("auto", run).name == "step_00000010"
-    _run(1, store, run, 20, ["run.resume=auto"])
+    run_training(1, store, run, 20, ["run.resume=auto"])
     again = _params(run / "checkpoints/step_00000020")
     assert all(np.array_equal(final[n], again[n]) for n in final)
 
 
 def test_refusals_are_one_line_and_write_nothing(store: str, tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    _run(1, store, run, 10)
+    run_training(1, store, run, 10)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     common = ["train", "--nproc", "1", "--set", "parallel.pp=1", "parallel.sp=1", "model.vocab_size=257",
               f"data.source=zarr:{store}", "train.seq_len=32", f"run.dir={run}"]
@@ -109,7 +81,7 @@ def test_export_safetensors(store: str, tmp_path) -> None:
     from safetensors.numpy import load_file
 
     run = tmp_path / "run"
-    _run(1, store, run, 10)
+    run_training(1, store, run, 10)
     ckpt = run / "checkpoints/step_00000010"
     assert main(["export", str(ckpt), "--output", str(tmp_path / "m.safetensors")]) == 0
     weights = load_file(str(tmp_path / "m.safetensors"))
@@ -127,7 +99,7 @@ def test_export_safetensors(store: str, tmp_path) -> None:
 def committed_run(store: str, tmp_path_factory):
     """A finished run with checkpoints at steps 10 and 20 (one process); tests corrupt copies of it."""
     run = tmp_path_factory.mktemp("committed") / "run"
-    _run(1, store, run, 20)
+    run_training(1, store, run, 20)
     return run
 
 
@@ -139,13 +111,6 @@ def _copy(run, tmp_path):
 def _snapshot(folder) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("longtrain: error: ") and err.count("\n") == 1, err
-    assert all(n in err for n in needles), err
-    return err
 
 
 def _edit_json(file, edit) -> None:
@@ -204,15 +169,15 @@ def test_damaged_checkpoint_is_refused(case: str, committed_run, store: str, tmp
     how(ckpt)
     before = _snapshot(run)
     output = tmp_path / "export" / "m.safetensors"
-    common = ["--nproc", "1", "--set", *_overrides(1, store, run, 30)]
+    common = ["--nproc", "1", "--set", *run_overrides(1, store, run, 30)]
     for argv in (["train", "--resume", str(ckpt), *common], ["export", str(ckpt), "--output", str(output)],
                  ["verify", str(ckpt)]):
         assert main(argv) == 2, argv
-        _one_line_error(capsys, *needles)
+        one_line_error(capsys, *needles)
     assert _snapshot(run) == before  # metrics and checkpoints untouched
     assert not output.parent.exists()
     # the trainer's own load path refuses before it modifies anything
-    cfg = load_config(None, _overrides(1, store, run, 30))
+    cfg = load_config(None, run_overrides(1, store, run, 30))
     model = LinearLlama(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -230,12 +195,12 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(committed_run, store: str
     newest = run / "checkpoints/step_00000020"
     final = _params(newest)
     _truncate(newest / EMBED / "c/0/0")
-    cfg = load_config(None, _overrides(1, store, run, 20)).to_dict()
+    cfg = load_config(None, run_overrides(1, store, run, 20)).to_dict()
     assert check_resume("auto", run, cfg).name == "step_00000010"
     err = capsys.readouterr().err
     assert err.startswith(f"longtrain: warning: skipped checkpoint {newest}: ") and err.count("\n") == 1, err
     assert "cannot be decoded" in err
-    _run(1, store, run, 20, ["run.resume=auto"])  # the trainer takes step 10 too and writes step 20 again
+    run_training(1, store, run, 20, ["run.resume=auto"])  # the trainer takes step 10 too and writes step 20 again
     again = _params(newest)
     assert final.keys() == again.keys() and all(np.array_equal(final[n], again[n]) for n in final)
     for ckpt in (run / "checkpoints").iterdir():
@@ -272,7 +237,7 @@ def test_verify_command(committed_run, store: str, tmp_path, capsys) -> None:
         shutil.copytree(store, copy)
         how(copy)
         assert main(["verify", str(copy)]) == 2
-        _one_line_error(capsys, needle, "re-create it with `longtrain prepare-data`")
+        one_line_error(capsys, needle, "re-create it with `longtrain prepare-data`")
     run = _copy(committed_run, tmp_path)
     extra, stray = run / "checkpoints/step_00000010", run / "checkpoints/step_00000020"
     shutil.copytree(extra / EMBED, extra / "model/extra")
@@ -282,7 +247,7 @@ def test_verify_command(committed_run, store: str, tmp_path, capsys) -> None:
                          (extra, "array model/extra is not listed in COMMITTED"),
                          (stray, "rng/rank_5/torch is not an RNG state of this checkpoint's 1 ranks")):
         assert main(["verify", str(path)]) == 2
-        _one_line_error(capsys, needle)
+        one_line_error(capsys, needle)
 
 
 def test_export_output_errors_are_one_line(committed_run, tmp_path, capsys, monkeypatch) -> None:
@@ -296,7 +261,7 @@ def test_export_output_errors_are_one_line(committed_run, tmp_path, capsys, monk
         cases.append((tmp_path / "ro" / "m.safetensors", "cannot write --output"))
     for output, needle in cases:
         assert main(["export", ckpt, "--output", str(output)]) == 2
-        _one_line_error(capsys, needle)
+        one_line_error(capsys, needle)
 
     def fail_midway(tensors, filename, metadata=None):
         open(filename, "wb").write(b"half")
@@ -305,5 +270,5 @@ def test_export_output_errors_are_one_line(committed_run, tmp_path, capsys, monk
     monkeypatch.setattr(safetensors.numpy, "save_file", fail_midway)
     output = tmp_path / "out" / "m.safetensors"
     assert main(["export", ckpt, "--output", str(output)]) == 2
-    _one_line_error(capsys, "No space left on device")
+    one_line_error(capsys, "No space left on device")
     assert list(output.parent.iterdir()) == []  # the .partial is gone

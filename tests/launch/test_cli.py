@@ -57,4 +57,4 @@ def test_shipped_configs_validate(name: str, world: int) -> None:
 
     from runtime.config import load_config
 
-    load_config(Path(__file__).parent.parent / "configs" / f"{name}.toml").validate(world)
+    load_config(Path(__file__).parents[2] / "configs" / f"{name}.toml").validate(world)

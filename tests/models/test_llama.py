@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import model_step, run_distributed, seeded_model_and_batch
+from helpers import model_step, run_distributed, seeded_model_and_batch
 
 from models import LinearLlama, num_parameters, preset
 from parallel.context import SequenceParallel

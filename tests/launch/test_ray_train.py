@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from _dist import run_distributed
+from helpers import run_distributed
 
 from runtime.config import load_config
 from runtime.trainer import train

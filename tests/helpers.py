@@ -1,4 +1,4 @@
-"""Spawn a gloo process group on CPU and run a function on every rank."""
+"""Shared test helpers: a gloo process group of spawned CPU ranks, relative errors, small training runs."""
 
 from __future__ import annotations
 
@@ -67,3 +67,49 @@ def seeded_model_and_batch(cfg, world: int):
     model = LinearLlama(cfg)
     data = torch.randint(0, cfg.vocab_size, (2, 8 * world * 3 + 1), generator=torch.Generator().manual_seed(1))
     return model, data[:, :-1], data[:, 1:]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """‖a − b‖ / max(‖b‖, floor): relative error (absolute where the reference is below `floor`)."""
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """The captured stderr: exactly one `longtrain: error:` line containing every needle."""
+    err = capsys.readouterr().err
+    assert err.startswith("longtrain: error: ") and err.count("\n") == 1, err
+    assert all(n in err for n in needles), err
+    return err
+
+
+def make_token_store(root) -> str:
+    """A small byte-tokenized zarr token store (rows of 32 tokens, chunks of 8)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from runtime.data import prepare_data
+
+    docs = [" ".join(f"w{(i * j) % 97}" for j in range(30)) for i in range(400)]
+    pq.write_table(pa.table({"text": docs}), root / "d.parquet")
+    prepare_data(str(root / "d.parquet"), str(root / "s.zarr"), seq_len=32, chunk_len=8)
+    return str(root / "s.zarr")
+
+
+def _train(rank: int, world: int, overrides: list[str]) -> None:
+    from runtime.config import load_config
+    from runtime.trainer import train
+
+    train(load_config(None, overrides))
+
+
+def run_overrides(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> list[str]:
+    """A zarr-data run: world 4 is pp 2 × sp 2, world 1 one process; a checkpoint every 10 steps."""
+    dims = ["parallel.pp=2", "parallel.sp=2"] if world == 4 else ["parallel.pp=1", "parallel.sp=1"]
+    return [*dims, "parallel.microbatches=2", f"data.source=zarr:{store}", "model.vocab_size=257",
+            "train.seq_len=32", "train.batch_size=8", f"train.steps={steps}", "run.checkpoint_every=10",
+            "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
+            "train.eval_batches=1", f"run.dir={run_dir}", *extra]
+
+
+def run_training(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
+    run_distributed(_train, world, run_overrides(world, store, run_dir, steps, extra))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_checkpoint import _one_line_error, _overrides, _run, store  # noqa: F401  (store: a fixture)
+from helpers import one_line_error, run_overrides, run_training
 
 from launch.cli import main
 from models import LinearLlama
@@ -26,7 +26,7 @@ from runtime.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from runtime.config import load_config
 from runtime.errors import ConfigError
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 class _Exploit:
@@ -40,7 +40,7 @@ class _Exploit:
 @pytest.fixture(scope="module")
 def committed(store: str, tmp_path_factory) -> Path:  # noqa: F811
     run = tmp_path_factory.mktemp("secure") / "run"
-    _run(1, store, run, 10)
+    run_training(1, store, run, 10)
     return run
 
 
@@ -96,11 +96,11 @@ def test_crafted_pickle_never_runs(variant: str, committed: Path, store: str, tm
     old = variant == "old-format marker"
     needle = "--trust-checkpoint" if old else "step_00000010"
     output = tmp_path / "out" / "m.safetensors"
-    train = ["train", "--nproc", "1", "--set", *_overrides(1, store, run, 20)]
+    train = ["train", "--nproc", "1", "--set", *run_overrides(1, store, run, 20)]
     for argv in ([*train, "--resume", str(ckpt)], ["export", str(ckpt), "--output", str(output)],
                  ["verify", str(ckpt)]):
         assert main(argv) == 2, argv
-        _one_line_error(capsys, needle)
+        one_line_error(capsys, needle)
     assert main([*train, "--resume", "auto"]) == 2
     err = capsys.readouterr().err.splitlines()
     if old:  # an old-format checkpoint is not skipped for an older one: the user must decide
@@ -109,7 +109,7 @@ def test_crafted_pickle_never_runs(variant: str, committed: Path, store: str, tm
         assert err[0].startswith(f"longtrain: warning: skipped checkpoint {ckpt}: ") and len(err) == 2, err
         assert err[1].startswith("longtrain: error: none of the 1 committed checkpoints")
     assert not output.exists() and not output.parent.exists()
-    cfg = load_config(None, _overrides(1, store, run, 20))
+    cfg = load_config(None, run_overrides(1, store, run, 20))
     model = LinearLlama(cfg.model)
     # the trainer's load path; a new-format marker is never unpickled, even when the user trusts the file
     for trust in (False,) if old else (False, True):
@@ -131,10 +131,10 @@ def test_old_checkpoint_loads_only_when_trusted(committed: Path, store: str, tmp
     expected = (torch.rand(4), np.random.rand(4), random.random())
     _plant_rng_pickle(ckpt, pickle.dumps(saved))  # exactly what the old save wrote
     _marker(ckpt, lambda m: {"step": m["step"]})
-    cfg = load_config(None, _overrides(1, store, run, 20))
+    cfg = load_config(None, run_overrides(1, store, run, 20))
     for argv in (["export", str(ckpt), "--output", str(tmp_path / "m.safetensors")], ["verify", str(ckpt)]):
         assert main(argv) == 2
-        _one_line_error(capsys, "old format", "--trust-checkpoint")
+        one_line_error(capsys, "old format", "--trust-checkpoint")
         assert main([*argv, "--trust-checkpoint"]) == 0
     assert (tmp_path / "m.safetensors").exists()
     with pytest.raises(ConfigError, match="--trust-checkpoint"):
