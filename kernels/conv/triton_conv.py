@@ -198,14 +198,18 @@ def _halo_args(halo: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
     return halo, halo.stride(0), halo.stride(1)
 
 
-def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, silu: bool,
-                   cfg: ConvConfig | None = None) -> torch.Tensor:
-    """y [B, T, D] in x's dtype. x: [B, T, D] (channels contiguous); weight: [D, w] contiguous; halo: [B, w−1, D]."""
-    cfg = cfg or CONFIG
+def _launch_args(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, cfg: ConvConfig | None):
+    """(config, B, T, D, w, whether a halo is read, halo pointer and strides) shared by both launchers."""
     B, T, D = x.shape
     W = weight.shape[1]
     has_halo = halo is not None and W > 1
-    h, sh_b, sh_t = _halo_args(halo if has_halo else None, x)
+    return (cfg or CONFIG, B, T, D, W, has_halo, *_halo_args(halo if has_halo else None, x))
+
+
+def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, silu: bool,
+                   cfg: ConvConfig | None = None) -> torch.Tensor:
+    """y [B, T, D] in x's dtype. x: [B, T, D] (channels contiguous); weight: [D, w] contiguous; halo: [B, w−1, D]."""
+    cfg, B, T, D, W, has_halo, h, sh_b, sh_t = _launch_args(x, weight, halo, cfg)
     y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     BT, BD = cfg.fwd_block_t, _block_d(D, cfg.fwd_block_d)
     grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
@@ -217,11 +221,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | N
 def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | None, silu: bool,
                    cfg: ConvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dx in x's dtype, dW [D, w] in weight's dtype, d halo in halo's dtype or None) for the gradient dy of y."""
-    cfg = cfg or CONFIG
-    B, T, D = x.shape
-    W = weight.shape[1]
-    has_halo = halo is not None and W > 1
-    h, sh_b, sh_t = _halo_args(halo if has_halo else None, x)
+    cfg, B, T, D, W, has_halo, h, sh_b, sh_t = _launch_args(x, weight, halo, cfg)
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     dh = torch.empty(halo.shape, dtype=halo.dtype, device=x.device) if has_halo else None
     dh_arg, sdh_b, sdh_t = _halo_args(dh, x)
