@@ -28,8 +28,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # tiles small enough that the interpreter sees several T- and D-blocks; ONE_CHUNK: each backward program walks
 # a row's every T-block; PER_BLOCK: one T-block per program (many dW partial sums)
-SMALL = tc.ConvConfig(fwd_block_t=16, bwd_block_t=8, block_d=16, bwd_programs=1)
-PER_BLOCK = tc.ConvConfig(fwd_block_t=8, bwd_block_t=8, block_d=8, bwd_programs=1 << 20)
+SMALL = tc.ConvConfig(fwd_block_t=16, fwd_block_d=16, bwd_block_t=8, bwd_block_d=16, bwd_programs=1)
+PER_BLOCK = tc.ConvConfig(fwd_block_t=8, fwd_block_d=8, bwd_block_t=8, bwd_block_d=8, bwd_programs=1 << 20)
 
 
 @pytest.fixture(autouse=True)
