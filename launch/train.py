@@ -14,6 +14,7 @@ from launch.local import RankFailed, run_rank, spawn
 from runtime.checkpoint import check_resume
 from runtime.config import JobConfig, load_config
 from runtime.errors import ConfigError
+from runtime.memory import check_fits
 from runtime.rundir import log_dir, prepare_run_dir
 
 
@@ -56,6 +57,7 @@ def main_args(args: argparse.Namespace) -> None:
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be ≥ 1")
     cfg.validate(nproc)
+    check_fits(cfg, nproc)
     if not under_torchrun or int(os.environ.get("RANK", 0)) == 0:
         prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     path = check_resume(cfg.run.resume, cfg.run.dir, cfg.to_dict(), trust=cfg.run.trust_checkpoint)

@@ -74,6 +74,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# peak AdamW learning rate that suits each preset's size (train.lr defaults to it; 3e-3 diverges the 1B model)
+PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4}
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A ModelConfig from a named preset, with field overrides."""
     if name not in PRESETS:

@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from models.config import PRESETS, ModelConfig, preset
+from models.config import PRESET_LR, PRESETS, ModelConfig, preset
 from parallel.context import SOFTMAX_METHODS
 from parallel.layout import LAYOUTS, num_shards
 from parallel.pipeline import REMAT_MODES
@@ -64,8 +64,8 @@ class TrainConfig:
     """Sequences per step, global (over all dp replicas)."""
     seq_len: int = 64
     """Tokens per sequence (over all sp ranks)."""
-    lr: float = 3e-3
-    """Peak learning rate (after warmup)."""
+    lr: float | None = None
+    """Peak learning rate (after warmup); None: the model preset's (models.config.PRESET_LR)."""
     min_lr_ratio: float = 0.1
     """The cosine ends at min_lr_ratio · lr on the last step."""
     warmup_steps: int = 10
@@ -129,6 +129,8 @@ class RunConfig:
     """Steps between metric reports to Ray (its controller polls about every 2 s)."""
     overwrite: bool = False
     """Start afresh in a dir that already holds a run, deleting its metrics, checkpoints and logs."""
+    skip_memory_check: bool = False
+    """Start a CUDA job even when the memory estimate (runtime.memory) says it cannot fit."""
     trust_checkpoint: bool = False
     """Load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself: it can run code)."""
 
@@ -181,7 +183,7 @@ class JobConfig:
             raise ConfigError(f"train.dtype={train.dtype!r} is unknown; use float32 or float64")
         if train.steps < 1:
             raise ConfigError(f"train.steps={train.steps} must be a positive integer")
-        if not (train.lr > 0 and math.isfinite(train.lr)):
+        if train.lr is None or not (train.lr > 0 and math.isfinite(train.lr)):
             raise ConfigError(f"train.lr={train.lr} must be positive and finite, e.g. train.lr=3e-4")
         if train.eval_batches < 0:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
@@ -331,6 +333,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if name not in PRESETS:
         raise ConfigError(f"model.preset={name!r} is unknown; use one of {sorted(PRESETS)}")
     cfg = JobConfig(model=ModelConfig(preset=name, **PRESETS[name]))
+    cfg.train.lr = PRESET_LR[name]  # unless the file or an override sets train.lr below
     for section, values in raw.items():
         target = getattr(cfg, section)
         known = _fields(type(target))

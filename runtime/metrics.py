@@ -56,7 +56,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # a resumed run drops TensorBoard's events after its checkpoint, so no step appears twice
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def log(self, row: dict) -> None:
         import pyarrow as pa

@@ -1,0 +1,46 @@
+"""The pre-launch memory estimate: within its stated margin of measured H200 steps, and a refusal that names the fix."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from models import LinearLlama, num_parameters
+from runtime import memory
+from runtime.config import load_config
+from runtime.errors import ConfigError
+
+BASE = ["model.preset=1b", "model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1",
+        "parallel.remat=always", "train.batch_size=1"]
+
+
+@pytest.mark.parametrize("seq_len,window,measured_gib", [(131072, 0, 44.5), (32768, 0, 20.9),
+                                                         (1048576, 65536, 32.4), (131072, 65536, 32.2)])
+def test_estimate_matches_measured_steps(seq_len: int, window: int, measured_gib: float) -> None:
+    """Peaks measured by benchmarks/train_step.py on one H200 (benchmarks/RESULTS.md, 2026-12-01)."""
+    cfg = load_config(None, [*BASE, f"train.seq_len={seq_len}", f"train.window={window}"])
+    with torch.device("meta"):
+        n = num_parameters(LinearLlama(cfg.model))
+    est = memory.estimate_memory(cfg, n, 1, 1, 1)
+    assert abs(est.total_gib - measured_gib) / measured_gib < memory.MARGIN
+
+
+def test_windows_keep_memory_flat() -> None:
+    with torch.device("meta"):
+        n = num_parameters(LinearLlama(load_config(None, BASE).model))
+    est = [memory.estimate_memory(load_config(None, [*BASE, f"train.seq_len={T}", "train.window=65536"]), n, 1, 1, 1)
+           for T in (1 << 20, 1 << 22)]
+    assert est[1].total_gib < 1.2 * est[0].total_gib
+
+
+def test_a_job_that_cannot_fit_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 << 30))
+    cfg = load_config(None, [*BASE, "train.seq_len=1048576"])
+    with pytest.raises(ConfigError, match="train.window.*run.skip_memory_check=true"):
+        memory.check_fits(cfg, 1)
+    assert memory.check_fits(load_config(None, [*BASE, "train.seq_len=1048576", "train.window=65536"]), 1)
+    assert memory.check_fits(load_config(None, [*BASE, "train.seq_len=1048576", "run.skip_memory_check=true"]),
+                             1) is None
