@@ -71,15 +71,22 @@ class ShortConv(nn.Module):
         self.width, self.backend = width, backend
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
-    def forward(self, x: torch.Tensor, sp: SequenceParallel, halo: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sp: SequenceParallel, halo: torch.Tensor | None = None):
+        """y = silu(conv(x)); with `halo` (streaming: the w−1 inputs before this window, [B, w−1, D]) →
+        (y, the last w−1 inputs of the window — of the whole window under sp, the same on every rank)."""
+        keep = self.width - 1
+        weight = self.weight.to(x.dtype)
         if sp.world == 1:
-            return short_conv(x, self.weight.to(x.dtype), halo, backend=self.backend)
-        if halo is not None:
-            raise ValueError("a carried halo (streaming windows) cannot be combined with sequence parallelism")
+            y = short_conv(x, weight, halo, backend=self.backend)
+            if halo is None:
+                return y
+            tail = x[:, -keep:] if x.shape[1] >= keep else torch.cat([halo, x], dim=1)[:, -keep:]
+            return y, tail.clone()  # a copy: a view would keep all of x alive while it is carried
         n_local = len(shard_ids(sp.rank, sp.world, sp.layout))
         xs = stack_local_shards(x, n_local)
-        halo = previous_tokens(xs, self.width - 1, sp.group, sp.layout)
-        return unstack_local_shards(short_conv(xs, self.weight.to(x.dtype), halo, backend=self.backend), n_local)
+        halos, last = previous_tokens(xs, keep, sp.group, sp.layout, first=halo, return_last=True)
+        y = unstack_local_shards(short_conv(xs, weight, halos, backend=self.backend), n_local)
+        return y if halo is None else (y, last)
 
 
 Carry = tuple  # a linear layer's (state S [B, H, K, V] fp32, conv tail [B, w−1, 3d] or None) between windows
@@ -120,15 +127,18 @@ class LinearAttention(nn.Module):
         state, halo = carry if carry is not None else (None, None)
         tail = None
         if self.conv is not None:
-            if halo is not None:  # the last w−1 conv inputs, copied (a view would keep all of qkv alive)
-                halo, keep = halo.to(qkv.dtype), self.conv.width - 1
-                tail = (qkv[:, -keep:] if T >= keep else torch.cat([halo, qkv], dim=1)[:, -keep:]).clone()
-            qkv = self.conv(qkv, self.sp, halo)
+            if halo is not None:
+                qkv, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype))
+            else:
+                qkv = self.conv(qkv, self.sp)
         q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         gate = F.logsigmoid(g.float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,
-                                       layout=self.sp.layout, chunk_size=self.chunk_size, backend=self.backend)
+                                       layout=self.sp.layout, chunk_size=self.chunk_size, backend=self.backend,
+                                       initial_state=state, output_final_state=carry is not None)
+            if carry is not None:
+                o, state = o
         else:
             o, state = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size,
                                         backend=self.backend, initial_state=state,

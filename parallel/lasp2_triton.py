@@ -43,12 +43,15 @@ def _segment_weights(seg_log2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 class ShardExchange:
     """The collective of a sequence-sharded call (LASP-2): see `linear_attention_triton_sharded`."""
 
-    def forward(self, M: torch.Tensor, log_A: torch.Tensor) -> torch.Tensor:
-        """Local states M [B, H, K, V] and total log decays log A [B, H] of this rank's rows → entering states."""
+    def forward(self, M: torch.Tensor, log_A: torch.Tensor, initial: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local states M [B, H, K, V] and total log decays log A [B, H] of this rank's rows, and the state
+        entering the whole sequence → (entering states of the rows, the state after the whole sequence)."""
         raise NotImplementedError
 
-    def backward(self, d_entering: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of the entering states → (dM, d log A) of this rank's rows."""
+    def backward(self, d_entering: torch.Tensor, d_final: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gradients of the entering states and of the final state → (dM, d log A, d initial)."""
         raise NotImplementedError
 
 
@@ -62,26 +65,29 @@ class _ShardedTriton(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, gate, scale, chunk_size, cfg, exchange):
+    def forward(ctx, q, k, v, log_decay, gate, initial, scale, chunk_size, cfg, exchange):
         p, lam, G, seg_log2 = setup(ctx, q, v, log_decay, gate, scale, chunk_size, cfg)
         m_raw = segment_states(p, k, v, G, lam, qdo=False)
         w_before, w_after, log_A = _segment_weights(seg_log2)
         M = torch.einsum("rs,rse->re", w_after, m_raw.view(p.B * p.H, p.NS, -1))
         log_A = log_A.view(p.B, p.H)
-        S0 = exchange.forward(M.view(p.B, p.H, p.K, p.V), log_A).float().contiguous()
+        S0, final = exchange.forward(M.view(p.B, p.H, p.K, p.V), log_A, initial)
+        S0 = S0.float().contiguous()
         o, _, s_in = chunk_forward(p, q, k, v, G, lam, seg_log2, S0, False, m_raw=m_raw)
         ctx.plan, ctx.exchange = p, exchange
         ctx.save_for_backward(q, k, v, G, lam, seg_log2, s_in, S0, log_A, w_before)
-        return o
+        ctx.set_materialize_grads(False)
+        return o, final
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, d_final):
         q, k, v, G, lam, seg_log2, s_in, S0, log_A, w_before = ctx.saved_tensors
         p: Plan = ctx.plan
+        do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
         do = do.to(q.dtype).contiguous()
         d_raw = segment_states(p, q, do, G, lam, qdo=True)
         dS0 = torch.einsum("rs,rse->re", w_before, d_raw.view(p.B * p.H, p.NS, -1))
-        dM, dlog_A = ctx.exchange.backward(dS0.view(p.B, p.H, p.K, p.V))
+        dM, dlog_A, d_initial = ctx.exchange.backward(dS0.view(p.B, p.H, p.K, p.V), d_final)
         dM = dM.float().contiguous()
         # F = A·S_0 + M: the kernel's d log a holds ⟨dM, A·S_0⟩ per token, which M does not depend on
         s0_path = (dM.double() * S0.double()).sum((-1, -2)) * log_A.double().exp()
@@ -89,21 +95,23 @@ class _ShardedTriton(torch.autograd.Function):
         dq, dk, dv, dgate, dlam, _ = chunk_backward(p, q, k, v, do, G, lam, seg_log2, s_in, dM,
                                                     gate_dtype=ctx.gate_dtype, lam_dtype=ctx.lam_dtype, d_raw=d_raw,
                                                     dloga_shift=shift)
-        return dq, dk, dv, dlam, dgate, None, None, None, None
+        return dq, dk, dv, dlam, dgate, d_initial, None, None, None, None
 
 
 def linear_attention_triton_sharded(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exchange: ShardExchange, *,
     log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
-    chunk_size: int = 64, config: TritonConfig | None = None,
-) -> torch.Tensor:
+    chunk_size: int = 64, config: TritonConfig | None = None, initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear attention whose rows start from states that depend on every row's local state (LASP-2).
 
     Each batch row b is a sequence shard; its entering state is exchange.forward(M, log A)[b], where
     M[b] is the row's final state from a zero start and log A[b] its total log decay. The kernels
     compute M in their segment-state pass, so the shard needs no separate correction GEMM:
     o_i = scale · q_i S_i with S starting at the entering state. Differentiable like
-    `linear_attention_triton`; exchange.backward receives ∂L/∂S_0 and returns (∂L/∂M, ∂L/∂log A).
+    `linear_attention_triton`; exchange.backward receives ∂L/∂S_0 (and ∂L/∂final) and returns
+    (∂L/∂M, ∂L/∂log A, ∂L/∂initial). Returns (o, the state after the whole sequence, from `initial_state`).
     """
     q, k, v, scale = checked_inputs(q, k, v, scale)
-    return _ShardedTriton.apply(q, k, v, log_decay, gate, scale, chunk_size, resolve_config(config), exchange)
+    init = None if initial_state is None else initial_state.float()
+    return _ShardedTriton.apply(q, k, v, log_decay, gate, init, scale, chunk_size, resolve_config(config), exchange)

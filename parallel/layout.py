@@ -82,3 +82,24 @@ def stack_local_shards(x: torch.Tensor, n_local: int) -> torch.Tensor:
 def unstack_local_shards(x: torch.Tensor, n_local: int) -> torch.Tensor:
     """Inverse of `stack_local_shards`."""
     return torch.cat(x.chunk(n_local, dim=0), dim=1) if n_local > 1 else x
+
+
+def shard_windows(x: torch.Tensor, rank: int, world: int, layout: str, window: int, dim: int = 1) -> torch.Tensor:
+    """Window-major sharding for sequences that stream through the model (DESIGN §9): x is cut into
+    consecutive windows of `window` tokens along `dim`, each window is sharded over the ranks as a
+    sequence of its own, and this rank's pieces are concatenated window after window."""
+    if world == 1:
+        return x
+    return torch.cat([shard_sequence(w, rank, world, layout, dim) for w in x.split(window, dim=dim)], dim=dim)
+
+
+def local_ranges(seq_len: int, rank: int, world: int, layout: str, window: int = 0) -> list[tuple[int, int]]:
+    """The [start, end) token ranges of a sequence that `rank` holds, in local order (window-major when
+    `window` > 0): what `shard_sequence` / `shard_windows` select, for readers that fetch ranges."""
+    window = window or seq_len
+    ranges = []
+    for w0 in range(0, seq_len, window):
+        n = min(window, seq_len - w0)
+        size = n // num_shards(world, layout)
+        ranges += [(w0 + c * size, w0 + (c + 1) * size) for c in shard_ids(rank, world, layout)]
+    return ranges

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel.streaming import streaming_step
+from parallel.streaming import streaming_forward, streaming_step
 
 REMAT_MODES = ("never", "except_last", "always")
 
@@ -147,6 +147,8 @@ class GPipe:
     def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
         """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
         h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
+        if self.window:
+            return streaming_forward(self.module, h, self.window, self.forward_kwargs)
         h = self.module(h, **self.forward_kwargs)
         if self.is_last:
             return h

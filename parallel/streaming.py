@@ -7,6 +7,11 @@ and its loss is back-propagated together with the gradients that window w+1 sent
 carries; the gradients that arrive at its entering carries go to window w−1. Parameter gradients
 accumulate. Activation memory is one window's, whatever T is; the cost is one extra forward (the same
 as full re-materialization); the result equals the whole-sequence step.
+
+Under sequence parallelism the windows are global and window-major: each window is sharded over the sp
+ranks on its own (`parallel.layout.shard_windows`), LASP-2 runs inside each window from the carried
+state, and the state and conv tail leaving a window — the same on every rank — are the next window's
+carry; `window` here counts this rank's tokens of a window.
 """
 
 from __future__ import annotations
@@ -56,3 +61,15 @@ def streaming_step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         entering[w] = None  # free what this window no longer needs
         total = loss.detach() if total is None else total + loss.detach()
     return total
+
+
+@torch.no_grad()
+def streaming_forward(module: nn.Module, inputs: torch.Tensor, window: int, forward_kwargs: dict | None = None
+                      ) -> torch.Tensor:
+    """Forward only (evaluation) of a streamed sequence: the windows' outputs, concatenated in local order."""
+    carries = module.zero_carries(inputs.shape[0], inputs.device)
+    outs = []
+    for x in inputs.split(window, dim=1):
+        out, carries = module.forward_window(x, carries, **(forward_kwargs or {}))
+        outs.append(out)
+    return torch.cat(outs, dim=1)

@@ -91,8 +91,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each block's token-wise part (norm, SwiGLU, residual) on CUDA; ignored on CPU."""
     window: int = 0
-    """Streaming windows: run each sequence through the model this many local tokens at a time, carrying
-    every linear layer's state (memory flat in seq_len; pure linear layouts, pp = sp = 1); 0: off."""
+    """Streaming windows: run each sequence through the model this many tokens at a time, carrying every
+    linear layer's state and conv tail (memory flat in seq_len; pure linear layouts, pp = 1; under sp the
+    windows are global, each sharded over the sp ranks); 0: off."""
 
 
 @dataclass
@@ -189,10 +190,12 @@ class JobConfig:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
         if train.loss_chunk < 0 or train.window < 0:
             raise ConfigError("train.loss_chunk and train.window must be ≥ 0 (0: off)")
-        if train.window and ("A" in m.layer_kinds() or par.pp > 1 or par.sp > 1):
-            raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage without "
-                              f"sequence parallelism (model.layout=L, parallel.pp=1, parallel.sp=1); "
-                              f"set train.window=0 for this layout")
+        if train.window and ("A" in m.layer_kinds() or par.pp > 1):
+            raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage "
+                              f"(model.layout=L, parallel.pp=1); set train.window=0 for this layout")
+        if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):
+            raise ConfigError(f"under sp={sp} train.window={train.window} must divide train.seq_len={train.seq_len} "
+                              f"and split into {num_shards(sp, par.layout)} equal {par.layout} shards")
         if train.skip_nonfinite < 0:
             raise ConfigError(f"train.skip_nonfinite={train.skip_nonfinite} must be ≥ 0")
         if not (par.timeout_s > 0 and math.isfinite(par.timeout_s)):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parallel.layout import num_shards, shard_ids
+from parallel.layout import local_ranges
 from runtime.errors import ConfigError
 from runtime.integrity import Verified, array_meta, check_chunks, is_int, read_array, read_json
 from runtime.tokenizer import ByteTokenizer, load_tokenizer
@@ -292,7 +292,7 @@ class ZarrTokens:
     """
 
     def __init__(self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp: int, sp_rank: int, sp: int,
-                 layout: str, seed: int):
+                 layout: str, seed: int, window: int = 0):
         group, attrs = open_store(path)
         self.tokens, self.follow = group["tokens"], group["next_token"]
         self.attrs = attrs
@@ -305,9 +305,7 @@ class ZarrTokens:
                               f"train.batch_size={batch_size}; lower the batch size or add data")
         self.seq_len, self.chunk_len = seq_len, attrs["chunk_len"]
         self.batch_size, self.per_replica, self.dp_rank = batch_size, batch_size // dp, dp_rank
-        n = num_shards(sp, layout)
-        self.shard_len = seq_len // n
-        self.shards = shard_ids(sp_rank, sp, layout)
+        self.ranges = local_ranges(seq_len, sp_rank, sp, layout, window)  # this rank's pieces, in local order
         self.seed = seed
         self.batches_per_epoch = self.n_rows // batch_size
         self._perm_epoch, self._perm = -1, None
@@ -339,12 +337,13 @@ class ZarrTokens:
         Plain per-row slices (zarr's orthogonal indexing is several times slower for the same chunks).
         """
         rows = [int(r) for r in self._rows(*self.cursor(step))]
-        x = np.empty((len(rows), len(self.shards) * self.shard_len), dtype=np.int32)
+        x = np.empty((len(rows), sum(hi - lo for lo, hi in self.ranges)), dtype=np.int32)
         y = np.empty_like(x)
         for i, row in enumerate(rows):
-            for j, c in enumerate(self.shards):
-                lo, hi = c * self.shard_len, (c + 1) * self.shard_len
-                part = slice(j * self.shard_len, (j + 1) * self.shard_len)
+            start = 0
+            for lo, hi in self.ranges:
+                part = slice(start, start + hi - lo)
+                start = part.stop
                 x[i, part] = self.tokens[row, lo:hi]
                 y[i, part.start : part.stop - 1] = x[i, part.start + 1 : part.stop]
                 y[i, part.stop - 1] = self._token_after(row, hi)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from parallel.layout import shard_sequence
+from parallel.layout import shard_sequence, shard_windows
 from runtime.config import JobConfig
 from runtime.data import ZarrTokens
 from runtime.synthetic import SyntheticTask
@@ -38,14 +38,16 @@ class SyntheticSource:
     """A synthetic task (MQAR, passkey): every row is a function of (seed, step, row)."""
 
     def __init__(self, task: SyntheticTask, batch_size: int, dp_rank: int, dp: int, sp_rank: int, sp: int,
-                 layout: str):
-        self.task, self.layout = task, layout
+                 layout: str, window: int = 0):
+        self.task, self.layout, self.window = task, layout, window
         per_replica = batch_size // dp
         self.rows = range(dp_rank * per_replica, (dp_rank + 1) * per_replica)
         self.sp_rank, self.sp = sp_rank, sp
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.task.rows(step, self.rows)
+        if self.window:  # window-major: each window is sharded over sp on its own
+            return tuple(shard_windows(t, self.sp_rank, self.sp, self.layout, self.window) for t in (x, y))
         return (shard_sequence(x, self.sp_rank, self.sp, self.layout),
                 shard_sequence(y, self.sp_rank, self.sp, self.layout))
 
@@ -90,9 +92,10 @@ class ZarrSource:
 def build_data_source(cfg: JobConfig, dp_rank: int, dp: int, sp_rank: int, sp: int) -> DataSource:
     """The configured source (`data.source`) for the rank at (dp_rank, sp_rank)."""
     t, layout = cfg.train, cfg.parallel.layout
+    window = t.window if sp > 1 else 0  # streaming under sp: window-major shards
     kind, _, where = cfg.data.source.partition(":")
     if kind == "zarr":
-        return ZarrSource(ZarrTokens(where, t.seq_len, t.batch_size, dp_rank, dp, sp_rank, sp, layout, t.seed),
-                          t.steps)
+        return ZarrSource(ZarrTokens(where, t.seq_len, t.batch_size, dp_rank, dp, sp_rank, sp, layout, t.seed,
+                                     window), t.steps)
     task = SyntheticTask(where, cfg.model.vocab_size, t.seq_len, t.seed, cfg.data.num_pairs, cfg.data.passkey_digits)
-    return SyntheticSource(task, t.batch_size, dp_rank, dp, sp_rank, sp, layout)
+    return SyntheticSource(task, t.batch_size, dp_rank, dp, sp_rank, sp, layout, window)

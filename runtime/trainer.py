@@ -68,7 +68,7 @@ class Trainer:
         self.fused_loss = cfg.train.loss_chunk > 0
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
                           device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=self._token_loss_sum,
-                          remat=cfg.parallel.remat, window=cfg.train.window,
+                          remat=cfg.parallel.remat, window=cfg.train.window // self.sp,
                           forward_kwargs={"logits": not self.fused_loss})
         # gradients are summed over these; the tied embedding/head pair (pp > 1) over its own group
         self.replica_groups = [mesh.group(axis) for axis in ("sp", "dp") if mesh.size(axis) > 1]

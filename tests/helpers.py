@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 
 def _free_port() -> int:
@@ -113,3 +114,67 @@ def run_overrides(world: int, store: str, run_dir, steps: int, extra: list[str] 
 
 def run_training(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
     run_distributed(_train, world, run_overrides(world, store, run_dir, steps, extra))
+
+
+LASP2_CASES = [(layout, decay, gate, init) for layout in ("contiguous", "zigzag")
+               for decay in (False, True) for gate in (False, True) for init in (False, True)]
+
+
+def _lasp2_inputs(seed: int, decay: bool, gate: bool, T: int):
+    g = torch.Generator().manual_seed(seed)
+    B, H, K, V = 2, 3, 8, 12
+    q, k, v = (torch.randn(B, T, H, d, generator=g) for d in (K, K, V))
+    log_decay = -torch.rand(H, generator=g) * 0.3 if decay else None
+    gates = F.logsigmoid(torch.randn(B, T, H, generator=g) + 2.0) if gate else None
+    w = torch.randn(B, T, H, V, generator=g)
+    return q, k, v, log_decay, gates, w
+
+
+def check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: float = 1e-5) -> None:
+    """LASP-2 on `world` ranks equals single-process linear attention: outputs, final state, every input
+    gradient (the initial state's too), both layouts, with and without decay, gate and initial state."""
+    import torch.distributed as dist
+
+    from kernels import linear_attention
+    from parallel.lasp2 import lasp2_linear_attention
+    from parallel.layout import shard_sequence, unshard_sequence
+
+    for i, (layout, decay, gate, init) in enumerate(LASP2_CASES):
+        q, k, v, ld, g, w = _lasp2_inputs(100 + i, decay, gate, T)
+        B, _, H, K = q.shape
+        gen = torch.Generator().manual_seed(7 + i)
+        s0 = torch.randn(B, H, K, v.shape[-1], generator=gen) if init else None
+        wf = torch.randn(B, H, K, v.shape[-1], generator=gen)
+        leaves = [t.requires_grad_() for t in (q, k, v, ld, g, s0) if t is not None]
+        ref, ref_final = linear_attention(q, k, v, log_decay=ld, gate=g, chunk_size=16, initial_state=s0,
+                                          output_final_state=True)
+        ref_grads = torch.autograd.grad((ref * w).sum() + (ref_final * wf).sum(), leaves)
+
+        def local(x, layout=layout):
+            return shard_sequence(x.detach(), rank, world, layout).requires_grad_()
+
+        ql, kl, vl = local(q), local(k), local(v)
+        gl = local(g) if g is not None else None
+        ldl = ld.detach().clone().requires_grad_() if ld is not None else None
+        s0l = s0.detach().clone().requires_grad_() if s0 is not None else None
+        out, final = lasp2_linear_attention(ql, kl, vl, log_decay=ldl, gate=gl, chunk_size=16, layout=layout,
+                                            backend=backend, initial_state=s0l, output_final_state=True)
+        case = (layout, decay, gate, init)
+        assert rel_err(out, shard_sequence(ref.detach(), rank, world, layout)) < tol, case
+        assert rel_err(final, ref_final.detach()) < tol, case
+        wl = shard_sequence(w, rank, world, layout)
+        local_leaves = [t for t in (ql, kl, vl, ldl, gl, s0l) if t is not None]
+        # the final state is replicated: each rank's copy carries a 1/world share of its loss term
+        grads = list(torch.autograd.grad((out * wl).sum() + (final * wf).sum() / world, local_leaves))
+        names = [n for n, t in zip("q k v log_decay gate initial".split(), (ql, kl, vl, ldl, gl, s0l))
+                 if t is not None]
+        for name, got, want in zip(names, grads, ref_grads):
+            if name in ("log_decay", "initial"):  # replicated: the gradient is the sum over ranks
+                dist.all_reduce(got)
+            else:
+                want = shard_sequence(want, rank, world, layout)
+            assert rel_err(got, want) < tol, (name, case, rel_err(got, want))
+        # the pieces reassemble into the whole sequence
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out.detach().contiguous())
+        assert rel_err(unshard_sequence(parts, layout), ref.detach()) < tol

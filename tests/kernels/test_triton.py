@@ -258,11 +258,11 @@ def test_gpu_fp16():
 
 
 def _lasp2_triton(rank: int, world: int, T: int) -> None:
-    from test_lasp2 import _check_lasp2
+    from helpers import check_lasp2
 
     triton_common.DEFAULT_CONFIG = SEGMENTED  # 2-chunk segments: shards of 40 tokens hold two segments
     triton_common.POISON_OUTPUTS = not torch.cuda.is_available()
-    _check_lasp2(rank, world, T, backend="triton", tol=1e-4)
+    check_lasp2(rank, world, T, backend="triton", tol=1e-4)
 
 
 @pytest.mark.parametrize("sp", [2, 4])
@@ -277,7 +277,7 @@ def test_lasp2_fused_kernels(sp):
 class _ChainExchange(ShardExchange):
     """Rows 0…n−1 of a batch of one are consecutive shards of one sequence (LASP-2 in one process)."""
 
-    def forward(self, M, log_A):
+    def forward(self, M, log_A, initial=None):
         with torch.enable_grad():
             self.inputs = (M.detach().requires_grad_(), log_A.detach().requires_grad_())
             S, entering = torch.zeros_like(M[0]), []
@@ -285,10 +285,10 @@ class _ChainExchange(ShardExchange):
                 entering.append(S)
                 S = self.inputs[1][j].exp()[..., None, None] * S + self.inputs[0][j]
             self.entering = torch.stack(entering)
-        return self.entering.detach()
+        return self.entering.detach(), S.detach()
 
-    def backward(self, d_entering):
-        return torch.autograd.grad(self.entering, self.inputs, d_entering)
+    def backward(self, d_entering, d_final=None):
+        return (*torch.autograd.grad(self.entering, self.inputs, d_entering), None)
 
 
 @gpu
@@ -300,8 +300,8 @@ def test_gpu_sharded_matches_whole_sequence():
     do = torch.randn(1, T, H, 128, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
     leaves = {name: t.detach().clone().requires_grad_() for name, t in x.items()}
     rows = lambda t: t.reshape(n, T // n, *t.shape[2:])  # noqa: E731
-    o = linear_attention_triton_sharded(rows(leaves["q"]), rows(leaves["k"]), rows(leaves["v"]), _ChainExchange(),
-                                        log_decay=leaves["log_decay"], gate=rows(leaves["gate"]))
+    o, _ = linear_attention_triton_sharded(rows(leaves["q"]), rows(leaves["k"]), rows(leaves["v"]),
+                                           _ChainExchange(), log_decay=leaves["log_decay"], gate=rows(leaves["gate"]))
     grads = torch.autograd.grad((o.float() * rows(do).float()).sum(), list(leaves.values()))
     x64 = {name: t.double() for name, t in x.items()}
     o_r, _, grads_r = _run(linear_attention_chunked, x64, do.double(), None, chunk_size=64)
