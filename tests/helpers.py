@@ -116,8 +116,9 @@ def run_training(world: int, store: str, run_dir, steps: int, extra: list[str] =
     run_distributed(_train, world, run_overrides(world, store, run_dir, steps, extra))
 
 
-LASP2_CASES = [(layout, decay, gate, init) for layout in ("contiguous", "zigzag")
-               for decay in (False, True) for gate in (False, True) for init in (False, True)]
+LASP2_CASES = [(layout, decay, gate, False) for layout in ("contiguous", "zigzag")
+               for decay in (False, True) for gate in (False, True)]
+LASP2_CASES += [(layout, True, True, True) for layout in ("contiguous", "zigzag")]  # a carried initial state
 
 
 def _lasp2_inputs(seed: int, decay: bool, gate: bool, T: int):

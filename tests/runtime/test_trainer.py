@@ -15,17 +15,19 @@ from runtime.synthetic import IGNORE, SyntheticTask
 from runtime.trainer import Trainer, train
 
 
-def _cfg(dp: int, pp: int, sp: int, microbatches: int, remat: str = "never", layout: str = "zigzag"):
+def _cfg(dp: int, pp: int, sp: int, microbatches: int, remat: str = "never", layout: str = "zigzag",
+         extra: tuple[str, ...] = ()):
     return load_config(None, [
         f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.microbatches={microbatches}",
         f"parallel.remat={remat}", f"parallel.layout={layout}", "model.gate=true", "train.batch_size=8",
-        "train.seq_len=32", "data.num_pairs=4",
+        "train.seq_len=32", "data.num_pairs=4", *extra,
     ])
 
 
-def _check_step(rank: int, world: int, dp: int, pp: int, sp: int, microbatches: int, remats: list[str]) -> None:
+def _check_step(rank: int, world: int, dp: int, pp: int, sp: int, microbatches: int, remats: list[str],
+                layout: str = "zigzag", extra: tuple[str, ...] = ()) -> None:
     for remat in remats:
-        cfg = _cfg(dp, pp, sp, microbatches, remat)
+        cfg = _cfg(dp, pp, sp, microbatches, remat, layout, extra)
         mesh = build_mesh(dp, pp, sp)
         trainer = Trainer(cfg, mesh)
         # the single-process reference on the whole global batch
@@ -53,6 +55,17 @@ def _check_step(rank: int, world: int, dp: int, pp: int, sp: int, microbatches: 
 def test_parallel_step_equals_single_process(dp: int, pp: int, sp: int, microbatches: int) -> None:
     remats = ["never", "except_last", "always"] if (dp, pp, sp) == (1, 2, 1) else ["never"]
     run_distributed(_check_step, dp * pp * sp, dp, pp, sp, microbatches, remats)
+
+
+@pytest.mark.parametrize("dp,sp,layout,seq_len,window", [(1, 1, "zigzag", 48, 20), (1, 2, "zigzag", 64, 16),
+                                                        (1, 2, "contiguous", 64, 32), (1, 4, "zigzag", 64, 32),
+                                                        (2, 2, "zigzag", 64, 32)])
+def test_streaming_windows_equal_the_whole_sequence_step(dp: int, sp: int, layout: str, seq_len: int,
+                                                         window: int) -> None:
+    """Windows under sp (window-major shards, LASP-2 from the carried state, the conv tail carried by the
+    halo exchange) equal the single-process whole-sequence step: loss and every gradient."""
+    extra = (f"train.seq_len={seq_len}", f"train.window={window}", "parallel.pp=1")
+    run_distributed(_check_step, dp * sp, dp, 1, sp, 2, ["never", "always"], layout, extra)
 
 
 def _train(rank: int, world: int, overrides: list[str]) -> None:
