@@ -244,24 +244,27 @@ class LinearLlama(nn.Module):
         Each parameter draws from its own generator seeded by (seed, its name), so a pipeline
         stage that holds only some layers initialises them exactly as the whole model would.
         """
-        std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, LinearAttention):
                 module.reset_buffers()
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
-            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-            if name.endswith("conv.weight"):  # depthwise kernel: uniform ±1/√w, as PyTorch's Conv1d
-                bound = 1.0 / math.sqrt(p.shape[-1])
-                p.uniform_(-bound, bound, generator=gen)
-                continue
-            scaled = name.endswith(("mixer.o.weight", "mlp.down.weight"))
-            p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std, generator=gen)
+            if not p.is_meta:
+                self.init_parameter_(name, p, seed)
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, p: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Fill `p` (the whole parameter `name`, or a tensor of its shape) with its initial value: a function
+        of (seed, name) only — a sharded stage materialises each parameter whole, one at a time, with this."""
+        std = self.cfg.init_std
+        if name.endswith("norm.weight"):
+            return p.fill_(1.0)
+        key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
+        gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        if name.endswith("conv.weight"):  # depthwise kernel: uniform ±1/√w, as PyTorch's Conv1d
+            bound = 1.0 / math.sqrt(p.shape[-1])
+            return p.uniform_(-bound, bound, generator=gen)
+        scaled = name.endswith(("mixer.o.weight", "mlp.down.weight"))
+        return p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std, generator=gen)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head (again: `to_empty` breaks the tie) when both are here."""

@@ -4,6 +4,10 @@ Parameters are replicated over dp and sp. Each rank's loss share is already divi
 global token count, so the step's gradient is the SUM over sp and dp of the ranks' gradients.
 With pp > 1 and tied embeddings, the first stage's embedding and the last stage's head are
 copies of one weight: their gradients are summed over the pair, and the norm counts it once.
+
+Under sharded model state (FSDP2, parallel.sharding) the sum over sp and dp is the reduce-scatter FSDP
+runs itself; gradients are then DTensors and everything here works on their local shards: the tied
+copies are sharded alike on both stages, so summing the local shards over the pair sums the weight.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from parallel.sharding import local
 
 
 def all_reduce_flat(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
@@ -29,22 +35,27 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
 def sync_gradients(params: Iterable[torch.nn.Parameter], replica_groups: Sequence[dist.ProcessGroup],
                    tied: torch.nn.Parameter | None = None, tied_group: dist.ProcessGroup | None = None) -> None:
     """Σ of every gradient over each group in `replica_groups` (sp, dp), then of the tied copy over its pair."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     for group in replica_groups:
         all_reduce_flat(grads, group)
     if tied is not None and tied_group is not None and tied.grad is not None:
-        dist.all_reduce(tied.grad, group=tied_group)
+        dist.all_reduce(local(tied.grad), group=tied_group)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], stage_group: dist.ProcessGroup | None,
-                     exclude: torch.nn.Parameter | None = None, device: torch.device | None = None) -> torch.Tensor:
-    """‖g‖₂ over all pipeline stages (`stage_group`, None for one stage), `exclude` (a tied copy) left out.
+                     exclude: torch.nn.Parameter | None = None, device: torch.device | None = None,
+                     shard_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """‖g‖₂ over all pipeline stages (`stage_group`, None for one stage), `exclude` (a tied copy) left out;
+    with sharded gradients, the squares of the local shards are also summed over `shard_group`.
     One fp32 tensor on the device: no host sync."""
-    grads = [p.grad for p in params if p.grad is not None and p is not exclude]
+    grads = [local(p.grad) for p in params if p.grad is not None and p is not exclude]
+    grads = [g for g in grads if g.numel()]  # a shard may hold no rows
     if grads:
         sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
     else:
         sq = torch.zeros((), device=device)
+    if shard_group is not None:
+        dist.all_reduce(sq, group=shard_group)
     if stage_group is not None:
         dist.all_reduce(sq, group=stage_group)
     return sq.sqrt()
@@ -52,6 +63,6 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], stage_group: dist.Pro
 
 def clip_gradients_(params: Iterable[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
     """Scale every gradient by min(1, max_norm / ‖g‖) on the device (no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     if grads and max_norm > 0:
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from parallel.streaming import streaming_forward, streaming_step
 
@@ -87,7 +88,8 @@ class GPipe:
 
     def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
                  device: torch.device, microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 remat: str = "never", window: int = 0, forward_kwargs: dict | None = None):
+                 remat: str = "never", window: int = 0, forward_kwargs: dict | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
         if window and num_stages > 1:
             raise ValueError("streaming windows run on one pipeline stage; use pp=1 with a window")
         self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
@@ -95,7 +97,14 @@ class GPipe:
         self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
         self.plan = recompute_plan(remat, microbatches)
         self._divisor: torch.Tensor | float = 1.0
+        # every forward goes through the stage module; `wrap` may shard it (FSDP2: it becomes the root whose
+        # hooks gather and reduce the stage's parameters, the module the pipeline schedule recognises)
         self._stage_module = _Recomputed(module, self.forward_kwargs)
+        if wrap is not None:
+            self._stage_module = wrap(self._stage_module)
+        self.sharded = isinstance(self._stage_module, FSDPModule)
+        if window and self.sharded:
+            raise ValueError("streaming windows do not run with sharded model state; use parallel.shard=none")
         self.schedule = None
         if num_stages > 1:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
@@ -121,12 +130,17 @@ class GPipe:
         self._divisor = loss_divisor
         if self.schedule is None:
             losses = []
-            for x, y, recompute in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches), self.plan):
+            last = self.microbatches - 1
+            for i, (x, y, recompute) in enumerate(zip(inputs.chunk(self.microbatches),
+                                                      targets.chunk(self.microbatches), self.plan)):
                 if self.window:
                     losses.append(streaming_step(self.module, x, y, self.window, self._scaled_loss, recompute,
                                                  self.forward_kwargs))
                     continue
-                loss = self._scaled_loss(self.module(x, checkpoint_layers=recompute, **self.forward_kwargs), y)
+                if self.sharded:  # accumulate unsharded; one reduce-scatter, in the last micro-batch's backward
+                    self._stage_module.set_requires_gradient_sync(i == last)
+                self._stage_module.plan = [recompute]
+                loss = self._scaled_loss(self._stage_module(x), y)
                 loss.backward()
                 losses.append(loss.detach())
             return torch.stack(losses).sum()
@@ -149,7 +163,8 @@ class GPipe:
         h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
         if self.window:
             return streaming_forward(self.module, h, self.window, self.forward_kwargs)
-        h = self.module(h, **self.forward_kwargs)
+        self._stage_module.plan = []
+        h = self._stage_module(h)
         if self.is_last:
             return h
         _send_tensor(h, self.stage_index + 1, self.group)

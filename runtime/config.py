@@ -28,6 +28,7 @@ from parallel.pipeline import REMAT_MODES
 from runtime.errors import ConfigError
 
 BALANCE = ("params", "time")
+SHARD_MODES = ("none", "optimizer", "full")
 
 
 @dataclass
@@ -52,6 +53,11 @@ class ParallelConfig:
     """Softmax layers under sp > 1: allgather (LASP-2H) | ring (zigzag ring) | ulysses (all-to-all over heads)."""
     timeout_s: float = 600.0
     """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
+    shard: str = "none"
+    """Model state over the dp × sp ranks of each pipeline stage (FSDP2, DESIGN §10): none (replicated) |
+    optimizer (parameters gathered once per step and kept through backward; gradients, optimizer state and
+    fp32 master weights sharded between steps: ZeRO-1/2-like) | full (parameters also re-gathered per block in
+    forward and backward: ZeRO-3). No effect when dp · sp = 1."""
 
 
 @dataclass
@@ -177,7 +183,7 @@ class JobConfig:
 
         dp, pp, sp = resolve_dims(world_size, par.dp, par.pp, par.sp)
         for key, allowed in (("layout", LAYOUTS), ("remat", REMAT_MODES), ("balance", BALANCE),
-                             ("sp_attention", SOFTMAX_METHODS)):
+                             ("sp_attention", SOFTMAX_METHODS), ("shard", SHARD_MODES)):
             if getattr(par, key) not in allowed:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)!r} is unknown; use one of {list(allowed)}")
         if train.dtype not in ("float32", "float64"):
@@ -193,6 +199,9 @@ class JobConfig:
         if train.window and ("A" in m.layer_kinds() or par.pp > 1):
             raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage "
                               f"(model.layout=L, parallel.pp=1); set train.window=0 for this layout")
+        if train.window and par.shard != "none" and dp * sp > 1:
+            raise ConfigError(f"train.window={train.window} does not run with sharded model state yet; set "
+                              f"parallel.shard=none (or train.window=0)")
         if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):
             raise ConfigError(f"under sp={sp} train.window={train.window} must divide train.seq_len={train.seq_len} "
                               f"and split into {num_shards(sp, par.layout)} equal {par.layout} shards")

@@ -9,7 +9,7 @@ initialized one (Ray Train, a test harness), the torchrun / Ray environment vari
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -73,6 +73,20 @@ class ParallelMesh:
 
     mesh: DeviceMesh
     device: torch.device
+    timeout_s: float | None = None
+    _replicas: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def replica_mesh(self) -> DeviceMesh:
+        """The dp × sp ranks of this rank's pipeline stage as one flat mesh dimension "dp_sp" (index
+        dp·sp_size + sp): the ranks that hold the same parameters, over which sharded model state is split.
+        Collective on first use (every rank creates every stage's group); cached."""
+        if self._replicas is None:
+            dp, pp, sp = (self.size(axis) for axis in AXES)
+            grid = self.mesh.mesh.permute(1, 0, 2).reshape(pp, dp * sp)  # [stage, replica] global ranks
+            self._replicas = DeviceMesh(self.device.type, grid, mesh_dim_names=("pp", "dp_sp"))["dp_sp"]
+            if self.timeout_s:
+                set_timeout(self._replicas.get_group(), self.timeout_s)
+        return self._replicas
 
     def size(self, axis: str) -> int:
         return self.mesh.size(AXES.index(axis))
@@ -101,7 +115,7 @@ def build_mesh(dp: int | None = None, pp: int = 1, sp: int = 1, device: torch.de
     if timeout_s:  # also a group the launcher made (Ray, torchrun's elastic agent) and the mesh's subgroups
         for group in {None: None, **{axis: mesh.get_group(axis) for axis in AXES}}.values():
             set_timeout(group, timeout_s)
-    return ParallelMesh(mesh, device)
+    return ParallelMesh(mesh, device, timeout_s)
 
 
 def set_timeout(group: dist.ProcessGroup | None, timeout_s: float) -> None:

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from models import LinearLlama, ModelConfig
 from parallel.context import SINGLE, SequenceParallel
@@ -79,18 +80,27 @@ def stage_ranges(cfg: JobConfig, mesh: ParallelMesh) -> list[tuple[int, int]]:
     return partition(costs, pp)
 
 
+def sharded(cfg: JobConfig, mesh: ParallelMesh) -> bool:
+    """Whether this job shards model state (parallel.shard ≠ none over more than one dp × sp rank)."""
+    return cfg.parallel.shard != "none" and mesh.size("dp") * mesh.size("sp") > 1
+
+
 def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, list[tuple[int, int]]]:
     """This rank's stage of the model: built on meta, pruned to its layers, materialised and
-    initialised on its device exactly as the whole model would be (per-parameter seeds)."""
+    initialised on its device exactly as the whole model would be (per-parameter seeds). Under sharded
+    model state it stays on meta: `shard_stage` shards it, then materialises only this rank's shards."""
     ranges = stage_ranges(cfg, mesh)
     stage, pp = mesh.coord("pp"), mesh.size("pp")
     with torch.device("meta"):
         model = LinearLlama(cfg.model)
     model.keep_stage(range(*ranges[stage]), first=stage == 0, last=stage == pp - 1)
-    model.to_empty(device=mesh.device)
-    model.tie_weights()
-    model.reset_parameters(cfg.train.seed)
-    model.to(getattr(torch, cfg.train.dtype))
+    if sharded(cfg, mesh):
+        model.to(getattr(torch, cfg.train.dtype))  # still on meta; a tied head is still the embedding
+    else:
+        model.to_empty(device=mesh.device)
+        model.tie_weights()
+        model.reset_parameters(cfg.train.seed)
+        model.to(getattr(torch, cfg.train.dtype))
     if cfg.train.compile and mesh.device.type == "cuda":
         for block in model.layers.values():
             block.compile_token_wise()
@@ -117,3 +127,57 @@ def tied_embedding_group(cfg: JobConfig, mesh: ParallelMesh) -> dist.ProcessGrou
             if mesh.rank in members:
                 mine = group
     return mine
+
+
+def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: ParallelMesh) -> nn.Module:
+    """FSDP2 over the dp × sp ranks of this pipeline stage (DESIGN §10), torchtitan-style: one FSDP group per
+    block, then the stage module (what the pipeline calls, wrapping `model`) as the root, holding what is
+    left — embedding, final norm, head (one group, so a tied embedding/head stays one parameter). Returns
+    `stage`, now sharded, with `model` materialised shard by shard.
+
+    - Mesh: `ParallelMesh.replica_mesh`, the stage's dp × sp ranks flattened to one dimension, so
+      parameters, gradients and AdamW state are split dp·sp ways (HSDP over a 2-D mesh would shard over sp
+      only and all-reduce over dp, keeping dp copies).
+    - Gradients: the loss is already divided by the global token count, so the step's gradient is the SUM
+      over dp × sp: the divide factor is 1 and the collectives use plain SUM (gloo has no pre-multiplied
+      sum) — one reduce-scatter gives the sum over sp and over dp.
+    - Precision: on CUDA (train.dtype float32) bf16 parameters for compute and all-gathers, fp32
+      reduce-scatters and fp32 sharded master weights; on CPU the stored dtype throughout.
+    - parallel.shard=full re-gathers each block in backward (reshard after forward, ZeRO-3); optimizer
+      keeps the gathered blocks from forward to backward (one all-gather per block and micro-batch).
+      The root is never resharded after forward (FSDP2's rule for the root), so the loss may use the
+      head's weight after the stage's forward.
+    - Each block prefetches the next block's all-gather in forward; FSDP2 prefetches in backward itself.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from parallel.sharding import local, local_rows
+
+    replicas = mesh.replica_mesh()
+    if mesh.device.type == "cuda" and cfg.train.dtype == "float32":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    blocks = list(model.layers.values())
+    for block in blocks:
+        fully_shard(block, mesh=replicas, mp_policy=policy, reshard_after_forward=cfg.parallel.shard == "full")
+    fully_shard(stage, mesh=replicas, mp_policy=policy)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+    for module in stage.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+    # materialise: every parameter whole, one at a time, initialised as the unsharded model would be; this
+    # rank keeps its rows (peak: one extra parameter, not the stage)
+    stage.to_empty(device=mesh.device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            whole = model.init_parameter_(name, torch.empty(p.shape, device=mesh.device), cfg.train.seed)
+            start, stop = local_rows(p)
+            local(p).copy_(whole[start:stop])
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return stage

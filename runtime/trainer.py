@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from runtime.config import JobConfig
 from runtime.errors import TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
-from runtime.parallelize import build_stage_model, tied_embedding_group
+from runtime.parallelize import build_stage_model, shard_stage, sharded, tied_embedding_group
 from runtime.sources import DataSource, build_data_source
 from runtime.synthetic import IGNORE
 
@@ -56,7 +57,9 @@ class Trainer:
     - `pipe`: GPipe over the pp group, deciding re-materialization per micro-batch;
     - `optimizer`: AdamW, learning rate set per step by `learning_rate`;
     - `data`: this rank's batches (`runtime.sources`);
-    - gradient synchronisation over sp, dp and the tied embedding pair (`parallel.gradients`).
+    - gradient synchronisation over sp, dp and the tied embedding pair (`parallel.gradients`); under
+      parallel.shard the stage is FSDP2-sharded over its dp × sp ranks (`runtime.parallelize.shard_stage`),
+      whose reduce-scatter is the sum over sp and dp, and parameters, gradients and AdamW state are DTensors.
     """
 
     def __init__(self, cfg: JobConfig, mesh: ParallelMesh):
@@ -64,14 +67,19 @@ class Trainer:
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
+        self.sharded = sharded(cfg, mesh)
         # the loss applies the head itself, chunk by chunk (no [T, vocab] logits), unless loss_chunk = 0
         self.fused_loss = cfg.train.loss_chunk > 0
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
                           device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=self._token_loss_sum,
                           remat=cfg.parallel.remat, window=cfg.train.window // self.sp,
-                          forward_kwargs={"logits": not self.fused_loss})
-        # gradients are summed over these; the tied embedding/head pair (pp > 1) over its own group
+                          forward_kwargs={"logits": not self.fused_loss},
+                          wrap=partial(shard_stage, model=self.model, cfg=cfg, mesh=mesh) if self.sharded else None)
+        # token counts and losses are summed over these; so are gradients, unless sharded (FSDP's reduce-scatter
+        # over dp × sp sums them); the tied embedding/head pair (pp > 1) over its own group
         self.replica_groups = [mesh.group(axis) for axis in ("sp", "dp") if mesh.size(axis) > 1]
+        self.grad_groups = [] if self.sharded else self.replica_groups
+        self.shard_group = mesh.replica_mesh().get_group() if self.sharded else None
         self.tied_group = tied_embedding_group(cfg, mesh)
         self.tied = None
         if self.tied_group is not None:
@@ -108,7 +116,7 @@ class Trainer:
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
         with self.autocast:
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
-        sync_gradients(self.model.parameters(), self.replica_groups, self.tied, self.tied_group)
+        sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group)
         loss = self._sum_over_replicas(loss.detach().double())
         if self.pp > 1:  # only the last stage has it
             dist.all_reduce(loss, group=self.mesh.group("pp"))
@@ -118,7 +126,7 @@ class Trainer:
         """Global gradient norm over all stages (a tied weight counted once, on the first stage)."""
         exclude = self.tied if self.model.embed is None else None  # the last stage's copy of the tied weight
         return global_grad_norm(self.model.parameters(), self.mesh.group("pp") if self.pp > 1 else None,
-                                exclude=exclude, device=self.device)
+                                exclude=exclude, device=self.device, shard_group=self.shard_group)
 
     def step(self, step: int) -> StepResult:
         """One optimizer step on global batch `step`. A non-finite loss or gradient norm (the same on every
