@@ -1,16 +1,22 @@
 """Sharded zarr checkpoints (DESIGN §7): save, load and resume, with a commit protocol.
 
     <run.dir>/checkpoints/step_00000100/          a zarr group
-        model/<parameter name>                    written by the (dp=0, sp=0) rank of the owning pp stage
-        optim/<parameter name>/{exp_avg, exp_avg_sq, step}      likewise
+        model/<parameter name>                    the whole parameter, one array
+        optim/<parameter name>/{exp_avg, exp_avg_sq, step}      its AdamW state
         rng/rank_<r>/{torch, cuda, numpy_key, python_state}     every rank its own RNG states (runtime/rng_state.py)
         attrs: step, config, data cursor, world layout, optimizer   written by rank 0
         COMMITTED                                 written last by rank 0, after a barrier: every
                                                   array's path, digest, shape and dtype
 
-No two processes ever write one array (one chunk object); a checkpoint without its marker is
-ignored on resume. Parameter names are global (the pipeline keeps global layer indices), so
-a checkpoint does not depend on which stage wrote which array.
+Replicated state (parallel.shard=none) is written by the (dp=0, sp=0) rank of the owning pp stage, one
+chunk per array. Sharded state (FSDP2 DTensors, dim-0 shards over the stage's dp × sp ranks) keeps the
+same arrays, chunked on dim 0 as the shards are: that rank creates the array, then every rank of the
+stage writes the chunk of its own rows and reports the chunk's digest (nothing is gathered to one rank).
+A reader takes the rows of its own shard — whatever sharding, or none, wrote them — so a checkpoint
+resumes at any (dp, pp, sp, shard). No two processes ever write one chunk object; a checkpoint without
+its marker is ignored on resume. Parameter names are global (the pipeline keeps global layer indices),
+so a checkpoint does not depend on which stage wrote which array (a tied head missing from a one-stage
+checkpoint is read from the embedding).
 
 Resume, export and `longtrain verify` check what they read (runtime/integrity.py: presence, digests,
 allow-listed metadata) before anything is modified or written; nothing read is unpickled, except by
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from parallel.sharding import is_sharded, local, local_rows, shard_chunk, sharding_of
 from runtime.errors import ConfigError
 from runtime.integrity import (
     MARKER,
@@ -41,6 +48,7 @@ from runtime.integrity import (
     array_digest,
     array_meta,
     checkpoint_error,
+    chunk_key,
     marker_contents,
     marker_entry,
     one_line,
@@ -49,6 +57,7 @@ from runtime.integrity import (
     refuse_untrusted,
     required_optimizer_state,
     root_attrs,
+    sharded_entry,
     verify_checkpoint,
 )
 from runtime.rng_state import RNG_KEYS, RNG_REQUIRED, parse_rng_state, rng_arrays, set_rng_state
@@ -135,7 +144,7 @@ def _barrier() -> None:
 
 
 def _numpy(t) -> np.ndarray:
-    data = (t if torch.is_tensor(t) else torch.tensor(t)).detach().cpu()
+    data = local(t if torch.is_tensor(t) else torch.tensor(t)).detach().cpu()
     if data.dtype == torch.bfloat16:
         data = data.float()
     return data.numpy()
@@ -149,6 +158,46 @@ def _write_array(group, name: str, data: np.ndarray, attrs: dict | None = None) 
                              config={"write_empty_chunks": True})
     arr[...] = data
     return entry
+
+
+def _np_dtype(t: torch.Tensor) -> np.dtype:
+    return np.dtype("float32") if t.dtype == torch.bfloat16 else torch.empty((), dtype=t.dtype).numpy().dtype
+
+
+def _create_sharded(group, name: str, t: torch.Tensor) -> None:
+    """The array of a sharded tensor, chunked on dim 0 as its shards are; no data (its ranks write it)."""
+    _, world = sharding_of(t)
+    chunks = (shard_chunk(t.shape[0], world), *(max(1, s) for s in t.shape[1:]))
+    group.create_array(name, shape=tuple(t.shape), dtype=_np_dtype(t), chunks=chunks)
+
+
+def _write_shard(path: Path, name: str, t: torch.Tensor) -> dict:
+    """This rank's rows of a sharded tensor into their chunk of the array; its part of the marker entry."""
+    import zarr
+
+    start, stop = local_rows(t)
+    chunks = {}
+    if stop > start:
+        data = _numpy(local(t))
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a chunk of zeros is still a chunk
+            zarr.open_array(str(path / name), mode="r+")[start:stop] = data
+        chunks[chunk_key(start // shard_chunk(t.shape[0], sharding_of(t)[1]), t.dim())] = array_digest(data)
+    return {"shape": list(t.shape), "dtype": _np_dtype(t).name, "chunks": chunks}
+
+
+def _merge_entries(gathered: list[str]) -> dict[str, dict]:
+    """Every rank's marker entries into one list: a sharded array's chunks come from several ranks."""
+    arrays: dict[str, dict] = {}
+    for text in gathered:
+        for name, entry in json.loads(text).items():
+            if "chunks" in entry and name in arrays:
+                arrays[name]["chunks"].update(entry["chunks"])
+            else:
+                arrays[name] = entry
+    for name, entry in arrays.items():
+        if "chunks" in entry:
+            arrays[name] = sharded_entry(entry["shape"], entry["dtype"], entry["chunks"])
+    return arrays
 
 
 def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -167,14 +216,29 @@ def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer:
     _barrier()
     root = zarr.open_group(str(path), mode="r+")
     entries: dict[str, dict] = {}
-    if writes_params:
-        names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    if writes_params:  # groups, and the arrays of sharded tensors (before any rank writes a chunk)
         for name, p in model.named_parameters():
-            entries[f"model/{name}"] = _write_array(root["model"], name, _numpy(p))
+            if is_sharded(p):
+                _create_sharded(root["model"], name, p)
         for p, state in optimizer.state.items():
             sub = root["optim"].create_group(names[id(p)])
             for key, value in state.items():
-                entries[f"optim/{names[id(p)]}/{key}"] = _write_array(sub, key, _numpy(value))
+                if is_sharded(value):
+                    _create_sharded(sub, key, value)
+    _barrier()
+    for name, p in model.named_parameters():
+        if is_sharded(p):
+            entries[f"model/{name}"] = _write_shard(path, f"model/{name}", p)
+        elif writes_params:
+            entries[f"model/{name}"] = _write_array(root["model"], name, _numpy(p))
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            name = f"optim/{names[id(p)]}/{key}"
+            if is_sharded(value):
+                entries[name] = _write_shard(path, name, value)
+            elif writes_params:
+                entries[name] = _write_array(root["optim"][names[id(p)]], key, _numpy(value))
     rng = root["rng"].create_group(f"rank_{rank}")
     for key, (data, attrs) in rng_arrays().items():
         entries[f"rng/rank_{rank}/{key}"] = _write_array(rng, key, data, attrs)
@@ -188,9 +252,7 @@ def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer:
         root.attrs.update({"step": step, "config": json.loads(json.dumps(config)), "cursor": cursor,
                            "world_size": world, "optimizer": type(optimizer).__name__})
         written = json.loads((path / "zarr.json").read_text())["attributes"]
-        arrays = {}
-        for text in gathered:
-            arrays.update(json.loads(text))
+        arrays = _merge_entries(gathered)
         tmp = path / f"{MARKER}.partial"
         tmp.write_text(json.dumps(marker_contents(step, world, written, arrays), indent=0))
         os.replace(tmp, path / MARKER)
@@ -230,22 +292,25 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     rank, world = _rank_world()
     required = required_optimizer_state(attrs, optimizer)
 
-    def read(name: str) -> tuple[np.ndarray, dict]:
+    def read(name: str, rows: tuple[int, int] | None = None, shape: list[int] | None = None):
         if name not in listed:
             raise fail(f"array {name} is missing (not listed in {MARKER})")
         meta = array_meta(path / name / "zarr.json", fail)
-        return read_verified(path, name, meta, listed[name]), meta.get("attributes", {})
+        if shape is not None and meta["shape"] != shape:
+            what = f"optimizer state {name}" if name.startswith("optim/") else f"parameter {name[len('model/'):]}"
+            raise fail(f"{what} has shape {meta['shape']}, the model {shape}")
+        return read_verified(path, name, meta, listed[name], rows), meta.get("attributes", {})
 
+    tied = config["model"].get("tie_embeddings")
     params, states = {}, {}
     for name, p in model.named_parameters():
-        params[name] = read(f"model/{name}")[0]
-        if list(params[name].shape) != list(p.shape):
-            raise fail(f"parameter {name} has shape {list(params[name].shape)}, the model {list(p.shape)}")
-        keys = sorted({n.rsplit("/", 1)[1] for n in listed if n.startswith(f"optim/{name}/")} | set(required))
-        states[name] = {key: read(f"optim/{name}/{key}")[0] for key in keys}
-        for key, value in states[name].items():
-            if key != "step" and value.shape != params[name].shape:
-                raise fail(f"optimizer state {key} of {name} has shape {list(value.shape)}, not {list(p.shape)}")
+        # a one-stage checkpoint holds a tied head only as the embedding
+        source = "embed.weight" if name == "head.weight" and tied and "model/head.weight" not in listed else name
+        rows = local_rows(p) if is_sharded(p) else None  # this rank's shard: only its rows are read
+        params[name] = read(f"model/{source}", rows, list(p.shape))[0]
+        keys = sorted({n.rsplit("/", 1)[1] for n in listed if n.startswith(f"optim/{source}/")} | set(required))
+        states[name] = {key: read(f"optim/{source}/{key}", None if key == "step" else rows,
+                                  None if key == "step" else list(p.shape))[0] for key in keys}
     rng = None
     if attrs["world_size"] == world:
         prefix = f"rng/rank_{rank}"
@@ -255,14 +320,26 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     # all verified: now modify
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(params[name]))
+            local(p).copy_(torch.from_numpy(params[name]))
+    # AdamW keeps `step` on the parameter's device when fused or capturable (as its own load_state_dict does)
+    on_device = any(optimizer.defaults.get(k) for k in ("fused", "capturable"))
     for name, p in model.named_parameters():
         if states[name]:
-            optimizer.state[p] = {key: torch.from_numpy(value).to(torch.float32) if key == "step"
-                                  else torch.from_numpy(value).to(p.device) for key, value in states[name].items()}
+            optimizer.state[p] = {key: torch.from_numpy(value).to(p.device if on_device else "cpu", torch.float32)
+                                  if key == "step" else _state_like(p, value) for key, value in states[name].items()}
     if rng is not None:
         set_rng_state(rng)
     return attrs
+
+
+def _state_like(p: torch.Tensor, value: np.ndarray) -> torch.Tensor:
+    """Optimizer state for parameter `p` from this rank's rows `value`: sharded as `p` is (its dtype), else
+    a tensor on p's device in the stored dtype."""
+    if not is_sharded(p):
+        return torch.from_numpy(value).to(p.device)
+    state = torch.zeros_like(p)
+    local(state).copy_(torch.from_numpy(value))
+    return state
 
 
 def _load_legacy(path: Path, attrs: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -270,16 +347,17 @@ def _load_legacy(path: Path, attrs: dict, model: torch.nn.Module, optimizer: tor
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
+    rows = {name: slice(*local_rows(p)) if is_sharded(p) else slice(None) for name, p in model.named_parameters()}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(root["model"][name][...]))
+            local(p).copy_(torch.from_numpy(root["model"][name][rows[name]]))
         state_by_param = {}
         for name, p in model.named_parameters():
             if name not in root["optim"]:
                 continue
             group = root["optim"][name]
-            state_by_param[p] = {key: torch.from_numpy(np.asarray(group[key][...])).to(
-                p.device if key != "step" else torch.device("cpu")) for key in group.array_keys()}
+            state_by_param[p] = {key: torch.from_numpy(np.asarray(group[key][...])) if key == "step"
+                                 else _state_like(p, np.asarray(group[key][rows[name]])) for key in group.array_keys()}
     for p, state in state_by_param.items():
         if "step" in state:
             state["step"] = state["step"].to(torch.float32)

@@ -8,6 +8,9 @@ Owns the commit marker's contents, the content digests and the reading of untrus
 
 - An array's digest is a blake2b of its dtype, shape and little-endian bytes; the group's attributes
   have one too. Presence is checked chunk by chunk (zarr reads an absent chunk as zeros).
+- A sharded array (sharded model state: each rank wrote its own dim-0 chunk, no rank held the whole)
+  is listed with the digest of every chunk's data, {"chunks": {"c/k/0": digest, ...}}, and as its
+  "digest" a digest of that chunk list; a reader checks the chunks it reads.
 - Nothing read is ever unpickled or evaluated: JSON is parsed as data, and an array's metadata must
   pass an allow-list of dtypes and codecs before zarr decodes a chunk.
 - `verify_checkpoint` checks a whole checkpoint without a model; the loader (runtime/checkpoint.py)
@@ -39,6 +42,7 @@ from runtime.rng_state import RNG_KEYS, RNG_REQUIRED, parse_rng_state
 MARKER = "COMMITTED"
 FORMAT = "longtrain-checkpoint-v2"
 _PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_CHUNK_KEY = re.compile(r"^c(/[0-9]+)+$")
 _FIX = "use an older checkpoint (--resume PATH, or auto) or delete this one"
 _DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                      "float16", "float32", "float64"})
@@ -123,13 +127,13 @@ def _chunk_keys(meta: dict) -> Iterator[str]:
         yield sep.join(("c", *map(str, coords)))
 
 
-def check_chunks(folder: Path, meta: dict, fail: Fail, name: str) -> None:
-    """Every chunk file exists; a Blosc chunk's header also matches its file size and the chunk size
-    (Blosc decodes a truncated buffer into garbage without an error)."""
+def check_chunks(folder: Path, meta: dict, fail: Fail, name: str, keys=None) -> None:
+    """Every chunk file (or those of `keys`) exists; a Blosc chunk's header also matches its file size and the
+    chunk size (Blosc decodes a truncated buffer into garbage without an error)."""
     blosc = meta["codecs"][-1]["name"] == "blosc"
     chunk_bytes = int(np.prod(meta["chunk_grid"]["configuration"]["chunk_shape"])) * \
         np.dtype(meta["data_type"]).itemsize
-    for key in _chunk_keys(meta):
+    for key in _chunk_keys(meta) if keys is None else keys:
         file = folder / key
         if not blosc:
             if not file.is_file():
@@ -181,6 +185,22 @@ def marker_entry(data: np.ndarray) -> dict:
     return {"digest": array_digest(data), "shape": list(data.shape), "dtype": data.dtype.name}
 
 
+def chunk_key(index: int, ndim: int) -> str:
+    """The zarr v3 key of the `index`-th dim-0 chunk of an array chunked on dim 0 only."""
+    return "/".join(("c", str(index), *("0" * (ndim - 1))))
+
+
+def chunks_digest(chunks: dict[str, str]) -> str:
+    """The digest of a sharded array: blake2b of its chunks' digests, in key order."""
+    return hashlib.blake2b(json.dumps(sorted(chunks.items())).encode(), digest_size=32).hexdigest()
+
+
+def sharded_entry(shape: list[int], dtype: str, chunks: dict[str, str]) -> dict:
+    """The marker entry of an array written chunk by chunk by several ranks (each chunk's digest)."""
+    return {"digest": chunks_digest(chunks), "shape": list(shape), "dtype": dtype,
+            "chunks": dict(sorted(chunks.items()))}
+
+
 def marker_contents(step: int, world_size: int, attrs: dict, arrays: dict[str, dict]) -> dict:
     """The commit marker of a checkpoint whose group attributes are `attrs` (as written) and whose
     arrays are {path: marker_entry}."""
@@ -209,6 +229,11 @@ def read_marker(path: Path) -> dict:
         if not (isinstance(entry, dict) and isinstance(entry.get("digest"), str) and entry.get("dtype") in _DTYPES
                 and isinstance(entry.get("shape"), list) and all(is_int(s) for s in entry["shape"])):
             raise fail(f"{path / MARKER} has a malformed entry for {name}")
+        chunks = entry.get("chunks")
+        if chunks is not None and not (isinstance(chunks, dict) and all(
+                isinstance(k, str) and _CHUNK_KEY.match(k) and isinstance(v, str) for k, v in chunks.items())
+                and entry["digest"] == chunks_digest(chunks)):
+            raise fail(f"{path / MARKER} has a malformed chunk list for {name}")
     return {**marker, "legacy": False}
 
 
@@ -292,17 +317,46 @@ def _array_nodes(path: Path, fail: Fail) -> dict[str, dict]:
     return nodes
 
 
-def read_verified(path: Path, name: str, meta: dict, entry: dict | None) -> np.ndarray:
-    """An array checked against its marker entry: metadata, presence of its chunks, digest of its bytes."""
+def read_verified(path: Path, name: str, meta: dict, entry: dict | None,
+                  rows: tuple[int, int] | None = None) -> np.ndarray:
+    """An array checked against its marker entry: metadata, presence of its chunks, digest of its bytes.
+    With `rows` = [start, stop): only those rows of dim 0, reading and checking only the chunks they
+    touch when the array was written chunk by chunk (a sharded array), else the whole array."""
     fail = lambda what: checkpoint_error(path, what)
+    chunked = entry is not None and "chunks" in entry
     if entry is not None and (meta["shape"] != entry["shape"] or meta["data_type"] != entry["dtype"]
-                              or meta.get("attributes", {}).get("digest") != entry["digest"]):
+                              or (not chunked and meta.get("attributes", {}).get("digest") != entry["digest"])):
         raise fail(f"array {name} has another shape, dtype or digest than {MARKER} lists")
+    if chunked:
+        return _read_chunked(path, name, meta, entry, rows, fail)
     check_chunks(path / name, meta, fail, name)
     data = read_array(path / name, meta, fail, name)
     if entry is not None and array_digest(data) != entry["digest"]:
         raise fail(f"array {name} does not match its digest in {MARKER} (its bytes changed)")
-    return data
+    return data if rows is None else data[rows[0]:rows[1]]
+
+
+def _read_chunked(path: Path, name: str, meta: dict, entry: dict, rows: tuple[int, int] | None,
+                  fail: Fail) -> np.ndarray:
+    """Rows of an array chunked on dim 0 whose marker entry lists every chunk's digest: each chunk the rows
+    touch is present, listed and unchanged."""
+    shape, chunk_shape = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if not shape or list(chunk_shape[1:]) != list(shape[1:]):
+        raise fail(f"array {name} is listed chunk by chunk but is not chunked on its first dimension only")
+    n, c = shape[0], chunk_shape[0]
+    grid = [chunk_key(j, len(shape)) for j in range(-(-n // c))]
+    if sorted(entry["chunks"]) != sorted(grid):
+        raise fail(f"array {name}: {MARKER} lists chunks {sorted(entry['chunks'])}, the array has {grid}")
+    start, stop = (0, n) if rows is None else rows
+    if stop <= start:
+        return np.zeros((0, *shape[1:]), dtype=meta["data_type"])
+    first, last = start // c, (stop - 1) // c
+    check_chunks(path / name, meta, fail, name, keys=grid[first:last + 1])
+    data = read_array(path / name, meta, fail, name, sel=slice(first * c, min((last + 1) * c, n)))
+    for j in range(first, last + 1):
+        if array_digest(data[(j - first) * c:(j - first + 1) * c]) != entry["chunks"][grid[j]]:
+            raise fail(f"array {name} does not match its digest in {MARKER} (the bytes of chunk {grid[j]} changed)")
+    return data[start - first * c:stop - first * c]
 
 
 def verify_checkpoint(path: str | Path, *, trust: bool = False, keep=lambda name: False) -> Verified:
