@@ -13,17 +13,28 @@ TRUST_HELP = ("accept an old-format checkpoint whose RNG states are Python pickl
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
-    """Print every model preset with its parameter count."""
+    """Print every model preset with its parameter count and its model state per GPU at `--world` GPUs."""
     import torch
 
     from models import PRESETS, LinearLlama, num_parameters, preset
+    from runtime.memory import state_bytes
 
+    if args.world < 1 or args.pp < 1 or args.world % args.pp:
+        raise ConfigError(f"--world {args.world} must be a positive multiple of --pp {args.pp}")
+    replicas = args.world // args.pp
+    print(f"model state per GPU (fp32 weights, gradients, AdamW moments; one micro-batch) at world {args.world} = "
+          f"pp {args.pp} × dp·sp {replicas}, by parallel.shard: none | optimizer | full")
     for name in PRESETS:
         cfg = preset(name)
         with torch.device("meta"):
-            n = num_parameters(LinearLlama(cfg))
+            model = LinearLlama(cfg)
+        n = num_parameters(model)
+        block = max(num_parameters(b) for b in model.layers.values())
+        root = cfg.vocab_size * cfg.dim
+        stage = n // args.pp + (root if args.pp > 1 else 0)
+        gib = [state_bytes(stage, replicas, shard, block, root) / 2**30 for shard in ("none", "optimizer", "full")]
         print(f"{name:>6}  {n / 1e6:9.2f}M params  dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
-              f"layout={cfg.layout} vocab={cfg.vocab_size}")
+              f"layout={cfg.layout} vocab={cfg.vocab_size}  state/GPU {gib[0]:.1f} | {gib[1]:.1f} | {gib[2]:.1f} GiB")
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -80,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (default: tiny preset, 4 local CPU processes, pp=2 × sp=2)")
     add_train_args(train)
     train.set_defaults(func=main_args)
-    sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
+    presets = sub.add_parser("presets", help="list the model presets and their model state per GPU")
+    presets.add_argument("--world", type=int, default=8, help="GPUs of the job (default 8)")
+    presets.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1): dp·sp = world / pp")
+    presets.set_defaults(func=cmd_presets)
     ray_cmd = sub.add_parser("ray", help="train on a Ray cluster (Ray Train TorchTrainer, fault tolerant)")
     from launch.ray_train import add_ray_args
 

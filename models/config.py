@@ -71,11 +71,17 @@ PRESETS: dict[str, dict] = {
     "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2560),
     "400m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=8, ffn_dim=3584),
     "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=6144),
+    # Llama-3.2-3B-like width (head dim 128, 8 KV heads for softmax layers), 26 layers: 3.04B parameters
+    "3b": dict(vocab_size=32000, dim=3072, n_layers=26, n_heads=24, n_kv_heads=8, ffn_dim=8192),
+    # Llama-3-8B-like (dim 4096, 32 layers, 32 heads, 8 KV heads, FFN 14336), tied 32K vocabulary: 7.92B
+    # parameters — 127 GiB of fp32 weights, gradients and AdamW moments: train it with parallel.shard=full
+    "8b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336),
 }
 
 
 # peak AdamW learning rate that suits each preset's size (train.lr defaults to it; 3e-3 diverges the 1B model)
-PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4}
+# (3b and 8b: Llama-3's 3e-4 scaled down for size; not yet tuned by a run)
+PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "3b": 3e-4, "8b": 2e-4}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

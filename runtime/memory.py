@@ -4,6 +4,7 @@ On CUDA (fp32 parameters, bf16 autocast), for the busiest pipeline stage with P 
 T tokens per micro-batch stored (all M micro-batches of a replica under GPipe), width d, FFN width f:
 
     state        16·P                                    fp32 parameter, gradient, two AdamW moments
+                 (parallel.shard over N = dp·sp ranks: `state_bytes`, 16·P/N plus the gathered working copies)
     stored       L·T_stored·d·4                          layer inputs kept for recomputation (fp32 stream)
                  (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·2)
     transient    ACTIVATION·T_layer·(4d + 3f)·2          one layer's internals, recomputed, and its backward
@@ -37,8 +38,27 @@ class MemoryEstimate:
         return self.state_gib + self.stored_gib + self.transient_gib
 
 
-def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int) -> MemoryEstimate:
-    """The per-rank peak of `cfg`'s step on its busiest stage (bf16 autocast on CUDA)."""
+def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: int = 0, root_params: int = 0,
+                microbatches: int = 1) -> float:
+    """Bytes per rank of a stage's model state on CUDA (fp32 master weights, bf16 compute copies):
+
+    - none (or one replica): 16 per parameter — fp32 parameter, gradient and two AdamW moments;
+    - sharded over N = dp·sp ranks: 16/N per parameter, plus what is gathered while the step runs — bf16
+      parameters (optimizer: the whole stage, from forward to backward; full: the root's embedding / head
+      and two blocks, the one running and the one prefetched) and the fp32 gradients of one block before its
+      reduce-scatter; with several micro-batches the stage's gradients accumulate unsharded in fp32 until the
+      step's single reduce-scatter (4 per parameter)."""
+    if shard == "none" or replicas == 1:
+        return 16.0 * n_params_stage
+    gathered = n_params_stage if shard == "optimizer" else root_params + 2 * block_params
+    accumulate = n_params_stage if microbatches > 1 else block_params
+    return 16.0 * n_params_stage / replicas + 2.0 * gathered + 4.0 * accumulate
+
+
+def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int, block_params: int = 0,
+                    root_params: int = 0) -> MemoryEstimate:
+    """The per-rank peak of `cfg`'s step on its busiest stage (bf16 autocast on CUDA); `block_params` (the
+    largest block) and `root_params` (embedding, final norm, head) refine the state of a sharded stage."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
     layers = -(-m.n_layers // pp)
     rows = t.batch_size // dp
@@ -54,7 +74,8 @@ def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: i
     stored += windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     transient = per_token_layer * layer_tokens
     gib = 2.0**30
-    return MemoryEstimate(16 * n_params_stage / gib, stored / gib, transient / gib)
+    state = state_bytes(n_params_stage, dp * sp, par.shard, block_params, root_params, par.microbatches)
+    return MemoryEstimate(state / gib, stored / gib, transient / gib)
 
 
 def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
@@ -66,13 +87,18 @@ def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
 
     dp, pp, sp = resolve_dims(world, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.sp)
     with torch.device("meta"):
-        n_params = num_parameters(LinearLlama(cfg.model))
-    est = estimate_memory(cfg, n_params // pp + (cfg.model.vocab_size * cfg.model.dim if pp > 1 else 0), dp, pp, sp)
+        model = LinearLlama(cfg.model)
+    n_params = num_parameters(model)
+    block = max(num_parameters(b) for b in model.layers.values())
+    root = cfg.model.vocab_size * cfg.model.dim * (2 if pp == 1 and not cfg.model.tie_embeddings else 1)
+    est = estimate_memory(cfg, n_params // pp + (cfg.model.vocab_size * cfg.model.dim if pp > 1 else 0), dp, pp, sp,
+                          block, root)
     capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
     if est.total_gib * (1 - MARGIN) > capacity:
         raise ConfigError(
             f"this job needs about {est.total_gib:.0f} GiB per GPU (state {est.state_gib:.0f}, stored activations "
             f"{est.stored_gib:.0f}, one layer {est.transient_gib:.0f}; ±{MARGIN:.0%}) but the GPU has "
-            f"{capacity:.0f} GiB; set train.window (pure linear layouts), parallel.remat=always, more sp or pp — "
+            f"{capacity:.0f} GiB; set parallel.shard=full (with dp·sp > 1), train.window (pure linear layouts), "
+            f"parallel.remat=always, more sp or pp — "
             f"or run anyway with --set run.skip_memory_check=true")
     return est

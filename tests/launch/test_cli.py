@@ -48,10 +48,15 @@ def test_no_traceback_from_the_process(module: str) -> None:
 def test_presets_command(capsys) -> None:
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert "125m" in out and "1b" in out
+    assert "125m" in out and "1b" in out and "at world 8" in out
+    assert main(["presets", "--world", "16", "--pp", "2"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.split()[0] == "8b")
+    none, optimizer, full = (float(x) for x in line.split("state/GPU")[1].replace("GiB", "").split("|"))
+    assert 55 < none < 65 and full < optimizer < none / 3 and full < 1.3 * none / 8  # 16 B/param over 8 ranks
+    assert main(["presets", "--world", "3", "--pp", "2"]) == 2
 
 
-@pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("400m", 8), ("1b", 8), ("1m-tokens", 8)])
+@pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("400m", 8), ("1b", 8), ("1m-tokens", 8), ("8b", 8)])
 def test_shipped_configs_validate(name: str, world: int) -> None:
     from pathlib import Path
 

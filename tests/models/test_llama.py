@@ -14,7 +14,7 @@ from runtime.errors import ConfigError
 from runtime.mesh import build_mesh, resolve_dims
 
 
-@pytest.mark.parametrize("name,target", [("125m", 125e6), ("400m", 400e6), ("1b", 1e9)])
+@pytest.mark.parametrize("name,target", [("125m", 125e6), ("400m", 400e6), ("1b", 1e9), ("3b", 3e9), ("8b", 8e9)])
 def test_preset_sizes(name: str, target: float) -> None:
     with torch.device("meta"):
         n = num_parameters(LinearLlama(preset(name)))

@@ -44,3 +44,14 @@ def test_a_job_that_cannot_fit_is_refused(monkeypatch) -> None:
     assert memory.check_fits(load_config(None, [*BASE, "train.seq_len=1048576", "train.window=65536"]), 1)
     assert memory.check_fits(load_config(None, [*BASE, "train.seq_len=1048576", "run.skip_memory_check=true"]),
                              1) is None
+
+
+def test_sharded_state_per_gpu() -> None:
+    """parallel.shard over N = dp·sp ranks: 16/N bytes per parameter plus the gathered working copies;
+    several micro-batches accumulate the stage's gradients unsharded (4 bytes per parameter)."""
+    n, block, root = 7.9e9, 2.4e8, 1.3e8
+    assert memory.state_bytes(n, 8, "none") == memory.state_bytes(n, 1, "full") == 16 * n
+    full = memory.state_bytes(n, 8, "full", block, root)
+    assert 16 * n / 8 < full < 1.2 * 16 * n / 8
+    assert full < memory.state_bytes(n, 8, "optimizer", block, root) < 16 * n / 3
+    assert memory.state_bytes(n, 8, "full", block, root, microbatches=4) > full + 3.5 * n
