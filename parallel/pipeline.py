@@ -137,7 +137,10 @@ class GPipe:
                     losses.append(streaming_step(self.module, x, y, self.window, self._scaled_loss, recompute,
                                                  self.forward_kwargs))
                     continue
-                if self.sharded:  # accumulate unsharded; one reduce-scatter, in the last micro-batch's backward
+                if self.sharded:  # as the pipeline schedule does: gradients accumulate unsharded and parameters
+                    # stay gathered until the last micro-batch's backward, which reduce-scatters once
+                    self._stage_module.set_is_last_backward(i == last)
+                    self._stage_module.set_reshard_after_backward(i == last)
                     self._stage_module.set_requires_gradient_sync(i == last)
                 self._stage_module.plan = [recompute]
                 loss = self._scaled_loss(self._stage_module(x), y)
