@@ -111,9 +111,10 @@ class LinearAttention(nn.Module):
         self.reset_buffers()
         self.sp = SINGLE
 
-    def reset_buffers(self) -> None:
-        """(Re)create the constant decay slopes, e.g. after `to_empty` on a meta-built model."""
-        device = self.q.weight.device
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        """(Re)create the constant decay slopes, e.g. after `to_empty` on a meta-built model (on `device`, by
+        default the weights' device)."""
+        device = device or self.q.weight.device
         if self.decay == "retnet" and device.type != "meta":
             self.log_decay = retnet_log_decay(self.n_heads).to(device)
 

@@ -33,13 +33,19 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | 
 
 
 def sync_gradients(params: Iterable[torch.nn.Parameter], replica_groups: Sequence[dist.ProcessGroup],
-                   tied: torch.nn.Parameter | None = None, tied_group: dist.ProcessGroup | None = None) -> None:
-    """Σ of every gradient over each group in `replica_groups` (sp, dp), then of the tied copy over its pair."""
+                   tied: torch.nn.Parameter | None = None, tied_group: dist.ProcessGroup | None = None,
+                   device: torch.device | None = None) -> None:
+    """Σ of every gradient over each group in `replica_groups` (sp, dp), then of the tied copy over its pair
+    (through `device`, the collectives' device, when the gradient lives elsewhere: CPU-offloaded shards)."""
     grads = [local(p.grad) for p in params if p.grad is not None]
     for group in replica_groups:
         all_reduce_flat(grads, group)
     if tied is not None and tied_group is not None and tied.grad is not None:
-        dist.all_reduce(local(tied.grad), group=tied_group)
+        grad = local(tied.grad)
+        buffer = grad if device is None or grad.device == device else grad.to(device)
+        dist.all_reduce(buffer, group=tied_group)
+        if buffer is not grad:
+            grad.copy_(buffer)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], stage_group: dist.ProcessGroup | None,
@@ -52,6 +58,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], stage_group: dist.Pro
     grads = [g for g in grads if g.numel()]  # a shard may hold no rows
     if grads:
         sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+        sq = sq if device is None else sq.to(device)  # CPU-offloaded shards: the collectives run on the device
     else:
         sq = torch.zeros((), device=device)
     if shard_group is not None:
@@ -65,4 +72,4 @@ def clip_gradients_(params: Iterable[torch.nn.Parameter], norm: torch.Tensor, ma
     """Scale every gradient by min(1, max_norm / ‖g‖) on the device (no host sync)."""
     grads = [local(p.grad) for p in params if p.grad is not None]
     if grads and max_norm > 0:
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device, grads[0].dtype))

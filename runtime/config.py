@@ -57,7 +57,10 @@ class ParallelConfig:
     """Model state over the dp × sp ranks of each pipeline stage (FSDP2, DESIGN §10): none (replicated) |
     optimizer (parameters gathered once per step and kept through backward; gradients, optimizer state and
     fp32 master weights sharded between steps: ZeRO-1/2-like) | full (parameters also re-gathered per block in
-    forward and backward: ZeRO-3). No effect when dp · sp = 1."""
+    forward and backward: ZeRO-3). No effect when dp · sp = 1 (unless offload_optimizer)."""
+    offload_optimizer: bool = False
+    """With parallel.shard: keep the sharded fp32 weights, gradients and AdamW state in CPU memory (FSDP2
+    CPUOffloadPolicy); the optimizer step runs on the CPU, the GPU holds only what is gathered for compute."""
 
 
 @dataclass
@@ -199,7 +202,10 @@ class JobConfig:
         if train.window and ("A" in m.layer_kinds() or par.pp > 1):
             raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage "
                               f"(model.layout=L, parallel.pp=1); set train.window=0 for this layout")
-        if train.window and par.shard != "none" and dp * sp > 1:
+        if par.offload_optimizer and par.shard == "none":
+            raise ConfigError("parallel.offload_optimizer=true offloads sharded state; set parallel.shard=optimizer "
+                              "or parallel.shard=full")
+        if train.window and par.shard != "none" and (dp * sp > 1 or par.offload_optimizer):
             raise ConfigError(f"train.window={train.window} does not run with sharded model state yet; set "
                               f"parallel.shard=none (or train.window=0)")
         if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):

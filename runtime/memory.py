@@ -39,7 +39,7 @@ class MemoryEstimate:
 
 
 def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: int = 0, root_params: int = 0,
-                microbatches: int = 1) -> float:
+                microbatches: int = 1, offload: bool = False) -> float:
     """Bytes per rank of a stage's model state on CUDA (fp32 master weights, bf16 compute copies):
 
     - none (or one replica): 16 per parameter — fp32 parameter, gradient and two AdamW moments;
@@ -47,12 +47,12 @@ def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: in
       parameters (optimizer: the whole stage, from forward to backward; full: the root's embedding / head
       and two blocks, the one running and the one prefetched) and the fp32 gradients of one block before its
       reduce-scatter; with several micro-batches the stage's gradients accumulate unsharded in fp32 until the
-      step's single reduce-scatter (4 per parameter)."""
-    if shard == "none" or replicas == 1:
+      step's single reduce-scatter (4 per parameter). `offload`: the 16/N live in CPU memory instead."""
+    if shard == "none" or (replicas == 1 and not offload):
         return 16.0 * n_params_stage
     gathered = n_params_stage if shard == "optimizer" else root_params + 2 * block_params
     accumulate = n_params_stage if microbatches > 1 else block_params
-    return 16.0 * n_params_stage / replicas + 2.0 * gathered + 4.0 * accumulate
+    return (0.0 if offload else 16.0 * n_params_stage / replicas) + 2.0 * gathered + 4.0 * accumulate
 
 
 def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int, block_params: int = 0,
@@ -74,7 +74,8 @@ def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: i
     stored += windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     transient = per_token_layer * layer_tokens
     gib = 2.0**30
-    state = state_bytes(n_params_stage, dp * sp, par.shard, block_params, root_params, par.microbatches)
+    state = state_bytes(n_params_stage, dp * sp, par.shard, block_params, root_params, par.microbatches,
+                        par.offload_optimizer)
     return MemoryEstimate(state / gib, stored / gib, transient / gib)
 
 

@@ -81,8 +81,8 @@ def stage_ranges(cfg: JobConfig, mesh: ParallelMesh) -> list[tuple[int, int]]:
 
 
 def sharded(cfg: JobConfig, mesh: ParallelMesh) -> bool:
-    """Whether this job shards model state (parallel.shard ≠ none over more than one dp × sp rank)."""
-    return cfg.parallel.shard != "none" and mesh.size("dp") * mesh.size("sp") > 1
+    """Whether this job shards model state (parallel.shard ≠ none over more than one dp × sp rank, or offloaded)."""
+    return cfg.parallel.shard != "none" and (mesh.size("dp") * mesh.size("sp") > 1 or cfg.parallel.offload_optimizer)
 
 
 def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, list[tuple[int, int]]]:
@@ -148,8 +148,10 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
       The root is never resharded after forward (FSDP2's rule for the root), so the loss may use the
       head's weight after the stage's forward.
     - Each block prefetches the next block's all-gather in forward; FSDP2 prefetches in backward itself.
+    - parallel.offload_optimizer: the shards (fp32 weights, gradients, hence AdamW state) live in CPU memory
+      (FSDP2 CPUOffloadPolicy, pinned on CUDA); buffers stay on the device.
     """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from parallel.sharding import local, local_rows
 
@@ -158,10 +160,13 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    offload = cfg.parallel.offload_optimizer
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device.type == "cuda") if offload else OffloadPolicy()
     blocks = list(model.layers.values())
     for block in blocks:
-        fully_shard(block, mesh=replicas, mp_policy=policy, reshard_after_forward=cfg.parallel.shard == "full")
-    fully_shard(stage, mesh=replicas, mp_policy=policy)
+        fully_shard(block, mesh=replicas, mp_policy=policy, offload_policy=offload_policy,
+                    reshard_after_forward=cfg.parallel.shard == "full")
+    fully_shard(stage, mesh=replicas, mp_policy=policy, offload_policy=offload_policy)
     for block, following in zip(blocks, blocks[1:]):
         block.set_modules_to_forward_prefetch([following])
     for module in stage.modules():
@@ -171,7 +176,7 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
                 module.set_force_sum_reduction_for_comms(True)
     # materialise: every parameter whole, one at a time, initialised as the unsharded model would be; this
     # rank keeps its rows (peak: one extra parameter, not the stage)
-    stage.to_empty(device=mesh.device)
+    stage.to_empty(device="cpu" if offload else mesh.device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             whole = model.init_parameter_(name, torch.empty(p.shape, device=mesh.device), cfg.train.seed)
@@ -179,5 +184,5 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
             local(p).copy_(whole[start:stop])
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
-            module.reset_buffers()
+            module.reset_buffers(mesh.device)
     return stage

@@ -90,7 +90,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=learning_rate(cfg, 0), betas=(t.beta1, t.beta2), eps=1e-8,
-            fused=self.device.type == "cuda" and t.dtype == "float32",
+            fused=self.device.type == "cuda" and t.dtype == "float32" and not cfg.parallel.offload_optimizer,
         )
         self.data: DataSource = build_data_source(cfg, mesh.coord("dp"), self.dp, mesh.coord("sp"), self.sp)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -116,7 +116,7 @@ class Trainer:
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
         with self.autocast:
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
-        sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group)
+        sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group, device=self.device)
         loss = self._sum_over_replicas(loss.detach().double())
         if self.pp > 1:  # only the last stage has it
             dist.all_reduce(loss, group=self.mesh.group("pp"))

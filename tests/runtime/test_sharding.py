@@ -18,8 +18,11 @@ from runtime.trainer import Trainer, learning_rate
 
 
 def _cfg(dp: int, pp: int, sp: int, shard: str, steps: int, extra: tuple[str, ...] = ()):
+    """`shard` is a parallel.shard value, "+offload" for parallel.offload_optimizer."""
+    shard, _, offload = shard.partition("+")
     return load_config(None, [
         f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.shard={shard}",
+        f"parallel.offload_optimizer={bool(offload)}",
         "parallel.microbatches=2", "model.gate=true", "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4",
         "train.dtype=float64", f"train.steps={steps}", "train.warmup_steps=3", *extra,
     ])
@@ -53,8 +56,8 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t  # collective for a DTensor
 
 
-def _check_steps(rank: int, world: int, dp: int, pp: int, sp: int, shards: list[str], steps: int) -> None:
-    for shard in shards:
+def _check_steps(rank: int, world: int, dp: int, pp: int, sp: int, runs: list[tuple[str, int]]) -> None:
+    for shard, steps in runs:
         cfg = _cfg(dp, pp, sp, shard, steps)
         trainer = Trainer(cfg, build_mesh(dp, pp, sp))
         assert trainer.sharded and all(isinstance(p, DTensor) for p in trainer.model.parameters())
@@ -74,14 +77,14 @@ def _check_steps(rank: int, world: int, dp: int, pp: int, sp: int, shards: list[
 
 def test_dp2_sp2_sharded_steps_equal_single_process() -> None:
     """shard=full and shard=optimizer over dp 2 × sp 2: ten steps (loss and every parameter) equal the
-    single-process run in float64."""
-    run_distributed(_check_steps, 4, 2, 1, 2, ["full", "optimizer"], 10)
+    single-process run in float64; so do a few with the sharded state offloaded (on CPU: the plumbing)."""
+    run_distributed(_check_steps, 4, 2, 1, 2, [("full", 10), ("optimizer", 10), ("full+offload", 3)])
 
 
 def test_pp2_dp2_sharded_steps_equal_single_process() -> None:
     """shard=full composed with GPipe (2 stages × 2 micro-batches): one reduce-scatter per step after the
     schedule's last backward, the tied embedding/head pair summed over its sharded copies."""
-    run_distributed(_check_steps, 4, 2, 2, 1, ["full"], 4)
+    run_distributed(_check_steps, 4, 2, 2, 1, [("full", 4)])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
