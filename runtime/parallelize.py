@@ -170,8 +170,8 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
     for block, following in zip(blocks, blocks[1:]):
         block.set_modules_to_forward_prefetch([following])
     for module in stage.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
+        if isinstance(module, FSDPModule):  # set_gradient_divide_factor's older name on torch < 2.8
+            (getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor)(1.0)
             if hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
     # materialise: every parameter whole, one at a time, initialised as the unsharded model would be; this
