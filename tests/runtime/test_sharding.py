@@ -147,9 +147,9 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
     train(load_config(None, overrides))
 
 
-def _run(run_dir, world: int, sp: int, steps: int, extra: list[str] = ()) -> None:
+def _run(run_dir, world: int, sp: int, steps: int, extra: list[str] = (), pp: int = 1) -> None:
     run_distributed(_train, world, [
-        "parallel.pp=1", f"parallel.sp={sp}", "parallel.microbatches=1", "parallel.shard=full", "model.gate=true",
+        f"parallel.pp={pp}", f"parallel.sp={sp}", "parallel.microbatches=1", "parallel.shard=full", "model.gate=true",
         "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4", f"train.steps={steps}",
         "run.checkpoint_every=10", "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
         "train.eval_batches=0", f"run.dir={run_dir}", *extra])
@@ -163,8 +163,9 @@ def _losses(run_dir) -> list[float]:
 
 def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
     """Saved at world 4 (dp 2 × sp 2, shard=full, every rank writing its own chunks): resumed at world 4 the
-    run continues bitwise; at world 2 (sp 2) and at world 1 the next step's loss is the same up to fp32
-    rounding; export writes the consolidated weights; a changed chunk is refused."""
+    run continues bitwise; at world 2 (sp 2), at world 1 and on two pipeline stages (pp 2 × dp 2, the last
+    stage's tied head read from the embedding) the next step's loss is the same up to fp32 rounding; export
+    writes the consolidated weights; a missing or changed chunk is refused."""
     import shutil
 
     import numpy as np
@@ -185,9 +186,9 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
     a = zarr.open_group(str(straight / "checkpoints/step_00000011"), mode="r")["model"]
     b = zarr.open_group(str(again / "checkpoints/step_00000011"), mode="r")["model"]
     assert all(np.array_equal(a[name][...], b[name][...]) for name in a.array_keys())
-    for world, sp in ((2, 2), (1, 1)):
-        resumed = tmp_path / f"w{world}"
-        _run(resumed, world, sp, 11, [f"run.resume={ckpt}", "train.eval_batches=1"])
+    for world, pp, sp in ((2, 1, 2), (1, 1, 1), (4, 2, 1)):
+        resumed = tmp_path / f"w{world}-pp{pp}"
+        _run(resumed, world, sp, 11, [f"run.resume={ckpt}", "train.eval_batches=1"], pp)
         (loss,) = _losses(resumed)
         assert abs(loss - reference) / reference < 1e-5, (world, loss, reference)
 
