@@ -56,13 +56,35 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t  # collective for a DTensor
 
 
+def _counting_reduce_scatters():
+    """Wrap torch.distributed's reduce-scatter entry points (FSDP2 calls one of them per group reduction)."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def counting(inner):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return inner(*args, **kwargs)
+        return counted
+
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        if hasattr(dist, name):
+            setattr(dist, name, counting(getattr(dist, name)))
+    return calls
+
+
 def _check_steps(rank: int, world: int, dp: int, pp: int, sp: int, runs: list[tuple[str, int]]) -> None:
+    reduce_scatters = _counting_reduce_scatters()
     for shard, steps in runs:
         cfg = _cfg(dp, pp, sp, shard, steps)
         trainer = Trainer(cfg, build_mesh(dp, pp, sp))
         assert trainer.sharded and all(isinstance(p, DTensor) for p in trainer.model.parameters())
         for step, (ref_loss, ref_params) in enumerate(_reference_steps(cfg, steps)):
+            reduce_scatters.clear()
             result = trainer.step(step)
+            # one reduce-scatter per FSDP group (each block, the root) per step, not per micro-batch
+            assert step == 0 or len(reduce_scatters) == len(trainer.model.layers) + 1, len(reduce_scatters)
             assert abs(result.loss - ref_loss) / ref_loss < 1e-6, (shard, step, result.loss, ref_loss)
             for name, p in trainer.model.named_parameters():
                 key = "embed.weight" if name == "head.weight" else name
