@@ -8,6 +8,7 @@ send/recv goes over the pp group, i.e. between ranks with equal (dp, sp) coordin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -62,17 +63,32 @@ class _Recomputed(nn.Module):
     """The stage module as the schedule sees it: forward `i` of a training step runs the wrapped model
     with `checkpoint_layers=plan[i]`. GPipe sets the plan before each step; fill–drain runs exactly
     the M forwards of the plan, in order. Forwards without autograd (evaluation) and the schedule's
-    shape inference on meta tensors do not consume the plan."""
+    shape inference on meta tensors do not consume the plan.
+
+    Streamed windows (`parallel.streaming`) call `forward_window`, which also goes through `forward` (so a
+    sharding root's hooks run); the carries travel beside the call, not as its inputs, so that such a root
+    does not take them for inputs whose gradient ends its backward."""
 
     def __init__(self, module: nn.Module, forward_kwargs: dict):
         super().__init__()
         self.module, self.forward_kwargs = module, forward_kwargs
         self.plan: list[bool] = []
+        self._window: tuple[dict, bool] | None = None  # (entering carries, checkpoint_layers) of the next call
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        if self._window is not None:
+            (carries, checkpoint_layers), self._window = self._window, None
+            return self.module.forward_window(x, carries, checkpoint_layers, **self.forward_kwargs)
         training = torch.is_grad_enabled() and not x.is_meta
         checkpoint_layers = self.plan.pop(0) if training and self.plan else False
         return self.module(x, checkpoint_layers=checkpoint_layers, **self.forward_kwargs)
+
+    def forward_window(self, x: torch.Tensor, carries: dict, checkpoint_layers: bool = False):
+        self._window = (carries, checkpoint_layers)
+        return self(x)
+
+    def zero_carries(self, batch: int, device: torch.device) -> dict:
+        return self.module.zero_carries(batch, device)
 
 
 class GPipe:
@@ -103,8 +119,6 @@ class GPipe:
         if wrap is not None:
             self._stage_module = wrap(self._stage_module)
         self.sharded = isinstance(self._stage_module, FSDPModule)
-        if window and self.sharded:
-            raise ValueError("streaming windows do not run with sharded model state; use parallel.shard=none")
         self.schedule = None
         if num_stages > 1:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
@@ -133,15 +147,13 @@ class GPipe:
             last = self.microbatches - 1
             for i, (x, y, recompute) in enumerate(zip(inputs.chunk(self.microbatches),
                                                       targets.chunk(self.microbatches), self.plan)):
-                if self.window:
-                    losses.append(streaming_step(self.module, x, y, self.window, self._scaled_loss, recompute,
-                                                 self.forward_kwargs))
+                if self.window:  # windows run backward last to first: window 0 of the last micro-batch ends the step
+                    hook = partial(self._last_window, i == last) if self.sharded else None
+                    losses.append(streaming_step(self._stage_module, x, y, self.window, self._scaled_loss, recompute,
+                                                 before_backward=hook))
                     continue
-                if self.sharded:  # as the pipeline schedule does: gradients accumulate unsharded and parameters
-                    # stay gathered until the last micro-batch's backward, which reduce-scatters once
-                    self._stage_module.set_is_last_backward(i == last)
-                    self._stage_module.set_reshard_after_backward(i == last)
-                    self._stage_module.set_requires_gradient_sync(i == last)
+                if self.sharded:
+                    self._last_backward(i == last)
                 self._stage_module.plan = [recompute]
                 loss = self._scaled_loss(self._stage_module(x), y)
                 loss.backward()
@@ -160,12 +172,22 @@ class GPipe:
                                f"{len(self.plan)} micro-batch forwards")
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
+    def _last_backward(self, last: bool) -> None:
+        """Sharded stage: as the pipeline schedule does, gradients accumulate unsharded and parameters stay
+        gathered until the step's last backward, which reduce-scatters once."""
+        self._stage_module.set_is_last_backward(last)
+        self._stage_module.set_reshard_after_backward(last)
+        self._stage_module.set_requires_gradient_sync(last)
+
+    def _last_window(self, last_microbatch: bool, first_window: bool) -> None:
+        self._last_backward(last_microbatch and first_window)
+
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
         """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
         h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
         if self.window:
-            return streaming_forward(self.module, h, self.window, self.forward_kwargs)
+            return streaming_forward(self._stage_module, h, self.window)
         self._stage_module.plan = []
         h = self._stage_module(h)
         if self.is_last:

@@ -34,7 +34,8 @@ def _leaves(carries: dict) -> dict:
 
 def streaming_step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, window: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], checkpoint_layers: bool = False,
-                   forward_kwargs: dict | None = None) -> torch.Tensor:
+                   forward_kwargs: dict | None = None,
+                   before_backward: Callable[[bool], None] | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch [B, T] in windows of `window` tokens (the last may be
     shorter); returns Σ over windows of loss_fn(output_w, targets_w). `module` provides
     `forward_window(x, carries, checkpoint_layers, **forward_kwargs)` and `zero_carries(B, device)`."""
@@ -56,6 +57,8 @@ def streaming_step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             pairs = [(t, g) for t, g in zip(_tensors(leaving), d_leaving) if t.requires_grad]
             outputs += [t for t, _ in pairs]
             grads += [g for _, g in pairs]
+        if before_backward is not None:  # told whether this is the micro-batch's last backward (window 0)
+            before_backward(w == 0)
         torch.autograd.backward(outputs, grads)
         d_leaving = [t.grad if t.grad is not None else torch.zeros_like(t) for t in _tensors(carries)]
         entering[w] = None  # free what this window no longer needs

@@ -205,9 +205,6 @@ class JobConfig:
         if par.offload_optimizer and par.shard == "none":
             raise ConfigError("parallel.offload_optimizer=true offloads sharded state; set parallel.shard=optimizer "
                               "or parallel.shard=full")
-        if train.window and par.shard != "none" and (dp * sp > 1 or par.offload_optimizer):
-            raise ConfigError(f"train.window={train.window} does not run with sharded model state yet; set "
-                              f"parallel.shard=none (or train.window=0)")
         if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):
             raise ConfigError(f"under sp={sp} train.window={train.window} must divide train.seq_len={train.seq_len} "
                               f"and split into {num_shards(sp, par.layout)} equal {par.layout} shards")

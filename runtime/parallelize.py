@@ -156,10 +156,12 @@ def shard_stage(stage: nn.Module, model: LinearLlama, cfg: JobConfig, mesh: Para
     from parallel.sharding import local, local_rows
 
     replicas = mesh.replica_mesh()
+    # streamed windows pass fp32 carried states into the blocks: FSDP must not cast them to bf16
+    cast = cfg.train.window == 0
     if mesh.device.type == "cuda" and cfg.train.dtype == "float32":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=cast)
     else:
-        policy = MixedPrecisionPolicy()
+        policy = MixedPrecisionPolicy(cast_forward_inputs=cast)
     offload = cfg.parallel.offload_optimizer
     offload_policy = CPUOffloadPolicy(pin_memory=mesh.device.type == "cuda") if offload else OffloadPolicy()
     blocks = list(model.layers.values())

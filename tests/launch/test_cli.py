@@ -27,9 +27,6 @@ BAD = {
     "override form": (["--set", "train.lr"], "is not of the form section.key=value"),
     "shard mode": (["--set", "parallel.shard=zero3"], "parallel.shard='zero3' is unknown"),
     "offload unsharded": (["--set", "parallel.offload_optimizer=true"], "set parallel.shard=optimizer"),
-    "window sharded": (["--nproc", "2", "--set", "parallel.pp=1", "parallel.sp=1", "parallel.shard=full",
-                        "train.window=16"],
-                       "set parallel.shard=none (or train.window=0)"),
 }
 
 

@@ -18,11 +18,12 @@ from runtime.trainer import Trainer, learning_rate
 
 
 def _cfg(dp: int, pp: int, sp: int, shard: str, steps: int, extra: tuple[str, ...] = ()):
-    """`shard` is a parallel.shard value, "+offload" for parallel.offload_optimizer."""
-    shard, _, offload = shard.partition("+")
+    """`shard` is a parallel.shard value, "+offload" adds parallel.offload_optimizer, "+window" streaming windows."""
+    shard, *options = shard.split("+")
+    extra = (*extra, *(["train.window=16"] if "window" in options else []))
     return load_config(None, [
         f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.sp={sp}", f"parallel.shard={shard}",
-        f"parallel.offload_optimizer={bool(offload)}",
+        f"parallel.offload_optimizer={'offload' in options}",
         "parallel.microbatches=2", "model.gate=true", "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4",
         "train.dtype=float64", f"train.steps={steps}", "train.warmup_steps=3", *extra,
     ])
@@ -99,8 +100,10 @@ def _check_steps(rank: int, world: int, dp: int, pp: int, sp: int, runs: list[tu
 
 def test_dp2_sp2_sharded_steps_equal_single_process() -> None:
     """shard=full and shard=optimizer over dp 2 × sp 2: ten steps (loss and every parameter) equal the
-    single-process run in float64; so do a few with the sharded state offloaded (on CPU: the plumbing)."""
-    run_distributed(_check_steps, 4, 2, 1, 2, [("full", 10), ("optimizer", 10), ("full+offload", 3)])
+    single-process run in float64; so do a few with the sharded state offloaded (on CPU: the plumbing) and a
+    few streaming each sequence in windows (train.window) through the sharded stage."""
+    run_distributed(_check_steps, 4, 2, 1, 2, [("full", 10), ("optimizer", 10), ("full+offload", 3),
+                                               ("full+window", 3)])
 
 
 def test_pp2_dp2_sharded_steps_equal_single_process() -> None:
