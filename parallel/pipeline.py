@@ -66,11 +66,14 @@ class _Recomputed(nn.Module):
     def __init__(self, module: nn.Module, forward_kwargs: dict):
         super().__init__()
         self.module, self.forward_kwargs = module, forward_kwargs
-        self.plan: list[bool] = []
+        self.plan: list[bool] | None = None  # None: outside a training step
+        self.inferring = False  # the schedule's shape/metadata inference forward is running
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = torch.is_grad_enabled() and not x.is_meta
-        checkpoint_layers = self.plan.pop(0) if training and self.plan else False
+        training = torch.is_grad_enabled() and not x.is_meta and not self.inferring and self.plan is not None
+        if training and not self.plan:
+            raise RuntimeError("the pipeline schedule ran more micro-batch forwards than GPipe planned")
+        checkpoint_layers = self.plan.pop(0) if training else False
         return self.module(x, checkpoint_layers=checkpoint_layers, **self.forward_kwargs)
 
 
@@ -101,8 +104,24 @@ class GPipe:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
             stage = PipelineStage(self._stage_module, stage_index, num_stages, device, group=group)
+            for name in ("_forward_metadata_inference", "_shape_inference"):  # torch 2.13 / 2.11 names
+                if hasattr(stage, name):
+                    setattr(stage, name, self._outside_plan(getattr(stage, name)))
             self.schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=self._scaled_loss,
                                           scale_grads=False)
+
+    def _outside_plan(self, infer: Callable) -> Callable:
+        """The schedule's one-time inference of stage shapes runs the module on real tensors (torch 2.13):
+        it must not take a micro-batch's place in the re-materialization plan."""
+
+        def run(*args, **kwargs):
+            self._stage_module.inferring = True
+            try:
+                return infer(*args, **kwargs)
+            finally:
+                self._stage_module.inferring = False
+
+        return run
 
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, target) / self._divisor
@@ -132,15 +151,18 @@ class GPipe:
             return torch.stack(losses).sum()
         self._stage_module.plan = list(self.plan)
         losses: list[torch.Tensor] = []
-        if self.is_first:
-            self.schedule.step(inputs)
-        elif self.is_last:
-            self.schedule.step(target=targets, losses=losses)
-        else:
-            self.schedule.step()
-        if self._stage_module.plan:
-            raise RuntimeError(f"the schedule ran {len(self.plan) - len(self._stage_module.plan)} of "
-                               f"{len(self.plan)} micro-batch forwards")
+        try:
+            if self.is_first:
+                self.schedule.step(inputs)
+            elif self.is_last:
+                self.schedule.step(target=targets, losses=losses)
+            else:
+                self.schedule.step()
+            left = len(self._stage_module.plan)
+        finally:
+            self._stage_module.plan = None
+        if left:
+            raise RuntimeError(f"the schedule ran {len(self.plan) - left} of {len(self.plan)} micro-batch forwards")
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     @torch.no_grad()
