@@ -29,6 +29,7 @@ from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
 from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
+from parallel.tiling import tiled
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -203,19 +204,23 @@ class Block(nn.Module):
         self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp_tile = 0  # > 0: the token-wise part runs in tiles of this many tokens (parallel.tiling)
 
     def forward(self, h: torch.Tensor, carry: Carry | None = None):
         """h → h + mixer(norm(h)), then + SwiGLU(norm(h)); with a carry (linear layers streaming windows),
         → (h, carry leaving the window)."""
         if carry is None:
             h = h + self.mixer(self.mixer_norm(h))
-            return self.mlp_residual(h)
+            return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters())
         out, carry = self.mixer(self.mixer_norm(h), carry)
-        return self.mlp_residual(h + out), carry
+        return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters()), carry
 
     def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
         """h + SwiGLU(RMSNorm(h)): token-wise work only (`compile_token_wise` fuses its elementwise parts)."""
         return h + self.mlp(self.mlp_norm(h))
+
+    def token_wise_parameters(self) -> list[nn.Parameter]:
+        return [*self.mlp_norm.parameters(), *self.mlp.parameters()]
 
     def compile_token_wise(self) -> None:
         """torch.compile the block's purely token-wise part (norm, SwiGLU, residual); the mixer's kernels
@@ -289,7 +294,7 @@ class LinearLlama(nn.Module):
         hidden states, for a loss that applies the head itself) or hidden states (other stages).
         `checkpoint_layers`: keep only each block's input and recompute the block in backward (the
         pipeline schedule decides, per micro-batch)."""
-        h = self.embed(x) if self.embed is not None else x
+        h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         for block in self.layers.values():
             h = checkpoint(block, h, use_reentrant=False) if checkpoint_layers else block(h)
         return self._head(h, logits)
@@ -298,7 +303,7 @@ class LinearLlama(nn.Module):
                        logits: bool = True) -> tuple[torch.Tensor, dict[str, Carry]]:
         """One window of a sequence that streams through the model (DESIGN §9): as `forward`, each linear
         layer starting from the carry of the previous window; returns (output, carries leaving the window)."""
-        h = self.embed(x) if self.embed is not None else x
+        h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         leaving = {}
         for key, block in self.layers.items():
             run = partial(checkpoint, block, use_reentrant=False) if checkpoint_layers else block
@@ -315,6 +320,15 @@ class LinearLlama(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None and logits else h
+
+
+def _stream_dtype(h: torch.Tensor) -> torch.Tensor:
+    """Under autocast the residual stream — and so every stored layer input — is in the autocast dtype
+    (bf16: half the memory of the re-materialization checkpoints); otherwise it stays as it is."""
+    device = h.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and h.is_floating_point():
+        return h.to(torch.get_autocast_dtype(device))
+    return h
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -50,6 +50,9 @@ class ParallelConfig:
     """How layers are cut into stages: by parameter count (params) or measured layer time (time)."""
     sp_attention: str = "allgather"
     """Softmax layers under sp > 1: allgather (LASP-2H) | ring (zigzag ring) | ulysses (all-to-all over heads)."""
+    offload: bool = False
+    """Keep what a step saves for backward (with remat: the layer inputs) in pinned host memory instead of
+    the GPU (copies are synchronous: memory for time; see README)."""
     timeout_s: float = 600.0
     """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
 
@@ -88,6 +91,9 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops."""
     loss_chunk: int = 8192
     """Tokens per chunk of the head + cross-entropy (no [T, vocab] logits are ever held); 0: whole logits."""
+    mlp_tile: int = 0
+    """> 0: each block's token-wise part (norm, SwiGLU, residual) runs in tiles of this many tokens, so its
+    internals never exceed one tile (exact; costs one more forward of the MLP); 0: off."""
     compile: bool = False
     """torch.compile each block's token-wise part (norm, SwiGLU, residual) on CUDA; ignored on CPU."""
     window: int = 0
@@ -188,8 +194,8 @@ class JobConfig:
             raise ConfigError(f"train.lr={train.lr} must be positive and finite, e.g. train.lr=3e-4")
         if train.eval_batches < 0:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
-        if train.loss_chunk < 0 or train.window < 0:
-            raise ConfigError("train.loss_chunk and train.window must be ≥ 0 (0: off)")
+        if train.loss_chunk < 0 or train.window < 0 or train.mlp_tile < 0:
+            raise ConfigError("train.loss_chunk, train.window and train.mlp_tile must be ≥ 0 (0: off)")
         if train.window and ("A" in m.layer_kinds() or par.pp > 1):
             raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage "
                               f"(model.layout=L, parallel.pp=1); set train.window=0 for this layout")

@@ -8,6 +8,7 @@ replica means) — whatever dp × pp × sp split is used, the step is the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -106,13 +107,19 @@ class Trainer:
         (the same value on every rank)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
-        with self.autocast:
+        with self.autocast, self._saved_tensors_place():
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
         sync_gradients(self.model.parameters(), self.replica_groups, self.tied, self.tied_group)
         loss = self._sum_over_replicas(loss.detach().double())
         if self.pp > 1:  # only the last stage has it
             dist.all_reduce(loss, group=self.mesh.group("pp"))
         return loss
+
+    def _saved_tensors_place(self):
+        """parallel.offload: tensors saved for backward live in (pinned) host memory during the step."""
+        if self.cfg.parallel.offload:
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        return contextlib.nullcontext()
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient norm over all stages (a tied weight counted once, on the first stage)."""

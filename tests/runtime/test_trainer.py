@@ -105,3 +105,21 @@ def _check_time_balance(rank: int, world: int) -> None:
 
 def test_balance_by_measured_time_is_consistent() -> None:
     run_distributed(_check_time_balance, 2)
+
+
+def _check_offload(rank: int, world: int) -> None:
+    common = ["parallel.dp=1", "parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1", "parallel.remat=always",
+              "train.batch_size=4", "train.seq_len=32", "model.gate=true"]
+    results = []
+    for extra in ([], ["parallel.offload=true", "train.mlp_tile=8"]):
+        trainer = Trainer(load_config(None, [*common, *extra]), build_mesh(1, 1, 1))
+        loss = trainer.forward_backward(*trainer.data.batch(0))
+        results.append((loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)  # offload moves bytes, tiles split rows: the same numbers
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_offload_and_tiles_change_no_result() -> None:
+    run_distributed(_check_offload, 1)
