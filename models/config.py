@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from kernels.api import BACKENDS
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba-2 (SSD)"}
+RECURRENT_KINDS = "LM"  # layers that carry a state: they stream window by window
 DECAYS = ("retnet", "none")
 
 
@@ -29,6 +30,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    ssm_state: int = 128  # Mamba-2 (M) layers: state width N per head
+    ssm_expand: int = 2  # Mamba-2: inner width = ssm_expand · dim
+    ssm_head_dim: int = 64  # Mamba-2: head width P (heads = inner / P)
+    ssm_groups: int = 1  # Mamba-2: groups sharing B and C
     chunk_size: int = 64
     backend: str = "auto"  # linear-attention kernels: auto (Triton on CUDA) | triton | torch
 
@@ -49,8 +54,13 @@ class ModelConfig:
         bad = sorted(set(self.layout) - set(LAYER_KINDS))
         if not self.layout or bad:
             raise ValueError(
-                f"model.layout={self.layout!r} has unknown layer letters {bad}; use only L (linear) and A (softmax)"
+                f"model.layout={self.layout!r} has unknown layer letters {bad}; use L (linear), A (softmax), "
+                f"M (Mamba-2)"
             )
+        if "M" in self.layout and ((self.ssm_expand * self.dim) % self.ssm_head_dim
+                                   or ((self.ssm_expand * self.dim) // self.ssm_head_dim) % self.ssm_groups):
+            raise ValueError(f"Mamba-2 layers need ssm_expand·dim = {self.ssm_expand * self.dim} divisible by "
+                             f"ssm_head_dim={self.ssm_head_dim} into heads divisible by ssm_groups={self.ssm_groups}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -71,11 +81,14 @@ PRESETS: dict[str, dict] = {
     "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2560),
     "400m": dict(vocab_size=32000, dim=1024, n_layers=24, n_heads=8, ffn_dim=3584),
     "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=6144),
+    # Mamba-2 mixers (expand 2, state 128, heads of 64) with the SwiGLU of every block
+    "mamba2-1b": dict(vocab_size=32000, dim=2048, n_layers=15, n_heads=16, n_kv_heads=8, ffn_dim=6144, layout="M",
+                      gate=True),
 }
 
 
 # peak AdamW learning rate that suits each preset's size (train.lr defaults to it; 3e-3 diverges the 1B model)
-PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4}
+PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "mamba2-1b": 4e-4}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
 from kernels.conv import short_conv
-from models.config import ModelConfig
+from models.config import RECURRENT_KINDS, ModelConfig
 from parallel.attention import sp_attention
 from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
@@ -201,7 +201,12 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
+        if kind == "M":
+            from models.mamba2 import Mamba2  # it builds on this module's RMSNorm and ShortConv
+
+            self.mixer = Mamba2(cfg)
+        else:
+            self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.mlp_tile = 0  # > 0: the token-wise part runs in tiles of this many tokens (parallel.tiling)
@@ -261,6 +266,10 @@ class LinearLlama(nn.Module):
                 continue
             key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
             gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):  # Mamba-2's own initialisation
+                if name.endswith("A_log"):
+                    self.get_submodule(name.rsplit(".", 1)[0]).reset_ssm_parameters(gen)
+                continue
             if name.endswith("conv.weight"):  # depthwise kernel: uniform ±1/√w, as PyTorch's Conv1d
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 p.uniform_(-bound, bound, generator=gen)
@@ -312,8 +321,8 @@ class LinearLlama(nn.Module):
 
     def zero_carries(self, batch: int, device: torch.device) -> dict[str, Carry]:
         """Carries entering the first window; only pure linear-attention stacks stream."""
-        if any(block.kind != "L" for block in self.layers.values()):
-            raise ValueError("streaming windows need a pure linear-attention layout (model.layout=L)")
+        if any(block.kind not in RECURRENT_KINDS for block in self.layers.values()):
+            raise ValueError("streaming windows need a layout of recurrent layers only (model.layout of L and M)")
         return {key: block.mixer.zero_carry(batch, device) for key, block in self.layers.items()}
 
     def _head(self, h: torch.Tensor, logits: bool) -> torch.Tensor:
