@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel.streaming import streaming_forward, streaming_step
+from parallel.comm import recv_tensor, send_tensor
+from parallel.streaming import (
+    pipelined_streaming_forward,
+    pipelined_streaming_step,
+    streaming_forward,
+    streaming_step,
+)
 
 REMAT_MODES = ("never", "except_last", "always")
 
@@ -84,23 +90,25 @@ class GPipe:
     gradients accumulate unscaled, so a step's gradient is that of Σ_i loss_i. `remat` decides per
     micro-batch whether the stage recomputes its layers in backward (`recompute_plan`); the module
     must take `forward(x, checkpoint_layers: bool, **forward_kwargs)`. With one stage this is plain
-    gradient accumulation over micro-batches, or — with `window` — each micro-batch streams through the
-    model in windows of that many tokens (`parallel.streaming`).
+    gradient accumulation over micro-batches. With `window`, each micro-batch streams through the model in
+    windows of that many tokens (`parallel.streaming`); over several stages the windows are the pipeline's
+    micro-batches (TeraPipe) and `local_tokens` (tokens per sequence on this rank) fixes their number.
     """
 
     def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
                  device: torch.device, microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 remat: str = "never", window: int = 0, forward_kwargs: dict | None = None):
-        if window and num_stages > 1:
-            raise ValueError("streaming windows run on one pipeline stage; use pp=1 with a window")
+                 remat: str = "never", window: int = 0, local_tokens: int = 0, forward_kwargs: dict | None = None):
+        if window and num_stages > 1 and not local_tokens:
+            raise ValueError("streaming windows over pipeline stages need local_tokens (the tokens per sequence)")
         self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
         self.window, self.forward_kwargs = window, dict(forward_kwargs or {})
+        self.n_windows = -(-local_tokens // window) if window and local_tokens else 0
         self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
         self.plan = recompute_plan(remat, microbatches)
         self._divisor: torch.Tensor | float = 1.0
         self._stage_module = _Recomputed(module, self.forward_kwargs)
         self.schedule = None
-        if num_stages > 1:
+        if num_stages > 1 and not window:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
             stage = PipelineStage(self._stage_module, stage_index, num_stages, device, group=group)
@@ -138,6 +146,15 @@ class GPipe:
              loss_divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Forward and backward of one batch; returns Σ micro-batch losses on the last stage (0 elsewhere)."""
         self._divisor = loss_divisor
+        if self.window and self.num_stages > 1:  # windows are the pipeline's micro-batches
+            losses = []
+            for i, recompute in enumerate(self.plan):
+                x = inputs.chunk(self.microbatches)[i] if self.is_first else None
+                y = targets.chunk(self.microbatches)[i] if self.is_last else None
+                losses.append(pipelined_streaming_step(
+                    self.module, x, y, self.window, self.n_windows, self._scaled_loss, self.stage_index,
+                    self.num_stages, self.group, self.device, recompute, self.forward_kwargs))
+            return torch.stack(losses).sum()
         if self.schedule is None:
             losses = []
             for x, y, recompute in zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches), self.plan):
@@ -168,32 +185,14 @@ class GPipe:
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
         """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
-        h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
+        if self.window and self.num_stages > 1:
+            return pipelined_streaming_forward(self.module, inputs, self.window, self.n_windows, self.stage_index,
+                                               self.num_stages, self.group, self.device, self.forward_kwargs)
         if self.window:
-            return streaming_forward(self.module, h, self.window, self.forward_kwargs)
+            return streaming_forward(self.module, inputs, self.window, self.forward_kwargs)
+        h = inputs if self.is_first else recv_tensor(self.stage_index - 1, self.group, self.device)
         h = self.module(h, **self.forward_kwargs)
         if self.is_last:
             return h
-        _send_tensor(h, self.stage_index + 1, self.group)
+        send_tensor(h, self.stage_index + 1, self.group)
         return None
-
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
-
-
-def _send_tensor(x: torch.Tensor, dst_stage: int, group: dist.ProcessGroup | None) -> None:
-    header = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape], dtype=torch.int64, device=x.device)
-    header = torch.nn.functional.pad(header, (0, 8 - header.numel()))
-    dst = dist.get_global_rank(group, dst_stage)
-    dist.send(header, dst, group=group)
-    dist.send(x.contiguous(), dst, group=group)
-
-
-def _recv_tensor(src_stage: int, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
-    src = dist.get_global_rank(group, src_stage)
-    header = torch.zeros(8, dtype=torch.int64, device=device)
-    dist.recv(header, src, group=group)
-    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    x = torch.empty([int(s) for s in header[2 : 2 + ndim]], dtype=dtype, device=device)
-    dist.recv(x, src, group=group)
-    return x

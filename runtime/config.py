@@ -196,9 +196,9 @@ class JobConfig:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
         if train.loss_chunk < 0 or train.window < 0 or train.mlp_tile < 0:
             raise ConfigError("train.loss_chunk, train.window and train.mlp_tile must be ≥ 0 (0: off)")
-        if train.window and ("A" in m.layer_kinds() or par.pp > 1):
-            raise ConfigError(f"train.window={train.window} streams recurrent layer stacks on one pipeline stage "
-                              f"(model.layout of L and M, parallel.pp=1); set train.window=0 for this layout")
+        if train.window and "A" in m.layer_kinds():
+            raise ConfigError(f"train.window={train.window} streams recurrent layer stacks (model.layout of L and M); "
+                              f"softmax layers (A) cannot stream: set train.window=0 for this layout")
         if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):
             raise ConfigError(f"under sp={sp} train.window={train.window} must divide train.seq_len={train.seq_len} "
                               f"and split into {num_shards(sp, par.layout)} equal {par.layout} shards")

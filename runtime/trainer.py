@@ -70,6 +70,7 @@ class Trainer:
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
                           device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=self._token_loss_sum,
                           remat=cfg.parallel.remat, window=cfg.train.window // self.sp,
+                          local_tokens=cfg.train.seq_len // self.sp,
                           forward_kwargs={"logits": not self.fused_loss})
         # gradients are summed over these; the tied embedding/head pair (pp > 1) over its own group
         self.replica_groups = [mesh.group(axis) for axis in ("sp", "dp") if mesh.size(axis) > 1]

@@ -57,15 +57,17 @@ def test_parallel_step_equals_single_process(dp: int, pp: int, sp: int, microbat
     run_distributed(_check_step, dp * pp * sp, dp, pp, sp, microbatches, remats)
 
 
-@pytest.mark.parametrize("dp,sp,layout,seq_len,window", [(1, 1, "zigzag", 48, 20), (1, 2, "zigzag", 64, 16),
-                                                        (1, 2, "contiguous", 64, 32), (1, 4, "zigzag", 64, 32),
-                                                        (2, 2, "zigzag", 64, 32)])
-def test_streaming_windows_equal_the_whole_sequence_step(dp: int, sp: int, layout: str, seq_len: int,
+@pytest.mark.parametrize("dp,pp,sp,layout,seq_len,window", [
+    (1, 1, 1, "zigzag", 48, 20), (1, 1, 2, "zigzag", 64, 16), (1, 1, 2, "contiguous", 64, 32),
+    (1, 1, 4, "zigzag", 64, 32), (2, 1, 2, "zigzag", 64, 32), (1, 2, 1, "zigzag", 48, 20), (1, 2, 2, "zigzag", 64, 16),
+])
+def test_streaming_windows_equal_the_whole_sequence_step(dp: int, pp: int, sp: int, layout: str, seq_len: int,
                                                          window: int) -> None:
     """Windows under sp (window-major shards, LASP-2 from the carried state, the conv tail carried by the
-    halo exchange) equal the single-process whole-sequence step: loss and every gradient."""
-    extra = (f"train.seq_len={seq_len}", f"train.window={window}", "parallel.pp=1")
-    run_distributed(_check_step, dp * sp, dp, 1, sp, 2, ["never", "always"], layout, extra)
+    halo exchange) and over pipeline stages (windows as micro-batches) equal the single-process
+    whole-sequence step: loss and every gradient."""
+    extra = (f"train.seq_len={seq_len}", f"train.window={window}")
+    run_distributed(_check_step, dp * pp * sp, dp, pp, sp, 2, ["never", "always"], layout, extra)
 
 
 def _train(rank: int, world: int, overrides: list[str]) -> None:
