@@ -172,3 +172,47 @@ def test_failed_prepare_data_leaves_no_partial(tmp_path, capsys) -> None:
                  "--seq-len", "100000"])  # fewer tokens than one row
     assert code == 2
     assert not list(tmp_path.glob("*.partial"))
+
+
+def _killed_while_writing(rank: int, world: int, overrides: list[str], kill_at_step: int) -> None:
+    """Rank 0 dies (no cleanup, as under kill -9) halfway through writing the checkpoint of `kill_at_step`."""
+    import runtime.checkpoint as ckpt
+    from runtime.config import load_config
+    from runtime.trainer import train
+
+    write, written = ckpt._write_array, [0]
+
+    def dying_write(group, name, *args, **kwargs):
+        if rank == 0 and f"step_{kill_at_step:08d}" in str(group.store):
+            written[0] += 1
+            if written[0] == 3:
+                os._exit(9)
+        return write(group, name, *args, **kwargs)
+
+    ckpt._write_array = dying_write
+    train(load_config(None, overrides))
+
+
+def _train_rank(rank: int, world: int, overrides: list[str]) -> None:
+    from runtime.config import load_config
+    from runtime.trainer import train
+
+    train(load_config(None, overrides))
+
+
+def test_kill_during_checkpoint_write_loses_nothing(tmp_path) -> None:
+    """A rank killed while writing a checkpoint: that checkpoint is never loaded, the previous one resumes,
+    and the run ends exactly as one that never stopped."""
+    from helpers import run_distributed
+
+    common = [*TWO_RANKS, "train.steps=6", "run.checkpoint_every=2", "run.keep=5", "run.log_every=1"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_distributed(_train_rank, 2, [*common, f"run.dir={straight}"])
+    with pytest.raises(Exception):  # noqa: B017 — the spawn harness reports the killed rank
+        run_distributed(_killed_while_writing, 2, [*common, f"run.dir={broken}"], 4)
+    step4 = broken / "checkpoints" / "step_00000004"
+    assert step4.exists() and not (step4 / "COMMITTED").exists()
+    run_distributed(_train_rank, 2, [*common, f"run.dir={broken}", "run.resume=auto"])
+    a = pq.read_table(straight / "metrics.parquet").to_pydict()["loss"]
+    b = pq.read_table(broken / "metrics.parquet").to_pydict()["loss"]
+    assert a == b and len(a) == 6
