@@ -91,7 +91,7 @@ class Point:
     gpus: int | None
     nodes: int
     id: str = ""
-    cfg: JobConfig | None = None
+    cfg: JobConfig | None = None  # loaded (also when it does not validate: its columns)
     world: int = 0
     error: str = ""  # the one-line reason the configuration does not validate
     command: list[str] = field(default_factory=list)
@@ -188,7 +188,7 @@ def resolve(point: Point, grid: Grid, launcher: str) -> Point:
 
     steps = [f"train.steps={grid.warmup_steps + grid.steps}"]
     try:
-        cfg = load_config(grid.config, point.overrides + steps)
+        cfg = point.cfg = load_config(grid.config, point.overrides + steps)  # kept for the columns if invalid
         world = point.gpus if point.gpus is not None else cfg.world_size()
         if point.nodes < 1 or world % point.nodes:
             raise ConfigError(f"nodes={point.nodes} must be ≥ 1 and divide gpus={world}")
@@ -202,7 +202,7 @@ def resolve(point: Point, grid: Grid, launcher: str) -> Point:
         return point
     job = cfg.to_dict()
     job.pop("run")
-    point.cfg, point.world = cfg, world
+    point.world = world
     point.id = _identity({"job": job, "world": world, "nodes": point.nodes, "launcher": launcher})
     return point
 
@@ -355,7 +355,7 @@ def config_columns(point: Point) -> dict:
 
 
 def predicted(point: Point, hw) -> dict:
-    if hw is None or point.cfg is None:
+    if hw is None or point.error:
         return {}
     from runtime.plan import plan_job
 
@@ -474,7 +474,7 @@ def run_sweep(grid_path: str, out: str | None = None, launcher: str | None = Non
         if row["status"] == "ok":
             row["tokens_per_s_per_gpu"] = row["tokens_per_s"] / row["world"]
         row.update(predicted(point, hw))
-        row["config"] = json.dumps(point.cfg.to_dict() if point.cfg else point.overrides, default=str)
+        row["config"] = json.dumps(point.overrides if point.error else point.cfg.to_dict(), default=str)
         rows.append(row)
         write_rows(table, rows)
         echo(f"longtrain: sweep [{n}/{len(todo)}] {point.id} → {_summary(row)}")

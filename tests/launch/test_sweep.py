@@ -41,7 +41,8 @@ def test_six_points_five_ok_one_failed(swept) -> None:
     assert [r["id"] for r in table] == [r["id"] for r in rows] and len(table) == 6
     assert sorted(r["status"] for r in table) == ["failed"] + ["ok"] * 5, [(r["status"], r["cause"]) for r in table]
     (bad,) = [r for r in table if r["status"] == "failed"]
-    assert (bad["parallel.sp"], bad["train.seq_len"], bad["exit_code"]) == (2, 66, 2)
+    assert (bad["parallel.dp"], bad["parallel.pp"], bad["parallel.sp"], bad["train.seq_len"], bad["exit_code"]) == \
+        (1, 1, 2, 66, 2)
     assert "does not split into 4 equal zigzag shards" in bad["cause"] and "\n" not in bad["cause"]
     assert len({r["id"] for r in table}) == 6
     for r in (r for r in table if r["status"] == "ok"):
