@@ -109,6 +109,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(plan.describe_scaling(plan.scaling_table(cfg, hw, [8 << k for k in range(8)]), cfg, hw))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Measure the cost model's constants on this machine into a TOML file for `plan --gpu FILE`."""
+    from pathlib import Path
+
+    from launch.calibrate import calibrate, to_toml
+
+    hw = calibrate(args.name, args.base, args.inter_node_gbit, args.quick)
+    Path(args.out).write_text(to_toml(hw))
+    print(f"longtrain: {hw.name}: GEMM {hw.gemm_tflops:.1f} TFLOP/s, attention {hw.attention_tflops:.1f} TFLOP/s, "
+          f"linear attention {hw.la_tokens_per_s / 1e6:.2f}M tokens/s (fwd+bwd, H·K·V 16·128·128), copy "
+          f"{hw.copy_gbps:.0f} GB/s, collectives {hw.intra_node_gbps:.0f} GB/s + {hw.latency_us:.0f} µs → {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from launch.train import add_train_args, main_args
 
@@ -170,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bandwidth between nodes per GPU in Gb/s (default: the hardware file's, 400)")
     plan.add_argument("--gpus-per-node", type=int, default=None, help="default: the hardware file's (8)")
     plan.set_defaults(func=cmd_plan)
+    from launch.calibrate import add_calibrate_args
+
+    calibrate = sub.add_parser("calibrate", help="measure GEMM, kernel, copy and collective rates into a TOML file")
+    add_calibrate_args(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 
