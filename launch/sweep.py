@@ -51,12 +51,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from runtime.config import JobConfig, load_config
+from runtime.config import JobConfig, load_config, read_toml
 from runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,12 +110,7 @@ def _value_text(value) -> str:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (one line naming the problem otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist; see configs/sweeps/ for examples")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"grid file {str(path)!r} is not valid TOML: {e}") from None
+    raw = read_toml(path, "grid file", "configs/sweeps/tiny-cpu.toml")
     unknown = set(raw) - {"sweep", "base", "axes", "zip"}
     if unknown:
         raise ConfigError(f"grid file {str(path)!r}: unknown table(s) {sorted(unknown)}; use [sweep], [base], "
@@ -308,16 +298,18 @@ def _run_process(cmd: list[str], log: Path, timeout_s: float) -> tuple[int | Non
     start = time.monotonic()
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        code = None
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            code = None
+            pass
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the point's own ranks and helpers, nothing else
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            if proc.returncode is None:  # timed out or interrupted: the point's own process group, nothing else
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
     return code, log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text(), time.monotonic() - start
 
 

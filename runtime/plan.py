@@ -30,12 +30,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from runtime.config import JobConfig
+from runtime.config import JobConfig, read_toml
 from runtime.errors import ConfigError
 from runtime.memory import SHARD_MODES, activation_bytes, stage_state
 
@@ -79,10 +74,10 @@ def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node
         names = sorted(p.stem for p in HARDWARE_DIR.glob("*.toml"))
         raise ConfigError(f"--gpu {spec!r} is neither a hardware file nor one of {names}; "
                           f"pass a name or a file written by `longtrain calibrate`")
+    raw = read_toml(path, "hardware file", "configs/hardware/h200.toml").get("hardware", {})
     try:
-        raw = tomllib.loads(path.read_text()).get("hardware", {})
         hw = Hardware(**raw)
-    except (tomllib.TOMLDecodeError, TypeError) as e:
+    except TypeError as e:
         known = ", ".join(f.name for f in dataclasses.fields(Hardware))
         raise ConfigError(f"hardware file {str(path)!r} is not a [hardware] table of {known}: {e}") from None
     if inter_node_gbps is not None:
