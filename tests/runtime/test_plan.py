@@ -4,6 +4,7 @@ H200 steps, and the command prints the breakdown, the search and the scaling tab
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +118,8 @@ def test_terms_follow_the_split() -> None:
 
 
 def test_plan_command(capsys) -> None:
-    args = ["plan", "--config", "configs/1b.toml", "--gpus", "16", "--gpu", "h100", "--set", "train.seq_len=262144"]
+    config = str(Path(__file__).parents[2] / "configs" / "1b.toml")
+    args = ["plan", "--config", config, "--gpus", "16", "--gpu", "h100", "--set", "train.seq_len=262144"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "parallel.shard, DESIGN §10, does not exist yet" in out and "pipeline bubble" in out and "lasp2" in out
