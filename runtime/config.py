@@ -314,17 +314,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def read_toml(path: str | Path, what: str, example: str) -> dict:
+    """A TOML file's tables; a missing or malformed file is a one-line ConfigError naming `what` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass a TOML file such as {example}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """The default job, updated by a TOML file, then by `section.key=value` overrides."""
-    raw: dict[str, dict] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/tiny.toml")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    raw: dict[str, dict] = {} if path is None else read_toml(path, "config file", "configs/tiny.toml")
     for section, values in parse_overrides(overrides or []).items():
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"[{section}] in the config file must be a table")
