@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernels.api import BACKENDS
+from parallel.context import ATTENTION_BACKENDS
 
 LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba-2 (SSD)"}
 RECURRENT_KINDS = "LM"  # layers that carry a state: they stream window by window
@@ -36,6 +37,9 @@ class ModelConfig:
     ssm_groups: int = 1  # Mamba-2: groups sharing B and C
     chunk_size: int = 64
     backend: str = "auto"  # linear-attention kernels: auto (Triton on CUDA) | triton | torch
+    # softmax-attention kernel (A layers, every sp method): auto (cuDNN where it runs, else flash, else math) |
+    # cudnn | flash (an error where it cannot run) | math (PyTorch / SDPA's efficient or math kernel)
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +71,9 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is unknown; use auto, triton or torch")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r} is unknown; "
+                             f"use auto, cudnn, flash or math")
         if self.decay not in DECAYS:
             raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "chunk_size"):

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import linear_attention
 from kernels.conv import short_conv
 from models.config import RECURRENT_KINDS, ModelConfig
-from parallel.attention import sp_attention
+from parallel.attention import dense_attention, sp_attention
 from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
@@ -167,12 +167,13 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal grouped-query attention with RoPE at global positions."""
+    """Causal grouped-query attention with RoPE at global positions, on the kernel `model.attention_backend`
+    picks (cuDNN / flash / math, the same block entry at sp = 1 and under every sp method)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.attention_backend = cfg.rope_theta, cfg.attention_backend
         self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -187,12 +188,10 @@ class SoftmaxAttention(nn.Module):
         pos = self.sp.positions(T, device=x.device)
         q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
         if self.sp.world > 1:
-            o = sp_attention(q, k, v, method=self.sp.attention, group=self.sp.group, layout=self.sp.layout, causal=True)
-        else:
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=self.kv_heads != self.n_heads,
-            ).transpose(1, 2)
+            o = sp_attention(q, k, v, method=self.sp.attention, group=self.sp.group, layout=self.sp.layout,
+                             causal=True, backend=self.attention_backend)
+        else:  # scale None: SDPA's own D^−½ on the math path, so CPU results are those of plain SDPA
+            o = dense_attention(q, k, v, None, True, self.attention_backend)
         return self.o(o.reshape(B, T, -1))
 
 

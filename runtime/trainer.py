@@ -19,11 +19,12 @@ import torch.distributed as dist
 
 from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entropy
 from models import num_parameters, token_loss_sum
+from parallel.attention.backends import explicit_backend_problem
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.pipeline import GPipe
 from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from runtime.config import JobConfig
-from runtime.errors import TrainingError
+from runtime.errors import ConfigError, TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from runtime.parallelize import build_stage_model, tied_embedding_group
@@ -63,6 +64,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, mesh: ParallelMesh):
         self.cfg, self.mesh, self.device = cfg, mesh, mesh.device
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
+        check_attention_backend(cfg, self.device)
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
         # the loss applies the head itself, chunk by chunk (no [T, vocab] logits), unless loss_chunk = 0
@@ -190,6 +192,21 @@ class Trainer:
 
     def close(self) -> None:
         self.data.close()
+
+
+def check_attention_backend(cfg: JobConfig, device: torch.device) -> None:
+    """An explicit model.attention_backend (cudnn / flash) that cannot run the softmax layers here: a ConfigError
+    now rather than an error at the first step. Under CUDA autocast the layers see bf16 (fp64 runs stay fp64)."""
+    m = cfg.model
+    if "A" not in m.layer_kinds():
+        return
+    dtype = getattr(torch, cfg.train.dtype)
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = torch.bfloat16
+    problem = explicit_backend_problem(m.attention_backend, device, dtype, m.n_heads, m.kv_heads, m.head_dim)
+    if problem:
+        raise ConfigError(f"model.attention_backend={m.attention_backend} cannot run the softmax layers on this "
+                          f"{device.type} ({problem}); use model.attention_backend=auto")
 
 
 def cfg_param_count(cfg: JobConfig) -> int:
