@@ -74,7 +74,7 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / f"rank_{rank}.log").write_text("".join(traceback.format_exception(e)))
             (log_dir / f"rank_{rank}.error").write_text(json.dumps(
-                {"rank": rank, "time": time.time(), "message": one_line(e), "exit_code": code,
+                {"rank": rank, "time": time.time(), "message": _message(e), "exit_code": code,
                  "timeout": _is_timeout(e)}))
         except OSError:  # the log folder itself is unusable: say it on stderr
             traceback.print_exception(e)
@@ -87,6 +87,14 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def _message(e: BaseException) -> str:
+    """The rank's one line; a collective that timed out is said to be a peer that stopped answering."""
+    if _is_timeout(e):
+        return (f"a peer rank stopped answering: no collective completed within parallel.timeout_s "
+                f"({one_line(e)[:160]}); the job was stopped — rerun with --resume auto")
+    return one_line(e)
 
 
 def _is_timeout(e: BaseException) -> bool:

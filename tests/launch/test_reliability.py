@@ -216,3 +216,30 @@ def test_kill_during_checkpoint_write_loses_nothing(tmp_path) -> None:
     a = pq.read_table(straight / "metrics.parquet").to_pydict()["loss"]
     b = pq.read_table(broken / "metrics.parquet").to_pydict()["loss"]
     assert a == b and len(a) == 6
+
+
+def test_stopped_rank_under_torchrun_ends_the_job(tmp_path) -> None:
+    """Under torchrun every rank reports for itself: the rank that waited names the cause in one line."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "launch.train", "--set", *TWO_RANKS, "train.steps=100000", "run.log_every=1",
+                             "parallel.timeout_s=15", f"run.dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.parquet").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        agent = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = [pid for a in agent for pid in
+                 subprocess.run(["pgrep", "-P", a], capture_output=True, text=True).stdout.split()] or agent
+        os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=180)
+        assert time.monotonic() - stopped < 15 + 120
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("longtrain: error:")]
+    assert ours and "a peer rank stopped answering" in ours[0], err[-3000:]
