@@ -55,7 +55,7 @@ def one_line(e: BaseException) -> str:
     """An error as one line: ours (ConfigError and the like) as they are, others with their type."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    return text if isinstance(e, ConfigError) or type(e).__module__.startswith("runtime") else \
+    return text if isinstance(e, ConfigError) or type(e).__module__.startswith(("runtime", "launch")) else \
         f"{type(e).__name__}: {text}"[:400]
 
 

@@ -72,5 +72,5 @@ def test_dropping_the_carried_state_changes_the_result(monkeypatch) -> None:
 
 def test_softmax_layers_do_not_stream() -> None:
     model = LinearLlama(preset("tiny", layout="LA"))
-    with pytest.raises(ValueError, match="pure linear-attention layout"):
+    with pytest.raises(ValueError, match="recurrent layers only"):
         model.zero_carries(1, torch.device("cpu"))
