@@ -12,6 +12,7 @@ without an active exception", SIGABRT) and report a successful job as failed.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
@@ -21,8 +22,6 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-
-import torch.multiprocessing as mp
 
 from runtime.errors import ConfigError
 
@@ -115,9 +114,11 @@ def spawn(fn: Callable, nproc: int, *args, log_dir: str | Path, timeout_s: float
     log_dir = Path(log_dir)
     for old in log_dir.glob("rank_*.error") if log_dir.exists() else []:
         old.unlink()
-    ctx = mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, str(log_dir)), nprocs=nproc,
-                             join=False, start_method="spawn")
-    procs = ctx.processes
+    spawn_ctx, port = mp.get_context("spawn"), _free_port()  # plain processes: no queues, no semaphores to leak
+    procs = [spawn_ctx.Process(target=_worker, args=(rank, nproc, port, fn, args, str(log_dir)), daemon=False)
+             for rank in range(nproc)]
+    for p in procs:
+        p.start()
     try:
         pending = {p.sentinel: p for p in procs}
         failed_at = None

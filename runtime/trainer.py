@@ -257,8 +257,11 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
     log = MetricsLog(cfg.run.dir, cfg.run.tensorboard, resume_step=start_step) if is_main else None
     bar = None
     if is_main and cfg.run.progress:
+        import threading
+
         from tqdm import tqdm
 
+        tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a rank ends with os._exit
         bar = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
     start, losses, window = time.perf_counter(), [], []
     ckpt_every = cfg.run.checkpoint_every
