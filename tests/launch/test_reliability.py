@@ -106,16 +106,21 @@ def test_dead_rank_is_named(tmp_path) -> None:
     assert "rank 1 died" in _one_line(proc.stderr)
 
 
+def _wait_for_training(proc: subprocess.Popen, run: Path, limit_s: float = 120) -> None:
+    """Until the first metrics row exists (every rank is in the training loop)."""
+    deadline = time.monotonic() + limit_s
+    while not (run / "metrics.parquet").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+
+
 def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", "--set", *TWO_RANKS,
                              "train.steps=100000", "run.log_every=1", "parallel.timeout_s=20", f"run.dir={run}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.parquet").exists():  # training has started on every rank
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
+        _wait_for_training(proc, run)
         children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
                                   text=True).stdout.split()
         assert len(children) == 2, children
@@ -226,10 +231,7 @@ def test_stopped_rank_under_torchrun_ends_the_job(tmp_path) -> None:
                              "parallel.timeout_s=15", f"run.dir={run}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.parquet").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
+        _wait_for_training(proc, run)
         agent = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         ranks = [pid for a in agent for pid in
                  subprocess.run(["pgrep", "-P", a], capture_output=True, text=True).stdout.split()] or agent

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import model_step, rel_err, run_distributed
+from helpers import check_sp_model, rel_err, run_distributed
 
 from kernels.linear_cross_entropy import linear_cross_entropy
 from models import LinearLlama, preset
-from parallel.context import SequenceParallel
-from parallel.layout import shard_sequence
 from parallel.streaming import streaming_step
-from runtime.mesh import build_mesh
 
 SMALL = dict(ssm_head_dim=16, ssm_state=8, ssm_groups=2, gate=True)
 
@@ -53,21 +49,7 @@ def test_mixer_equals_the_recurrence() -> None:
 
 
 def _check_sp(rank: int, world: int) -> None:
-    mesh = build_mesh(pp=1, sp=world)
-    torch.manual_seed(0)
-    model = LinearLlama(preset("tiny", layout="MLMA", **SMALL))
-    data = torch.randint(0, model.cfg.vocab_size, (2, 8 * world * 3 + 1), generator=torch.Generator().manual_seed(1))
-    tokens, targets = data[:, :-1], data[:, 1:]
-    ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
-    for layout in ("contiguous", "zigzag"):
-        model.set_sequence_parallel(SequenceParallel(mesh.group("sp"), layout))
-        loss, grads = model_step(model, shard_sequence(tokens, rank, world, layout),
-                                 shard_sequence(targets, rank, world, layout), targets.numel())
-        dist.all_reduce(loss, group=mesh.group("sp"))
-        assert abs(loss - ref_loss) / ref_loss < 1e-6, (layout, loss, ref_loss)
-        for name, grad in grads.items():
-            dist.all_reduce(grad, group=mesh.group("sp"))
-            assert rel_err(grad, ref_grads[name]) < 1e-5, (layout, name)
+    check_sp_model(rank, world, preset("tiny", layout="MLMA", **SMALL))
 
 
 @pytest.mark.parametrize("sp", [2, 4])
