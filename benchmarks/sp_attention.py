@@ -1,6 +1,16 @@
-"""Benchmark: softmax attention under sequence parallelism, and LASP-2 weak scaling (issue 5).
+"""Benchmark: softmax attention under sequence parallelism, LASP-2 weak scaling (issue 5), and the
+attention kernels on one GPU (issue 24).
 
-    torchrun --nproc-per-node 2 benchmarks/sp_attention.py [--seq-lens 32768,131072,262144] [--out FILE]
+    torchrun --nproc-per-node 2 benchmarks/sp_attention.py [--seq-lens 32768,131072,262144] [--backend auto]
+        [--out FILE]
+    python benchmarks/sp_attention.py --backends cudnn,flash [--seq-lens 32768,131072] [--out FILE]
+
+`--backends` (one GPU, no torchrun): causal attention forward+backward through our block entry
+(`parallel.attention.dense_attention`, the single-GPU softmax mixer's path) on each kernel of
+`model.attention_backend` listed, and torch SDPA pinned to its flash and cuDNN kernels as anchors (DESIGN §8);
+bf16, batch 1, 32 q / 8 kv heads, head dim 128. Each row is checked against the first backend listed
+(output, dq, dk, dv; relative L2, bf16) before it is timed; the table gives cudnn / flash (goal ≤ 0.62).
+`--backend` (torchrun mode): the kernel of the 1-GPU row and of every sp method (default auto).
 
 Causal attention forward+backward, bf16, 32 query heads, 8 kv heads, head dim 128, batch 1, the
 sequence cut zigzag over the ranks: each method of `parallel.attention.sp_attention` (ring,
@@ -34,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import fenced_ms  # noqa: E402
 from models.llama import retnet_log_decay  # noqa: E402
-from parallel.attention import _dense_attention, sp_attention  # noqa: E402
+from parallel.attention import _dense_attention, choose_backend, sp_attention  # noqa: E402
+from parallel.context import ATTENTION_BACKENDS  # noqa: E402
 from parallel.lasp2 import lasp2_linear_attention  # noqa: E402
 from parallel.layout import shard_sequence  # noqa: E402
 
@@ -78,7 +89,7 @@ def leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_attention(T: int, reps: int, warmup: int, methods: list[str], cp_rotations: list[str], mesh,
-                    failed: set[str]) -> dict:
+                    failed: set[str], backend: str = "auto") -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator(device=DEV).manual_seed(T)
     q = torch.randn(1, T, HQ, D, device=DEV, dtype=DTYPE, generator=g)
@@ -90,14 +101,15 @@ def bench_attention(T: int, reps: int, warmup: int, methods: list[str], cp_rotat
 
     # one GPU: the whole sequence (every rank runs it on its own GPU, no communication)
     qf, kf, vf = leaf(q), leaf(k), leaf(v)
-    dense = lambda a, b, c: _dense_attention(a, b, c, scale, True)  # noqa: E731
+    dense = lambda a, b, c: _dense_attention(a, b, c, scale, True, backend)  # noqa: E731
     step = fwd_bwd(dense, qf, kf, vf, dout)
     o = dense(qf, kf, vf)
     o.backward(dout)  # the verification run doubles as the warm-up
     ref = {"o": o.detach(), "q": qf.grad, "k": kf.grad, "v": vf.grad}
     del o
     row["1gpu"] = timed(step, reps, warmup)
-    log(f"T={T}: 1 GPU SDPA flash {row['1gpu']:.1f} ms")
+    row["kernel"] = choose_backend(q, k, True, backend)
+    log(f"T={T}: 1 GPU ({row['kernel']}) {row['1gpu']:.1f} ms")
     del qf, kf, vf, step
 
     def local(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +126,7 @@ def bench_attention(T: int, reps: int, warmup: int, methods: list[str], cp_rotat
             ql, kl, vl = leaf(local(q)), leaf(local(k)), leaf(local(v))
 
             def attn(a, b, c, method=method):
-                return sp_attention(a, b, c, method=method, layout="zigzag")
+                return sp_attention(a, b, c, method=method, layout="zigzag", backend=backend)
 
             step = fwd_bwd(attn, ql, kl, vl, dl)
             o = attn(ql, kl, vl)
@@ -156,6 +168,120 @@ def bench_attention(T: int, reps: int, warmup: int, methods: list[str], cp_rotat
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+# -- one GPU: the kernels behind the block entry (issue 24) -------------------------------------------------
+SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"}  # torch SDPA pinned (anchors)
+GOAL_CUDNN_OVER_FLASH = 0.62
+
+
+def _kernel_attention(name: str) -> tuple[Callable, list[str]]:
+    """attn(q, k, v) on [B, T, H, D] for a `model.attention_backend` value or an SDPA anchor; notes it adds."""
+    if name not in SDPA_KERNELS:
+        return (lambda a, b, c: _dense_attention(a, b, c, None, True, name)), []
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel, notes = getattr(SDPBackend, SDPA_KERNELS[name]), []
+
+    def attn(a, b, c):
+        with sdpa_kernel([kernel]):
+            t = [x.transpose(1, 2) for x in (a, b, c)]
+            if not notes:
+                try:
+                    return F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True).transpose(1, 2)
+                except RuntimeError as e:
+                    notes.append(f"{name}: kv heads repeated ({type(e).__name__}: {str(e)[:100]})")
+            t[1:] = [x.repeat_interleave(HQ // HKV, 1) for x in t[1:]]
+            return F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2)
+
+    return attn, notes
+
+
+def bench_backends(T: int, names: list[str], reps: int, warmup: int) -> dict:
+    """Causal fwd+bwd (and fwd alone) of each kernel on one device; each checked against the first one."""
+    g = torch.Generator(device=DEV).manual_seed(T)
+    q, k, v, dout = (torch.randn(1, T, h, D, device=DEV, dtype=DTYPE, generator=g) for h in (HQ, HKV, HKV, HQ))
+    row: dict = {"T": T, "notes": []}
+    first = None
+    for name in names:
+        try:
+            attn, notes = _kernel_attention(name)
+            leaves = [leaf(x) for x in (q, k, v)]
+            o = attn(*leaves)
+            o.backward(dout)
+            got = [o.detach(), *(x.grad for x in leaves)]
+            del o
+            if first is None:
+                first = got
+            else:
+                row[f"{name}_err"] = max(rel(a, b) for a, b in zip(got, first))
+                if row[f"{name}_err"] > TOL:
+                    raise RuntimeError(f"differs from {names[0]}: relative error {row[f'{name}_err']:.3g}")
+            del got
+            step = fwd_bwd(attn, *leaves, dout)
+            for _ in range(warmup):
+                step()
+            row[name] = statistics.median(fenced_ms(step, DEV == "cuda") for _ in range(reps))
+            with torch.no_grad():
+                row[f"{name}_fwd"] = statistics.median(fenced_ms(lambda f=attn: f(q, k, v), DEV == "cuda")
+                                                       for _ in range(reps))
+            row["notes"] += notes
+            print(f"T={T}: {name} {row[name]:.1f} ms fwd+bwd, {row[f'{name}_fwd']:.1f} ms fwd"
+                  + (f" (max rel err vs {names[0]} {row[f'{name}_err']:.1e})" if f"{name}_err" in row else ""),
+                  flush=True)
+            del leaves, step
+        except Exception as e:  # keep the other rows
+            row[name] = None
+            print(f"T={T}: {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            traceback.print_exc()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def report_backends(rows: list[dict], names: list[str], command: str, device: str) -> str:
+    label = {n: f"SDPA {SDPA_KERNELS[n].split('_')[0].lower()} (torch)" if n in SDPA_KERNELS else f"ours: {n}"
+             for n in names}
+    lines = [f"device: 1 × {device}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+             f"date {datetime.date.today()}", f"command: `{command}`", "",
+             f"Causal attention fwd+bwd (fwd alone in brackets), {str(DTYPE).removeprefix('torch.')}, batch 1, "
+             "32 q heads / 8 kv heads, head dim 128; milliseconds (median); ours = the block entry "
+             "`dense_attention` (the sp = 1 mixer's path) with "
+             f"model.attention_backend = that kernel; goal: ours cudnn ≤ {GOAL_CUDNN_OVER_FLASH} × ours flash.", "",
+             "| T | " + " | ".join(label[n] for n in names) + " | cudnn / flash (ours) | goal |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = [f"{fmt(r.get(n))} ({fmt(r.get(n + '_fwd'))})" if r.get(n) is not None else "—" for n in names]
+        c, f = r.get("cudnn"), r.get("flash")
+        ratio_ = "—" if c is None or f is None else f"{c / f:.3f}"
+        goal = "—" if ratio_ == "—" else ("met" if c / f <= GOAL_CUDNN_OVER_FLASH else "**unmet**")
+        lines.append(f"| {tokens(r['T'])} | " + " | ".join(cells) + f" | {ratio_} | {goal} |")
+    lines += ["", f"Max relative L2 error vs {names[0]} (output, dq, dk, dv; bf16): " + "; ".join(
+        tokens(r["T"]) + " " + ", ".join(f"{n} {r[n + '_err']:.1e}" for n in names if n + "_err" in r) for r in rows)]
+    notes = sorted({n for r in rows for n in r["notes"]})
+    if notes:
+        lines.append("notes: " + "; ".join(notes))
+    return "\n".join(lines) + "\n"
+
+
+def main_backends(args) -> None:
+    """--backends: one device, no process group."""
+    global DEV, DTYPE
+    if args.smoke:
+        DEV, DTYPE = "cpu", torch.float32
+    names = [n for n in args.backends.split(",") if n]
+    if DEV == "cuda":
+        names += [n for n in SDPA_KERNELS if args.sdpa_anchors and n not in names]
+    command = "python benchmarks/sp_attention.py " + " ".join(sys.argv[1:])
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
+    rows = []
+    for T in (int(x) for x in args.seq_lens.split(",") if x):
+        rows.append(bench_backends(T, names, args.reps, args.warmup))
+        text = report_backends(rows, names, command, device)
+        if args.out:  # the report so far: a run stopped by a time limit keeps it
+            Path(args.out).write_text(text)
+    print("\n" + text, flush=True)
 
 
 def _set_rotate_method(name: str) -> None:
@@ -281,12 +407,13 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(rows: list[dict], lasp: dict | None, world: int, command: str, device: str) -> str:
+    kernel = "/".join(sorted({r.get("kernel", "?") for r in rows})) or "—"
     lines = [f"device: {world} × {device}; torch {torch.__version__}; date {datetime.date.today()}",
              f"command: `{command}`", "",
              "Causal attention fwd+bwd, bf16, batch 1, 32 q heads / 8 kv heads, head dim 128, zigzag; "
-             f"milliseconds (median); speed-up = 1-GPU time / {world}-GPU time; vs CP = best torch "
-             "context_parallel time / ours.", "",
-             "| T | 1 GPU SDPA flash | ring | allgather | ulysses | torch CP allgather | torch CP alltoall "
+             f"milliseconds (median); block kernel {kernel} (1 GPU and every method; torch CP: SDPA flash); "
+             f"speed-up = 1-GPU time / {world}-GPU time; vs CP = best torch context_parallel time / ours.", "",
+             f"| T | 1 GPU ({kernel}) | ring | allgather | ulysses | torch CP allgather | torch CP alltoall "
              "| ring speed-up | allgather speed-up | ulysses speed-up | ring vs CP | allgather vs CP |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -326,7 +453,15 @@ def main() -> None:
     p.add_argument("--lasp-tokens", type=int, default=524288, help="tokens per GPU for LASP-2 (0: skip)")
     p.add_argument("--out", help="also write the markdown report here")
     p.add_argument("--smoke", action="store_true", help="dry run on CPU (gloo, fp32) with small --seq-lens")
+    p.add_argument("--backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="torchrun mode: the block kernel of the 1-GPU row and every sp method")
+    p.add_argument("--backends", default="",
+                   help="one device, no torchrun: compare these kernels (e.g. cudnn,flash) on the block entry")
+    p.add_argument("--no-sdpa-anchors", dest="sdpa_anchors", action="store_false",
+                   help="--backends: skip torch SDPA pinned to its cuDNN and flash kernels")
     args = p.parse_args()
+    if args.backends:
+        return main_backends(args)
     global DEV, DTYPE
     if args.smoke:
         DEV, DTYPE = "cpu", torch.float32
@@ -354,7 +489,7 @@ def main() -> None:
     for T in (int(x) for x in args.seq_lens.split(",") if x):
         reps = 3 if T >= 262144 else args.reps
         rows.append(bench_attention(T, reps, args.warmup, args.methods.split(","),
-                                    [x for x in args.cp_rotations.split(",") if x], mesh, failed))
+                                    [x for x in args.cp_rotations.split(",") if x], mesh, failed, args.backend))
         if DEV == "cuda":
             torch.cuda.empty_cache()
         if args.out and dist.get_rank() == 0:  # the report so far: a run stopped by a time limit keeps it

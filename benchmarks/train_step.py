@@ -28,6 +28,12 @@ The issue's table, on one H200 with the wheels of .whl (see .whl/INSTALL.txt):
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     python3 benchmarks/train_step.py --seq-lens 32K,128K,256K,512K,1M --steps-check 20
 
+The hybrid `1b` (LLLA) on each softmax-attention kernel (issue 24; `benchmarks/issue24_gpu.sh` runs it):
+
+    python3 benchmarks/train_step.py --only longtrain --seq-lens 128K --warmup 1 --steps 3 \
+        --variant hybrid-cudnn:model.layout=LLLA,model.attention_backend=cudnn \
+        --variant hybrid-flash:model.layout=LLLA,model.attention_backend=flash
+
 CPU dry run (tiny model, no memory numbers): python benchmarks/train_step.py --only longtrain --preset tiny
 --seq-lens 64,128 --warmup 1 --steps 2 --out /tmp/ts.json
 """

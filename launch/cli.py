@@ -83,6 +83,56 @@ def cmd_ray(args: argparse.Namespace) -> None:
     print(f"longtrain: Ray job finished at step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """A grid of jobs, one process each → DIR/sweep.parquet."""
+    from launch.sweep import run_sweep
+
+    run_sweep(args.grid, out=args.out, launcher=args.launcher, address=args.address, timeout_s=args.timeout,
+              gpu=args.gpu, retry_failed=args.retry_failed, dry_run=args.dry_run,
+              gpus_per_worker=args.gpus_per_worker, echo=lambda line: print(line, flush=True))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """PNG plots and report.md of a sweep folder."""
+    from launch.report import write_report
+
+    paths = write_report(args.dir, args.out)
+    print(f"longtrain: wrote {', '.join(str(p) for p in paths)}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Predicted memory and step time of a job before launch (DESIGN §11)."""
+    from runtime import plan
+    from runtime.config import load_config
+
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus} must be ≥ 1")
+    hw = plan.load_hardware(args.gpu, None if args.inter_node_gbit is None else args.inter_node_gbit / 8,
+                            args.gpus_per_node)
+    cfg = load_config(args.config, args.overrides)
+    if args.search:
+        best, tried = plan.search(cfg, args.gpus, hw, top=args.top)
+        print(plan.describe_search(best, tried, args.gpus, hw))
+    else:
+        cfg.validate(args.gpus)
+        print(plan.describe(plan.plan_job(cfg, args.gpus, hw, args.shard)))
+    if args.scaling:
+        print(plan.describe_scaling(plan.scaling_table(cfg, hw, [8 << k for k in range(8)]), cfg, hw))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Measure the cost model's constants on this machine into a TOML file for `plan --gpu FILE`."""
+    from pathlib import Path
+
+    from launch.calibrate import calibrate, to_toml
+
+    hw = calibrate(args.name, args.base, args.inter_node_gbit, args.quick)
+    Path(args.out).write_text(to_toml(hw))
+    print(f"longtrain: {hw.name}: GEMM {hw.gemm_tflops:.1f} TFLOP/s, attention {hw.attention_tflops:.1f} TFLOP/s, "
+          f"linear attention {hw.la_tokens_per_s / 1e6:.2f}M tokens/s (fwd+bwd, H·K·V 16·128·128), copy "
+          f"{hw.copy_gbps:.0f} GB/s, collectives {hw.intra_node_gbps:.0f} GB/s + {hw.latency_us:.0f} µs → {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from launch.train import add_train_args, main_args
 
@@ -122,6 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path", help="a checkpoint folder (<run.dir>/checkpoints/step_*) or a .zarr token store")
     verify.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     verify.set_defaults(func=cmd_verify)
+    from launch.sweep import add_sweep_args
+
+    sweep = sub.add_parser("sweep", help="run a grid of jobs (one process each) into DIR/sweep.parquet; resumable")
+    add_sweep_args(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+    report = sub.add_parser("report", help="plots (PNG) and a markdown summary of a sweep folder")
+    report.add_argument("dir", help="the sweep folder (holding sweep.parquet)")
+    report.add_argument("--out", default=None, help="where the PNGs and report.md go (default: the sweep folder)")
+    report.set_defaults(func=cmd_report)
+    plan = sub.add_parser("plan", help="predict per-rank memory and step time of a job before launch")
+    plan.add_argument("--config", help="TOML file; default: the built-in tiny job")
+    plan.add_argument("--gpus", type=int, required=True, help="ranks of the job (dp·pp·sp)")
+    plan.add_argument("--gpu", default="h200", help="h200, h100, a100 or a hardware file (`longtrain calibrate`)")
+    plan.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
+    plan.add_argument("--shard", default="none", help="parameter/gradient/optimizer sharding over dp × sp: none "
+                                                      "(the only mode the plan models yet)")
+    plan.add_argument("--search", action="store_true",
+                      help="rank every (dp, pp, sp, M, remat, window, sp_attention) that fits by predicted tokens/s")
+    plan.add_argument("--top", type=int, default=10, help="settings --search prints")
+    plan.add_argument("--scaling", action="store_true",
+                      help="how each term grows from 8 to 1024 GPUs (one sequence over sp = N)")
+    plan.add_argument("--inter-node-gbit", type=float, default=None,
+                      help="bandwidth between nodes per GPU in Gb/s (default: the hardware file's, 400)")
+    plan.add_argument("--gpus-per-node", type=int, default=None, help="default: the hardware file's (8)")
+    plan.set_defaults(func=cmd_plan)
+    from launch.calibrate import add_calibrate_args
+
+    calibrate = sub.add_parser("calibrate", help="measure GEMM, kernel, copy and collective rates into a TOML file")
+    add_calibrate_args(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

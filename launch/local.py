@@ -12,6 +12,7 @@ without an active exception", SIGABRT) and report a successful job as failed.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
@@ -21,8 +22,6 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-
-import torch.multiprocessing as mp
 
 from runtime.errors import ConfigError
 
@@ -55,7 +54,7 @@ def one_line(e: BaseException) -> str:
     """An error as one line: ours (ConfigError and the like) as they are, others with their type."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    return text if isinstance(e, ConfigError) or type(e).__module__.startswith("runtime") else \
+    return text if isinstance(e, ConfigError) or type(e).__module__.startswith(("runtime", "launch")) else \
         f"{type(e).__name__}: {text}"[:400]
 
 
@@ -74,7 +73,7 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / f"rank_{rank}.log").write_text("".join(traceback.format_exception(e)))
             (log_dir / f"rank_{rank}.error").write_text(json.dumps(
-                {"rank": rank, "time": time.time(), "message": one_line(e), "exit_code": code,
+                {"rank": rank, "time": time.time(), "message": _message(e), "exit_code": code,
                  "timeout": _is_timeout(e)}))
         except OSError:  # the log folder itself is unusable: say it on stderr
             traceback.print_exception(e)
@@ -87,6 +86,14 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def _message(e: BaseException) -> str:
+    """The rank's one line; a collective that timed out is said to be a peer that stopped answering."""
+    if _is_timeout(e):
+        return (f"a peer rank stopped answering: no collective completed within parallel.timeout_s "
+                f"({one_line(e)[:160]}); the job was stopped — rerun with --resume auto")
+    return one_line(e)
 
 
 def _is_timeout(e: BaseException) -> bool:
@@ -107,9 +114,11 @@ def spawn(fn: Callable, nproc: int, *args, log_dir: str | Path, timeout_s: float
     log_dir = Path(log_dir)
     for old in log_dir.glob("rank_*.error") if log_dir.exists() else []:
         old.unlink()
-    ctx = mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, str(log_dir)), nprocs=nproc,
-                             join=False, start_method="spawn")
-    procs = ctx.processes
+    spawn_ctx, port = mp.get_context("spawn"), _free_port()  # plain processes: no queues, no semaphores to leak
+    procs = [spawn_ctx.Process(target=_worker, args=(rank, nproc, port, fn, args, str(log_dir)), daemon=False)
+             for rank in range(nproc)]
+    for p in procs:
+        p.start()
     try:
         pending = {p.sentinel: p for p in procs}
         failed_at = None

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from launch.train import job_config
+from launch.train import add_run_args, job_config
 from runtime.checkpoint import check_resume
 from runtime.config import JobConfig
 from runtime.errors import ConfigError
@@ -33,13 +33,7 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                         help="auto (an existing cluster) or ray://HOST:PORT; default: start a local Ray instance")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before the job fails")
     parser.add_argument("--storage", default=None, help="Ray's storage path (default: <run.dir>/ray)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue an earlier run of run.dir (auto) or from PATH (restarts always resume)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a run.dir that holds a run (deletes its metrics, checkpoints, logs)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
+    add_run_args(parser, "continue an earlier run of run.dir (auto) or from PATH (restarts always resume)")
 
 
 def _worker(config: dict) -> None:

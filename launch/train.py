@@ -22,8 +22,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file (e.g. configs/125m.toml); default: the built-in tiny job")
     parser.add_argument("--nproc", type=int, default=None,
                         help="local processes to spawn (default: dp·pp·sp of the config, or WORLD_SIZE under torchrun)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the newest valid checkpoint of run.dir (auto) or from PATH")
+    add_run_args(parser, "continue from the newest valid checkpoint of run.dir (auto) or from PATH")
+
+
+def add_run_args(parser: argparse.ArgumentParser, resume_help: str) -> None:
+    """The flags `train` and `ray` share: resume / overwrite / trust a checkpoint, and config overrides."""
+    parser.add_argument("--resume", default=None, metavar="auto|PATH", help=resume_help)
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a run.dir that holds a run (deletes its metrics, checkpoints, logs)")
     parser.add_argument("--trust-checkpoint", action="store_true",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernels.api import BACKENDS
+from parallel.context import ATTENTION_BACKENDS
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba-2 (SSD)"}
+RECURRENT_KINDS = "LM"  # layers that carry a state: they stream window by window
 DECAYS = ("retnet", "none")
 
 
@@ -29,8 +31,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    ssm_state: int = 128  # Mamba-2 (M) layers: state width N per head
+    ssm_expand: int = 2  # Mamba-2: inner width = ssm_expand · dim
+    ssm_head_dim: int = 64  # Mamba-2: head width P (heads = inner / P)
+    ssm_groups: int = 1  # Mamba-2: groups sharing B and C
     chunk_size: int = 64
     backend: str = "auto"  # linear-attention kernels: auto (Triton on CUDA) | triton | torch
+    # softmax-attention kernel (A layers, every sp method): auto (cuDNN where it runs, else flash, else math) |
+    # cudnn | flash (an error where it cannot run) | math (PyTorch / SDPA's efficient or math kernel)
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -49,14 +58,22 @@ class ModelConfig:
         bad = sorted(set(self.layout) - set(LAYER_KINDS))
         if not self.layout or bad:
             raise ValueError(
-                f"model.layout={self.layout!r} has unknown layer letters {bad}; use only L (linear) and A (softmax)"
+                f"model.layout={self.layout!r} has unknown layer letters {bad}; use L (linear), A (softmax), "
+                f"M (Mamba-2)"
             )
+        if "M" in self.layout and ((self.ssm_expand * self.dim) % self.ssm_head_dim
+                                   or ((self.ssm_expand * self.dim) // self.ssm_head_dim) % self.ssm_groups):
+            raise ValueError(f"Mamba-2 layers need ssm_expand·dim = {self.ssm_expand * self.dim} divisible by "
+                             f"ssm_head_dim={self.ssm_head_dim} into heads divisible by ssm_groups={self.ssm_groups}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is unknown; use auto, triton or torch")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r} is unknown; "
+                             f"use auto, cudnn, flash or math")
         if self.decay not in DECAYS:
             raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "chunk_size"):
@@ -76,12 +93,16 @@ PRESETS: dict[str, dict] = {
     # Llama-3-8B-like (dim 4096, 32 layers, 32 heads, 8 KV heads, FFN 14336), tied 32K vocabulary: 7.92B
     # parameters — 127 GiB of fp32 weights, gradients and AdamW moments: train it with parallel.shard=full
     "8b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336),
+    # Mamba-2 mixers (expand 2, state 128, heads of 64) with the SwiGLU of every block
+    "mamba2-1b": dict(vocab_size=32000, dim=2048, n_layers=15, n_heads=16, n_kv_heads=8, ffn_dim=6144, layout="M",
+                      gate=True),
 }
 
 
 # peak AdamW learning rate that suits each preset's size (train.lr defaults to it; 3e-3 diverges the 1B model)
 # (3b and 8b: Llama-3's 3e-4 scaled down for size; not yet tuned by a run)
-PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "3b": 3e-4, "8b": 2e-4}
+PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "mamba2-1b": 4e-4, "3b": 3e-4,
+                               "8b": 2e-4}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

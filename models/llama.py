@@ -23,12 +23,13 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
 from kernels.conv import short_conv
-from models.config import ModelConfig
-from parallel.attention import sp_attention
+from models.config import RECURRENT_KINDS, ModelConfig
+from parallel.attention import dense_attention, sp_attention
 from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
 from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
+from parallel.tiling import tiled
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -167,12 +168,13 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal grouped-query attention with RoPE at global positions."""
+    """Causal grouped-query attention with RoPE at global positions, on the kernel `model.attention_backend`
+    picks (cuDNN / flash / math, the same block entry at sp = 1 and under every sp method)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.attention_backend = cfg.rope_theta, cfg.attention_backend
         self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -187,12 +189,10 @@ class SoftmaxAttention(nn.Module):
         pos = self.sp.positions(T, device=x.device)
         q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
         if self.sp.world > 1:
-            o = sp_attention(q, k, v, method=self.sp.attention, group=self.sp.group, layout=self.sp.layout, causal=True)
-        else:
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=self.kv_heads != self.n_heads,
-            ).transpose(1, 2)
+            o = sp_attention(q, k, v, method=self.sp.attention, group=self.sp.group, layout=self.sp.layout,
+                             causal=True, backend=self.attention_backend)
+        else:  # scale None: SDPA's own D^−½ on the math path, so CPU results are those of plain SDPA
+            o = dense_attention(q, k, v, None, True, self.attention_backend)
         return self.o(o.reshape(B, T, -1))
 
 
@@ -201,22 +201,31 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
+        if kind == "M":
+            from models.mamba2 import Mamba2  # it builds on this module's RMSNorm and ShortConv
+
+            self.mixer = Mamba2(cfg)
+        else:
+            self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp_tile = 0  # > 0: the token-wise part runs in tiles of this many tokens (parallel.tiling)
 
     def forward(self, h: torch.Tensor, carry: Carry | None = None):
         """h → h + mixer(norm(h)), then + SwiGLU(norm(h)); with a carry (linear layers streaming windows),
         → (h, carry leaving the window)."""
         if carry is None:
             h = h + self.mixer(self.mixer_norm(h))
-            return self.mlp_residual(h)
+            return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters())
         out, carry = self.mixer(self.mixer_norm(h), carry)
-        return self.mlp_residual(h + out), carry
+        return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters()), carry
 
     def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
         """h + SwiGLU(RMSNorm(h)): token-wise work only (`compile_token_wise` fuses its elementwise parts)."""
         return h + self.mlp(self.mlp_norm(h))
+
+    def token_wise_parameters(self) -> list[nn.Parameter]:
+        return [*self.mlp_norm.parameters(), *self.mlp.parameters()]
 
     def compile_token_wise(self) -> None:
         """torch.compile the block's purely token-wise part (norm, SwiGLU, residual); the mixer's kernels
@@ -260,7 +269,15 @@ class LinearLlama(nn.Module):
         if name.endswith("norm.weight"):
             return p.fill_(1.0)
         key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
+        field = None
+        if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):  # Mamba-2: all three drawn from A_log's
+            key, field = name.rsplit(".", 1)                              # generator
+            key += ".A_log"
         gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        if field is not None:
+            from models.mamba2 import ssm_initial_values
+
+            return p.copy_(ssm_initial_values(p.shape[0], gen, p.device)[field])
         if name.endswith("conv.weight"):  # depthwise kernel: uniform ±1/√w, as PyTorch's Conv1d
             bound = 1.0 / math.sqrt(p.shape[-1])
             return p.uniform_(-bound, bound, generator=gen)
@@ -293,7 +310,7 @@ class LinearLlama(nn.Module):
         hidden states, for a loss that applies the head itself) or hidden states (other stages).
         `checkpoint_layers`: keep only each block's input and recompute the block in backward (the
         pipeline schedule decides, per micro-batch)."""
-        h = self.embed(x) if self.embed is not None else x
+        h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         for block in self.layers.values():
             h = checkpoint(block, h, use_reentrant=False) if checkpoint_layers else block(h)
         return self._head(h, logits)
@@ -302,7 +319,7 @@ class LinearLlama(nn.Module):
                        logits: bool = True) -> tuple[torch.Tensor, dict[str, Carry]]:
         """One window of a sequence that streams through the model (DESIGN §9): as `forward`, each linear
         layer starting from the carry of the previous window; returns (output, carries leaving the window)."""
-        h = self.embed(x) if self.embed is not None else x
+        h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         leaving = {}
         for key, block in self.layers.items():
             run = partial(checkpoint, block, use_reentrant=False) if checkpoint_layers else block
@@ -311,14 +328,23 @@ class LinearLlama(nn.Module):
 
     def zero_carries(self, batch: int, device: torch.device) -> dict[str, Carry]:
         """Carries entering the first window; only pure linear-attention stacks stream."""
-        if any(block.kind != "L" for block in self.layers.values()):
-            raise ValueError("streaming windows need a pure linear-attention layout (model.layout=L)")
+        if any(block.kind not in RECURRENT_KINDS for block in self.layers.values()):
+            raise ValueError("streaming windows need a layout of recurrent layers only (model.layout of L and M)")
         return {key: block.mixer.zero_carry(batch, device) for key, block in self.layers.items()}
 
     def _head(self, h: torch.Tensor, logits: bool) -> torch.Tensor:
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None and logits else h
+
+
+def _stream_dtype(h: torch.Tensor) -> torch.Tensor:
+    """Under autocast the residual stream — and so every stored layer input — is in the autocast dtype
+    (bf16: half the memory of the re-materialization checkpoints); otherwise it stays as it is."""
+    device = h.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and h.is_floating_point():
+        return h.to(torch.get_autocast_dtype(device))
+    return h
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -58,3 +58,26 @@ def group_rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
+
+
+def send_tensor(x: torch.Tensor, dst_stage: int, group: dist.ProcessGroup | None) -> None:
+    """Send x (any shape and dtype of _DTYPES) to rank `dst_stage` of `group`: a header, then the data."""
+    header = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape], dtype=torch.int64, device=x.device)
+    header = torch.nn.functional.pad(header, (0, 8 - header.numel()))
+    dst = dst_stage if group is None else dist.get_global_rank(group, dst_stage)
+    dist.send(header, dst, group=group)
+    dist.send(x.contiguous(), dst, group=group)
+
+
+def recv_tensor(src_stage: int, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
+    """Receive what `send_tensor` sent from rank `src_stage` of `group`."""
+    src = src_stage if group is None else dist.get_global_rank(group, src_stage)
+    header = torch.zeros(8, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    x = torch.empty([int(s) for s in header[2 : 2 + ndim]], dtype=dtype, device=device)
+    dist.recv(x, src, group=group)
+    return x

@@ -11,6 +11,8 @@ from parallel.comm import group_rank_world
 from parallel.layout import check_layout, shard_positions
 
 SOFTMAX_METHODS = ("allgather", "ring", "ulysses")
+# softmax attention kernels (model.attention_backend): auto = cudnn where it runs, else flash, else math
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "math")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
-from parallel.streaming import streaming_forward, streaming_step
+from parallel.comm import recv_tensor, send_tensor
+from parallel.streaming import (
+    pipelined_streaming_forward,
+    pipelined_streaming_step,
+    streaming_forward,
+    streaming_step,
+)
 
 REMAT_MODES = ("never", "except_last", "always")
 
@@ -72,15 +78,18 @@ class _Recomputed(nn.Module):
     def __init__(self, module: nn.Module, forward_kwargs: dict):
         super().__init__()
         self.module, self.forward_kwargs = module, forward_kwargs
-        self.plan: list[bool] = []
+        self.plan: list[bool] | None = None  # None: outside a training step
+        self.inferring = False  # the schedule's shape/metadata inference forward is running
         self._window: tuple[dict, bool] | None = None  # (entering carries, checkpoint_layers) of the next call
 
     def forward(self, x: torch.Tensor):
         if self._window is not None:
             (carries, checkpoint_layers), self._window = self._window, None
             return self.module.forward_window(x, carries, checkpoint_layers, **self.forward_kwargs)
-        training = torch.is_grad_enabled() and not x.is_meta
-        checkpoint_layers = self.plan.pop(0) if training and self.plan else False
+        training = torch.is_grad_enabled() and not x.is_meta and not self.inferring and self.plan is not None
+        if training and not self.plan:
+            raise RuntimeError("the pipeline schedule ran more micro-batch forwards than GPipe planned")
+        checkpoint_layers = self.plan.pop(0) if training else False
         return self.module(x, checkpoint_layers=checkpoint_layers, **self.forward_kwargs)
 
     def forward_window(self, x: torch.Tensor, carries: dict, checkpoint_layers: bool = False):
@@ -98,18 +107,20 @@ class GPipe:
     gradients accumulate unscaled, so a step's gradient is that of Σ_i loss_i. `remat` decides per
     micro-batch whether the stage recomputes its layers in backward (`recompute_plan`); the module
     must take `forward(x, checkpoint_layers: bool, **forward_kwargs)`. With one stage this is plain
-    gradient accumulation over micro-batches, or — with `window` — each micro-batch streams through the
-    model in windows of that many tokens (`parallel.streaming`).
+    gradient accumulation over micro-batches. With `window`, each micro-batch streams through the model in
+    windows of that many tokens (`parallel.streaming`); over several stages the windows are the pipeline's
+    micro-batches (TeraPipe) and `local_tokens` (tokens per sequence on this rank) fixes their number.
     """
 
     def __init__(self, module: nn.Module, *, stage_index: int, num_stages: int, group: dist.ProcessGroup | None,
                  device: torch.device, microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 remat: str = "never", window: int = 0, forward_kwargs: dict | None = None,
+                 remat: str = "never", window: int = 0, local_tokens: int = 0, forward_kwargs: dict | None = None,
                  wrap: Callable[[nn.Module], nn.Module] | None = None):
-        if window and num_stages > 1:
-            raise ValueError("streaming windows run on one pipeline stage; use pp=1 with a window")
+        if window and num_stages > 1 and not local_tokens:
+            raise ValueError("streaming windows over pipeline stages need local_tokens (the tokens per sequence)")
         self.module, self.stage_index, self.num_stages = module, stage_index, num_stages
         self.window, self.forward_kwargs = window, dict(forward_kwargs or {})
+        self.n_windows = -(-local_tokens // window) if window and local_tokens else 0
         self.group, self.device, self.microbatches, self.loss_fn = group, device, microbatches, loss_fn
         self.plan = recompute_plan(remat, microbatches)
         self._divisor: torch.Tensor | float = 1.0
@@ -119,13 +130,32 @@ class GPipe:
         if wrap is not None:
             self._stage_module = wrap(self._stage_module)
         self.sharded = isinstance(self._stage_module, FSDPModule)
+        if window and num_stages > 1 and self.sharded:
+            raise ValueError("streaming windows over pipeline stages do not run with sharded model state; use "
+                             "parallel.shard=none or one stage")
         self.schedule = None
-        if num_stages > 1:
+        if num_stages > 1 and not window:
             from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
             stage = PipelineStage(self._stage_module, stage_index, num_stages, device, group=group)
+            for name in ("_forward_metadata_inference", "_shape_inference"):  # torch 2.13 / 2.11 names
+                if hasattr(stage, name):
+                    setattr(stage, name, self._outside_plan(getattr(stage, name)))
             self.schedule = ScheduleGPipe(stage, n_microbatches=microbatches, loss_fn=self._scaled_loss,
                                           scale_grads=False)
+
+    def _outside_plan(self, infer: Callable) -> Callable:
+        """The schedule's one-time inference of stage shapes runs the module on real tensors (torch 2.13):
+        it must not take a micro-batch's place in the re-materialization plan."""
+
+        def run(*args, **kwargs):
+            self._stage_module.inferring = True
+            try:
+                return infer(*args, **kwargs)
+            finally:
+                self._stage_module.inferring = False
+
+        return run
 
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, target) / self._divisor
@@ -142,6 +172,15 @@ class GPipe:
              loss_divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Forward and backward of one batch; returns Σ micro-batch losses on the last stage (0 elsewhere)."""
         self._divisor = loss_divisor
+        if self.window and self.num_stages > 1:  # windows are the pipeline's micro-batches
+            losses = []
+            for i, recompute in enumerate(self.plan):
+                x = inputs.chunk(self.microbatches)[i] if self.is_first else None
+                y = targets.chunk(self.microbatches)[i] if self.is_last else None
+                losses.append(pipelined_streaming_step(
+                    self.module, x, y, self.window, self.n_windows, self._scaled_loss, self.stage_index,
+                    self.num_stages, self.group, self.device, recompute, self.forward_kwargs))
+            return torch.stack(losses).sum()
         if self.schedule is None:
             losses = []
             last = self.microbatches - 1
@@ -155,21 +194,27 @@ class GPipe:
                 if self.sharded:
                     self._last_backward(i == last)
                 self._stage_module.plan = [recompute]
-                loss = self._scaled_loss(self._stage_module(x), y)
+                try:
+                    loss = self._scaled_loss(self._stage_module(x), y)
+                finally:
+                    self._stage_module.plan = None
                 loss.backward()
                 losses.append(loss.detach())
             return torch.stack(losses).sum()
         self._stage_module.plan = list(self.plan)
         losses: list[torch.Tensor] = []
-        if self.is_first:
-            self.schedule.step(inputs)
-        elif self.is_last:
-            self.schedule.step(target=targets, losses=losses)
-        else:
-            self.schedule.step()
-        if self._stage_module.plan:
-            raise RuntimeError(f"the schedule ran {len(self.plan) - len(self._stage_module.plan)} of "
-                               f"{len(self.plan)} micro-batch forwards")
+        try:
+            if self.is_first:
+                self.schedule.step(inputs)
+            elif self.is_last:
+                self.schedule.step(target=targets, losses=losses)
+            else:
+                self.schedule.step()
+            left = len(self._stage_module.plan)
+        finally:
+            self._stage_module.plan = None
+        if left:
+            raise RuntimeError(f"the schedule ran {len(self.plan) - left} of {len(self.plan)} micro-batch forwards")
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def _last_backward(self, last: bool) -> None:
@@ -185,33 +230,14 @@ class GPipe:
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
         """Forward only (evaluation), no micro-batching: the last stage gets the output, others None."""
-        h = inputs if self.is_first else _recv_tensor(self.stage_index - 1, self.group, self.device)
+        if self.window and self.num_stages > 1:
+            return pipelined_streaming_forward(self.module, inputs, self.window, self.n_windows, self.stage_index,
+                                               self.num_stages, self.group, self.device, self.forward_kwargs)
         if self.window:
-            return streaming_forward(self._stage_module, h, self.window)
-        self._stage_module.plan = []
+            return streaming_forward(self._stage_module, inputs, self.window)
+        h = inputs if self.is_first else recv_tensor(self.stage_index - 1, self.group, self.device)
         h = self._stage_module(h)
         if self.is_last:
             return h
-        _send_tensor(h, self.stage_index + 1, self.group)
+        send_tensor(h, self.stage_index + 1, self.group)
         return None
-
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
-
-
-def _send_tensor(x: torch.Tensor, dst_stage: int, group: dist.ProcessGroup | None) -> None:
-    header = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape], dtype=torch.int64, device=x.device)
-    header = torch.nn.functional.pad(header, (0, 8 - header.numel()))
-    dst = dist.get_global_rank(group, dst_stage)
-    dist.send(header, dst, group=group)
-    dist.send(x.contiguous(), dst, group=group)
-
-
-def _recv_tensor(src_stage: int, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
-    src = dist.get_global_rank(group, src_stage)
-    header = torch.zeros(8, dtype=torch.int64, device=device)
-    dist.recv(header, src, group=group)
-    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    x = torch.empty([int(s) for s in header[2 : 2 + ndim]], dtype=dtype, device=device)
-    dist.recv(x, src, group=group)
-    return x

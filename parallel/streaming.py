@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from parallel.comm import recv_tensor, send_tensor
 
 
 def _tensors(carries: dict) -> list[torch.Tensor]:
@@ -76,3 +79,75 @@ def streaming_forward(module: nn.Module, inputs: torch.Tensor, window: int, forw
         out, carries = module.forward_window(x, carries, **(forward_kwargs or {}))
         outs.append(out)
     return torch.cat(outs, dim=1)
+
+
+def pipelined_streaming_step(module: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                             window: int, n_windows: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                             stage: int, stages: int, group: dist.ProcessGroup | None, device: torch.device,
+                             checkpoint_layers: bool = False, forward_kwargs: dict | None = None) -> torch.Tensor:
+    """`streaming_step` over pipeline stages: the windows are the micro-batches (TeraPipe). Forward: every
+    stage runs windows 0 … W−1 in order without autograd, carrying its layers' state from window to window,
+    keeping each window's stage input and entering carries, and sends its output to the next stage; while
+    stage s works on window w, stage s+1 works on window w−1. Backward: windows W−1 … 0 in reverse: the
+    last stage recomputes the window from its stored input and carries and back-propagates the window's
+    loss; every other stage receives the gradient of its output, recomputes, back-propagates, and sends the
+    gradient of its input back. Returns Σ of the windows' losses on the last stage (0 elsewhere)."""
+    kwargs = forward_kwargs or {}
+    first, last = stage == 0, stage == stages - 1
+    xs = list(inputs.split(window, dim=1)) if first else [None] * n_windows
+    ys = list(targets.split(window, dim=1)) if last else [None] * n_windows
+    entering, stage_inputs = [], []
+    carries = None
+    with torch.no_grad():
+        for w in range(n_windows):
+            x = xs[w] if first else recv_tensor(stage - 1, group, device)
+            if carries is None:
+                carries = module.zero_carries(x.shape[0], device)
+            entering.append(carries)
+            stage_inputs.append(x)
+            out, carries = module.forward_window(x, carries, **kwargs)
+            if not last:
+                send_tensor(out, stage + 1, group)
+    total = torch.zeros((), device=device)
+    d_leaving: list[torch.Tensor] | None = None
+    for w in range(n_windows - 1, -1, -1):
+        carried = _leaves(entering[w])
+        x = stage_inputs[w] if first else stage_inputs[w].detach().requires_grad_()
+        out, leaving = module.forward_window(x, carried, checkpoint_layers, **kwargs)
+        if last:
+            loss = loss_fn(out, ys[w])
+            outputs, grads = [loss], [torch.ones_like(loss)]
+            total = total + loss.detach()
+        else:
+            outputs, grads = [out], [recv_tensor(stage + 1, group, device).to(out.dtype)]
+        if d_leaving is not None:
+            pairs = [(t, g) for t, g in zip(_tensors(leaving), d_leaving) if t.requires_grad]
+            outputs += [t for t, _ in pairs]
+            grads += [g for _, g in pairs]
+        torch.autograd.backward(outputs, grads)
+        d_leaving = [t.grad if t.grad is not None else torch.zeros_like(t) for t in _tensors(carried)]
+        if not first:
+            send_tensor(x.grad if x.grad is not None else torch.zeros_like(x), stage - 1, group)
+        entering[w] = stage_inputs[w] = None
+    return total
+
+
+@torch.no_grad()
+def pipelined_streaming_forward(module: nn.Module, inputs: torch.Tensor | None, window: int, n_windows: int,
+                                stage: int, stages: int, group: dist.ProcessGroup | None, device: torch.device,
+                                forward_kwargs: dict | None = None) -> torch.Tensor | None:
+    """Forward only (evaluation) of a streamed sequence over pipeline stages; the last stage gets the
+    windows' outputs concatenated, the others None."""
+    first, last = stage == 0, stage == stages - 1
+    xs = list(inputs.split(window, dim=1)) if first else [None] * n_windows
+    carries, outs = None, []
+    for w in range(n_windows):
+        x = xs[w] if first else recv_tensor(stage - 1, group, device)
+        if carries is None:
+            carries = module.zero_carries(x.shape[0], device)
+        out, carries = module.forward_window(x, carries, **(forward_kwargs or {}))
+        if last:
+            outs.append(out)
+        else:
+            send_tensor(out, stage + 1, group)
+    return torch.cat(outs, dim=1) if last else None

@@ -51,6 +51,9 @@ class ParallelConfig:
     """How layers are cut into stages: by parameter count (params) or measured layer time (time)."""
     sp_attention: str = "allgather"
     """Softmax layers under sp > 1: allgather (LASP-2H) | ring (zigzag ring) | ulysses (all-to-all over heads)."""
+    offload: bool = False
+    """Keep what a step saves for backward (with remat: the layer inputs) in pinned host memory instead of
+    the GPU (copies are synchronous: memory for time; see README)."""
     timeout_s: float = 600.0
     """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
     shard: str = "none"
@@ -97,6 +100,9 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops."""
     loss_chunk: int = 8192
     """Tokens per chunk of the head + cross-entropy (no [T, vocab] logits are ever held); 0: whole logits."""
+    mlp_tile: int = 0
+    """> 0: each block's token-wise part (norm, SwiGLU, residual) runs in tiles of this many tokens, so its
+    internals never exceed one tile (exact; costs one more forward of the MLP); 0: off."""
     compile: bool = False
     """torch.compile each block's token-wise part (norm, SwiGLU, residual) on CUDA; ignored on CPU."""
     window: int = 0
@@ -197,14 +203,17 @@ class JobConfig:
             raise ConfigError(f"train.lr={train.lr} must be positive and finite, e.g. train.lr=3e-4")
         if train.eval_batches < 0:
             raise ConfigError(f"train.eval_batches={train.eval_batches} must be ≥ 0 (0: no evaluation)")
-        if train.loss_chunk < 0 or train.window < 0:
-            raise ConfigError("train.loss_chunk and train.window must be ≥ 0 (0: off)")
-        if train.window and ("A" in m.layer_kinds() or par.pp > 1):
-            raise ConfigError(f"train.window={train.window} streams pure linear stacks on one pipeline stage "
-                              f"(model.layout=L, parallel.pp=1); set train.window=0 for this layout")
+        if train.loss_chunk < 0 or train.window < 0 or train.mlp_tile < 0:
+            raise ConfigError("train.loss_chunk, train.window and train.mlp_tile must be ≥ 0 (0: off)")
+        if train.window and "A" in m.layer_kinds():
+            raise ConfigError(f"train.window={train.window} streams recurrent layer stacks (model.layout of L and M); "
+                              f"softmax layers (A) cannot stream: set train.window=0 for this layout")
         if par.offload_optimizer and par.shard == "none":
             raise ConfigError("parallel.offload_optimizer=true offloads sharded state; set parallel.shard=optimizer "
                               "or parallel.shard=full")
+        if train.window and par.pp > 1 and par.shard != "none":
+            raise ConfigError(f"train.window over {par.pp} pipeline stages does not run with parallel.shard="
+                              f"{par.shard} yet; set parallel.shard=none or parallel.pp=1")
         if train.window and sp > 1 and (train.seq_len % train.window or train.window % num_shards(sp, par.layout)):
             raise ConfigError(f"under sp={sp} train.window={train.window} must divide train.seq_len={train.seq_len} "
                               f"and split into {num_shards(sp, par.layout)} equal {par.layout} shards")
@@ -320,17 +329,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def read_toml(path: str | Path, what: str, example: str) -> dict:
+    """A TOML file's tables; a missing or malformed file is a one-line ConfigError naming `what` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass a TOML file such as {example}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """The default job, updated by a TOML file, then by `section.key=value` overrides."""
-    raw: dict[str, dict] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a TOML file such as configs/tiny.toml")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    raw: dict[str, dict] = {} if path is None else read_toml(path, "config file", "configs/tiny.toml")
     for section, values in parse_overrides(overrides or []).items():
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"[{section}] in the config file must be a table")

@@ -1,10 +1,12 @@
 """Fault injection for tests of recovery: `LONGTRAIN_FAIL_AT_STEP=k` kills rank `LONGTRAIN_FAIL_RANK`
 (default 1) before step k, on the first attempt only (a marker file in run.dir remembers it);
-`LONGTRAIN_FAIL_MODE=raise` makes it raise an error there instead of exiting."""
+`LONGTRAIN_FAIL_MODE=raise` makes it raise an error there instead of exiting, `stop` makes it stop itself
+(SIGSTOP: a hung rank that never answers again)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +24,11 @@ def failure_from_env(run_dir: str) -> Callable[[int, int], None] | None:
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"failed rank {rank} before step {step}\n")
-        if os.environ.get("LONGTRAIN_FAIL_MODE") == "raise":
+        mode = os.environ.get("LONGTRAIN_FAIL_MODE", "exit")
+        if mode == "raise":
             raise RuntimeError(f"injected failure on rank {rank} before step {step}")
+        if mode == "stop":  # a hung process: alive, silent
+            os.kill(os.getpid(), signal.SIGSTOP)
         os._exit(17)
 
     return before_step

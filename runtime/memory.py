@@ -55,10 +55,10 @@ def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: in
     return (0.0 if offload else 16.0 * n_params_stage / replicas) + 2.0 * gathered + 4.0 * accumulate
 
 
-def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int, block_params: int = 0,
-                    root_params: int = 0) -> MemoryEstimate:
-    """The per-rank peak of `cfg`'s step on its busiest stage (bf16 autocast on CUDA); `block_params` (the
-    largest block) and `root_params` (embedding, final norm, head) refine the state of a sharded stage."""
+def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int) -> dict[str, float]:
+    """The activation terms of the estimate, in bytes per rank of the busiest stage: `stored` (layer inputs, or
+    every layer's internals without re-materialization), `windows` (carried states of a streamed sequence) and
+    `layer` (one layer's internals, recomputed, and its backward: the fitted transient)."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
     layers = -(-m.n_layers // pp)
     rows = t.batch_size // dp
@@ -70,13 +70,65 @@ def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: i
         stored = layers * rows * min(window, local) * per_token_layer
     else:
         stored = layers * rows * min(window, local) * m.dim * 4
-    windows = -(-local // window) if t.window else 0
-    stored += windows * layers * rows * m.n_heads * m.head_dim**2 * 4
-    transient = per_token_layer * layer_tokens
-    gib = 2.0**30
+    n_windows = -(-local // window) if t.window else 0
+    windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
+    return dict(stored=float(stored), windows=float(windows), layer=float(per_token_layer * layer_tokens))
+
+
+def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int, block_params: int = 0,
+                    root_params: int = 0) -> MemoryEstimate:
+    """The per-rank peak of `cfg`'s step on its busiest stage (bf16 autocast on CUDA); `block_params` (the
+    largest block) and `root_params` (embedding, final norm, head) refine the state of a sharded stage."""
+    act = activation_bytes(cfg, dp, pp, sp)
+    par = cfg.parallel
     state = state_bytes(n_params_stage, dp * sp, par.shard, block_params, root_params, par.microbatches,
                         par.offload_optimizer)
-    return MemoryEstimate(state / gib, stored / gib, transient / gib)
+    gib = 2.0**30
+    return MemoryEstimate(state / gib, (act["stored"] + act["windows"]) / gib, act["layer"] / gib)
+
+
+SHARD_MODES = ("none",)
+"""The shard modes `stage_state` and the cost model (`longtrain plan`) predict: only "none", every rank of a stage
+holding all of its stage's state. parallel.shard=optimizer | full run (runtime.parallelize.shard_stage; their
+state per GPU: `state_bytes`) but the plan does not model them yet."""
+
+
+@dataclass
+class StageState:
+    """Bytes one rank of a pipeline stage allocates for its model state, and the tensors behind them."""
+
+    params: int
+    grads: int
+    optimizer: int
+    tensors: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def stage_state(cfg: JobConfig, pp: int, shard: str = "none") -> list[StageState]:
+    """Per pipeline stage (cut by parameter count, `parallel.balance=params`): the bytes of the parameters this
+    rank holds (a tied embedding/head weight twice when pp > 1: both end stages keep a copy), their gradients
+    (same dtype) and AdamW's state (two moments per parameter and one fp32 step count per tensor)."""
+    if shard not in SHARD_MODES:
+        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan yet (see `longtrain presets`); "
+                          f"use one of {list(SHARD_MODES)}")
+    from models import LinearLlama
+    from parallel.pipeline import partition
+    from runtime.parallelize import layer_costs_by_params
+
+    width = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    out = []
+    for stage, (start, end) in enumerate(partition(layer_costs_by_params(cfg.model), pp)):
+        with torch.device("meta"):
+            model = LinearLlama(cfg.model)
+        model.keep_stage(range(start, end), first=stage == 0, last=stage == pp - 1)
+        tensors = {id(p): p for p in model.parameters()}.values()  # tied weights once (both ends here: pp = 1)
+        numel = sum(p.numel() for p in tensors)
+        out.append(StageState(params=numel * width, grads=numel * width, optimizer=2 * numel * width + 4 * len(tensors),
+                              tensors=len(tensors)))
+    return out
 
 
 def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:

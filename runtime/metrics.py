@@ -21,7 +21,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
     state read and update 2·2·d·d_head. Softmax layer: causal q·kᵀ and ·v ≈ 2·T·d.
     """
     dense = 6.0 * (n_params - cfg.vocab_size * cfg.dim)
-    per_layer = {"L": 2.0 * cfg.chunk_size * cfg.dim + 4.0 * cfg.dim * cfg.head_dim, "A": 2.0 * seq_len * cfg.dim}
+    inner = cfg.ssm_expand * cfg.dim  # Mamba-2: the same chunked form over (N, P) heads of the inner width
+    per_layer = {"L": 2.0 * cfg.chunk_size * cfg.dim + 4.0 * cfg.dim * cfg.head_dim, "A": 2.0 * seq_len * cfg.dim,
+                 "M": 2.0 * cfg.chunk_size * inner + 4.0 * inner * cfg.ssm_state}
     attention = sum(per_layer[k] for k in cfg.layer_kinds())
     return dense + 6.0 * cfg.vocab_size * cfg.dim + 3.0 * attention
 

@@ -8,6 +8,7 @@ replica means) — whatever dp × pp × sp split is used, the step is the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,11 +20,12 @@ import torch.distributed as dist
 
 from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entropy
 from models import num_parameters, token_loss_sum
+from parallel.attention.backends import explicit_backend_problem
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.pipeline import GPipe
 from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from runtime.config import JobConfig
-from runtime.errors import TrainingError
+from runtime.errors import ConfigError, TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from runtime.parallelize import build_stage_model, shard_stage, sharded, tied_embedding_group
@@ -65,6 +67,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, mesh: ParallelMesh):
         self.cfg, self.mesh, self.device = cfg, mesh, mesh.device
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
+        check_attention_backend(cfg, self.device)
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
         self.sharded = sharded(cfg, mesh)
@@ -73,6 +76,7 @@ class Trainer:
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
                           device=self.device, microbatches=cfg.parallel.microbatches, loss_fn=self._token_loss_sum,
                           remat=cfg.parallel.remat, window=cfg.train.window // self.sp,
+                          local_tokens=cfg.train.seq_len // self.sp,
                           forward_kwargs={"logits": not self.fused_loss},
                           wrap=partial(shard_stage, model=self.model, cfg=cfg, mesh=mesh) if self.sharded else None)
         # token counts and losses are summed over these; so are gradients, unless sharded (FSDP's reduce-scatter
@@ -114,13 +118,19 @@ class Trainer:
         (the same value on every rank)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
-        with self.autocast:
+        with self.autocast, self._saved_tensors_place():
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
         sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group, device=self.device)
         loss = self._sum_over_replicas(loss.detach().double())
         if self.pp > 1:  # only the last stage has it
             dist.all_reduce(loss, group=self.mesh.group("pp"))
         return loss
+
+    def _saved_tensors_place(self):
+        """parallel.offload: tensors saved for backward live in (pinned) host memory during the step."""
+        if self.cfg.parallel.offload:
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        return contextlib.nullcontext()
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient norm over all stages (a tied weight counted once, on the first stage)."""
@@ -192,6 +202,21 @@ class Trainer:
         self.data.close()
 
 
+def check_attention_backend(cfg: JobConfig, device: torch.device) -> None:
+    """An explicit model.attention_backend (cudnn / flash) that cannot run the softmax layers here: a ConfigError
+    now rather than an error at the first step. Under CUDA autocast the layers see bf16 (fp64 runs stay fp64)."""
+    m = cfg.model
+    if "A" not in m.layer_kinds():
+        return
+    dtype = getattr(torch, cfg.train.dtype)
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = torch.bfloat16
+    problem = explicit_backend_problem(m.attention_backend, device, dtype, m.n_heads, m.kv_heads, m.head_dim)
+    if problem:
+        raise ConfigError(f"model.attention_backend={m.attention_backend} cannot run the softmax layers on this "
+                          f"{device.type} ({problem}); use model.attention_backend=auto")
+
+
 def cfg_param_count(cfg: JobConfig) -> int:
     from models import LinearLlama
 
@@ -240,8 +265,11 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
     log = MetricsLog(cfg.run.dir, cfg.run.tensorboard, resume_step=start_step) if is_main else None
     bar = None
     if is_main and cfg.run.progress:
+        import threading
+
         from tqdm import tqdm
 
+        tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a rank ends with os._exit
         bar = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
     start, losses, window = time.perf_counter(), [], []
     ckpt_every = cfg.run.checkpoint_every

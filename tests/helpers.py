@@ -179,3 +179,25 @@ def check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: float
         parts = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(parts, out.detach().contiguous())
         assert rel_err(unshard_sequence(parts, layout), ref.detach()) < tol
+
+
+def check_sp_model(rank: int, world: int, cfg) -> None:
+    """The model under sequence parallelism (contiguous and zigzag) equals the one-process model: the loss
+    summed over sp, and every gradient summed over sp."""
+    from parallel.context import SequenceParallel
+    from parallel.layout import shard_sequence
+    from runtime.mesh import build_mesh
+
+    mesh = build_mesh(pp=1, sp=world)
+    assert mesh.size("sp") == world and mesh.size("dp") == 1 and mesh.coord("sp") == rank
+    model, tokens, targets = seeded_model_and_batch(cfg, world)
+    ref_loss, ref_grads = model_step(model, tokens, targets, targets.numel())
+    for layout in ("contiguous", "zigzag"):
+        model.set_sequence_parallel(SequenceParallel(mesh.group("sp"), layout))
+        loss, grads = model_step(model, shard_sequence(tokens, rank, world, layout),
+                                 shard_sequence(targets, rank, world, layout), targets.numel())
+        dist.all_reduce(loss, group=mesh.group("sp"))
+        assert abs(loss - ref_loss) / ref_loss < 1e-6, (layout, loss, ref_loss)
+        for name, grad in grads.items():
+            dist.all_reduce(grad, group=mesh.group("sp"))  # gradients are summed over sp
+            assert rel_err(grad, ref_grads[name]) < 1e-5, (layout, name, rel_err(grad, ref_grads[name]))

@@ -29,9 +29,13 @@ Communication per layer, N tokens, P ranks, KV width H_kv = h_kv·d: ring and al
 ≈ 2N·H_kv·(P−1)/P forward (ring overlaps it, allgather overlaps only the local block);
 Ulysses moves ≈ (N/P)(2H_q + 2H_kv) per rank.
 
-Modules: `block` (block attention with log-sum-exp, flash or math; the fp32 accumulator; which
-blocks a rank computes; plain attention), `allgather`, `ring`, `ulysses` (one method each);
-this package holds the public entry point `sp_attention`.
+Every block, and the whole-sequence attention of a world of one and of Ulysses, runs on the kernel
+`backend` names (`model.attention_backend`): "auto" (default) takes cuDNN where it runs, else flash,
+else an fp32 PyTorch path; "cudnn" | "flash" | "math" force one (`backends`).
+
+Modules: `backends` (the cuDNN, flash and math kernels; which one runs, logged once), `block` (block
+attention with log-sum-exp; the fp32 accumulator; which blocks a rank computes; plain attention),
+`allgather`, `ring`, `ulysses` (one method each); this package holds the public entry point `sp_attention`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.attention.allgather import AllGatherAttention
+from parallel.attention.backends import check_backend, choose_backend
 from parallel.attention.block import Job, block_attention, block_attention_backward, dense_attention
 from parallel.attention.ring import RingAttention
 from parallel.attention.ring import _ring_step_jobs as _ring_step_jobs  # imported by tests/parallel
@@ -48,22 +53,24 @@ from parallel.comm import group_rank_world
 from parallel.context import SOFTMAX_METHODS
 from parallel.layout import num_shards
 
-__all__ = ["Job", "block_attention", "block_attention_backward", "dense_attention", "sp_attention"]
+__all__ = ["Job", "block_attention", "block_attention_backward", "choose_backend", "dense_attention", "sp_attention"]
 
 _dense_attention = dense_attention  # the name benchmarks/sp_attention.py imports
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str,
                  group: dist.ProcessGroup | None = None, layout: str = "zigzag", causal: bool = True,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Softmax attention over a sequence split across the ranks of `group`.
 
     q: [B, T_local, Hq, D]; k, v: [B, T_local, Hkv, D] with Hq a multiple of Hkv — this rank's part
     as produced by `parallel.layout.shard_sequence(x, rank, world, layout)`. Returns this rank's
     output [B, T_local, Hq, D], equal to the matching slice of (causal, by global position)
     attention on the whole sequence, o_i = Σ_j softmax_j(scale·q_i·k_j) v_j with scale = D^−½
-    by default; gradients of q, k, v likewise. `method`: "allgather", "ring" or "ulysses".
+    by default; gradients of q, k, v likewise. `method`: "allgather", "ring" or "ulysses";
+    `backend`: the block kernel, auto | cudnn | flash | math (`model.attention_backend`).
     """
+    check_backend(backend)
     if method not in SOFTMAX_METHODS:
         raise ValueError(f"unknown sp attention method {method!r}; use one of {SOFTMAX_METHODS}")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -74,12 +81,12 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: s
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     rank, world = group_rank_world(group)
     if world == 1:
-        return dense_attention(q, k, v, scale, causal)
+        return dense_attention(q, k, v, scale, causal, backend)
     n_local = num_shards(world, layout) // world
     if q.shape[1] % n_local:
         raise ValueError(f"local sequence of {q.shape[1]} tokens does not hold {n_local} equal {layout} shards; "
                          f"use a sequence length divisible by {num_shards(world, layout)}")
     if method == "ulysses":
-        return ulysses_attention(q, k, v, group, layout, scale, causal)
+        return ulysses_attention(q, k, v, group, layout, scale, causal, backend)
     fn = RingAttention if method == "ring" else AllGatherAttention
-    return fn.apply(q, k, v, group, layout, scale, causal)
+    return fn.apply(q, k, v, group, layout, scale, causal, backend)

@@ -51,7 +51,7 @@ class RingAttention(torch.autograd.Function):
     """(K, V) move r → r+1 each step, overlapped with the block on hand; bwd sends (dK, dV) along too."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, layout: str, scale: float, causal: bool):
+    def forward(ctx, q, k, v, group, layout: str, scale: float, causal: bool, backend: str = "auto"):
         rank, world = group_rank_world(group)
         size = k.shape[1] // len(shard_ids(rank, world, layout))
         acc = Accumulator(q)
@@ -60,19 +60,19 @@ class RingAttention(torch.autograd.Function):
             works = []
             if step < world - 1:
                 (nxt,), works = _ring_exchange([kv], group)
-            run_jobs(acc, _ring_step_jobs(rank, world, layout, step, size, causal), q, kv[0], kv[1], scale)
+            run_jobs(acc, _ring_step_jobs(rank, world, layout, step, size, causal), q, kv[0], kv[1], scale, backend)
             _wait(works)
             if step < world - 1:
                 kv = nxt
         out = acc.out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, acc.lse)
-        ctx.meta = (group, rank, world, layout, scale, causal, size, acc.aux)
+        ctx.meta = (group, rank, world, layout, scale, causal, size, acc.aux, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, rank, world, layout, scale, causal, size, aux = ctx.meta
+        group, rank, world, layout, scale, causal, size, aux, backend = ctx.meta
         dout = dout.contiguous()
         acc = lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -85,7 +85,7 @@ class RingAttention(torch.autograd.Function):
             recvs, works = _ring_exchange(sends, group)
             block = torch.zeros(kv.shape, dtype=acc, device=q.device)
             run_jobs_backward(_ring_step_jobs(rank, world, layout, step, size, causal), dout, q, kv[0], kv[1],
-                               out, lse, scale, aux, dq, block[0], block[1])
+                               out, lse, scale, aux, backend, dq, block[0], block[1])
             _wait(works)
             if step > 0:
                 block += recvs[-1]
@@ -94,4 +94,4 @@ class RingAttention(torch.autograd.Function):
                 kv = recvs[0]
         (home,), works = _ring_exchange([dkv], group)  # after P hops the gradient of our own block comes back
         _wait(works)
-        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), None, None, None, None, None

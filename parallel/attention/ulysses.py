@@ -1,6 +1,7 @@
 """Ulysses attention (DESIGN §4): DeepSpeed's `DistributedAttention` all-to-all ([T/P, H] → [T, H/P]),
-local attention, all-to-all back. The gathered sequence is in shard order, so the local attention
-permutes it to global order, runs causal attention and permutes back. Needs the kv heads divisible by sp.
+local attention (the block entry's `dense_attention`, so `model.attention_backend` applies), all-to-all
+back. The gathered sequence is in shard order, so the local attention permutes it to global order, runs
+causal attention and permutes back. Needs the kv heads divisible by sp.
 """
 
 from __future__ import annotations
@@ -34,22 +35,22 @@ class _GlobalOrderAttention(nn.Module):
     """Local attention after the all-to-all: the sequence arrives in shard order [rank 0's part, rank 1's, …];
     permute to global order, attend (causal by position), permute back."""
 
-    def __init__(self, world: int, layout: str, scale: float, causal: bool):
+    def __init__(self, world: int, layout: str, scale: float, causal: bool, backend: str = "auto"):
         super().__init__()
-        self.world, self.layout, self.scale, self.causal = world, layout, scale, causal
+        self.world, self.layout, self.scale, self.causal, self.backend = world, layout, scale, causal, backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.layout == "contiguous" or not self.causal:  # shard order is global order / order is moot
-            return dense_attention(q, k, v, self.scale, self.causal)
+            return dense_attention(q, k, v, self.scale, self.causal, self.backend)
         T = q.shape[1]
         pos = torch.cat([shard_positions(T, r, self.world, self.layout, device=q.device)
                          for r in range(self.world)])  # global position of the i-th arriving token
         to_global = torch.argsort(pos)
         q, k, v = (x.index_select(1, to_global) for x in (q, k, v))
-        return dense_attention(q, k, v, self.scale, self.causal).index_select(1, pos)
+        return dense_attention(q, k, v, self.scale, self.causal, self.backend).index_select(1, pos)
 
 
-def ulysses_attention(q, k, v, group, layout: str, scale: float, causal: bool) -> torch.Tensor:
+def ulysses_attention(q, k, v, group, layout: str, scale: float, causal: bool, backend: str = "auto") -> torch.Tensor:
     _, world = group_rank_world(group)
     Hkv = k.shape[2]
     if Hkv % world:
@@ -59,6 +60,6 @@ def ulysses_attention(q, k, v, group, layout: str, scale: float, causal: bool) -
     _init_deepspeed_comm()
     from deepspeed.sequence.layer import DistributedAttention
 
-    attn = DistributedAttention(_GlobalOrderAttention(world, layout, scale, causal),
+    attn = DistributedAttention(_GlobalOrderAttention(world, layout, scale, causal, backend),
                                 group if group is not None else dist.group.WORLD, scatter_idx=2, gather_idx=1)
     return attn(q, k, v, 0)  # batch_dim_idx=0: [B, T, H, D]

@@ -24,8 +24,9 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
     train(load_config(None, overrides))
 
 
-def _ray(run_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.cli", "ray", "--num-workers", "2", *extra, "--set", *JOB, f"run.dir={run_dir}"]
+def _ray(run_dir, *extra: str, env: dict | None = None, job_extra: list[str] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.cli", "ray", "--num-workers", "2", *extra, "--set", *JOB, *job_extra,
+           f"run.dir={run_dir}"]
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full_env)
 
@@ -71,3 +72,14 @@ def test_no_restarts_left_is_one_line(tmp_path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("longtrain: error: the Ray job failed after 0 restart(s)"), proc.stderr[-2000:]
     assert "raise --max-failures" in last
+
+
+def test_hung_worker_is_a_failure_ray_restarts_from(local_run, tmp_path) -> None:
+    """A worker that stops answering (SIGSTOP) makes its peers' collectives time out (parallel.timeout_s); Ray
+    restarts the group from the last checkpoint and the run ends exactly as an uninterrupted one."""
+    run = tmp_path / "ray"
+    proc = _ray(run, "--max-failures", "1", env={"LONGTRAIN_FAIL_AT_STEP": "6", "LONGTRAIN_FAIL_MODE": "stop"},
+                job_extra=["parallel.timeout_s=20"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / ".failure_injected").exists()
+    assert _losses(run) == _losses(local_run)

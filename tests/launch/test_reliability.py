@@ -106,16 +106,21 @@ def test_dead_rank_is_named(tmp_path) -> None:
     assert "rank 1 died" in _one_line(proc.stderr)
 
 
+def _wait_for_training(proc: subprocess.Popen, run: Path, limit_s: float = 120) -> None:
+    """Until the first metrics row exists (every rank is in the training loop)."""
+    deadline = time.monotonic() + limit_s
+    while not (run / "metrics.parquet").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+
+
 def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--nproc", "2", "--set", *TWO_RANKS,
                              "train.steps=100000", "run.log_every=1", "parallel.timeout_s=20", f"run.dir={run}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.parquet").exists():  # training has started on every rank
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
+        _wait_for_training(proc, run)
         children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
                                   text=True).stdout.split()
         assert len(children) == 2, children
@@ -172,3 +177,71 @@ def test_failed_prepare_data_leaves_no_partial(tmp_path, capsys) -> None:
                  "--seq-len", "100000"])  # fewer tokens than one row
     assert code == 2
     assert not list(tmp_path.glob("*.partial"))
+
+
+def _killed_while_writing(rank: int, world: int, overrides: list[str], kill_at_step: int) -> None:
+    """Rank 0 dies (no cleanup, as under kill -9) halfway through writing the checkpoint of `kill_at_step`."""
+    import runtime.checkpoint as ckpt
+    from runtime.config import load_config
+    from runtime.trainer import train
+
+    write, written = ckpt._write_array, [0]
+
+    def dying_write(group, name, *args, **kwargs):
+        if rank == 0 and f"step_{kill_at_step:08d}" in str(group.store):
+            written[0] += 1
+            if written[0] == 3:
+                os._exit(9)
+        return write(group, name, *args, **kwargs)
+
+    ckpt._write_array = dying_write
+    train(load_config(None, overrides))
+
+
+def _train_rank(rank: int, world: int, overrides: list[str]) -> None:
+    from runtime.config import load_config
+    from runtime.trainer import train
+
+    train(load_config(None, overrides))
+
+
+def test_kill_during_checkpoint_write_loses_nothing(tmp_path) -> None:
+    """A rank killed while writing a checkpoint: that checkpoint is never loaded, the previous one resumes,
+    and the run ends exactly as one that never stopped."""
+    from helpers import run_distributed
+
+    common = [*TWO_RANKS, "train.steps=6", "run.checkpoint_every=2", "run.keep=5", "run.log_every=1"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_distributed(_train_rank, 2, [*common, f"run.dir={straight}"])
+    with pytest.raises(Exception):  # noqa: B017 — the spawn harness reports the killed rank
+        run_distributed(_killed_while_writing, 2, [*common, f"run.dir={broken}"], 4)
+    step4 = broken / "checkpoints" / "step_00000004"
+    assert step4.exists() and not (step4 / "COMMITTED").exists()
+    run_distributed(_train_rank, 2, [*common, f"run.dir={broken}", "run.resume=auto"])
+    a = pq.read_table(straight / "metrics.parquet").to_pydict()["loss"]
+    b = pq.read_table(broken / "metrics.parquet").to_pydict()["loss"]
+    assert a == b and len(a) == 6
+
+
+def test_stopped_rank_under_torchrun_ends_the_job(tmp_path) -> None:
+    """Under torchrun every rank reports for itself: the rank that waited names the cause in one line."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "launch.train", "--set", *TWO_RANKS, "train.steps=100000", "run.log_every=1",
+                             "parallel.timeout_s=15", f"run.dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_training(proc, run)
+        agent = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = [pid for a in agent for pid in
+                 subprocess.run(["pgrep", "-P", a], capture_output=True, text=True).stdout.split()] or agent
+        os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=180)
+        assert time.monotonic() - stopped < 15 + 120
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("longtrain: error:")]
+    assert ours and "a peer rank stopped answering" in ours[0], err[-3000:]

@@ -38,7 +38,7 @@ def _whole(model: LinearLlama, x, y) -> tuple[torch.Tensor, dict]:
     return loss.detach(), _grads(model)
 
 
-@pytest.mark.parametrize("T,window,checkpoint_layers", [(40, 16, False), (40, 16, True), (37, 2, False),
+@pytest.mark.parametrize("T,window,checkpoint_layers", [(40, 16, False), (40, 16, True), (13, 2, False),
                                                          (24, 24, False), (30, 1, False)])
 def test_streaming_step_equals_whole_sequence(T: int, window: int, checkpoint_layers: bool) -> None:
     model = _model()
@@ -72,5 +72,5 @@ def test_dropping_the_carried_state_changes_the_result(monkeypatch) -> None:
 
 def test_softmax_layers_do_not_stream() -> None:
     model = LinearLlama(preset("tiny", layout="LA"))
-    with pytest.raises(ValueError, match="pure linear-attention layout"):
+    with pytest.raises(ValueError, match="recurrent layers only"):
         model.zero_carries(1, torch.device("cpu"))

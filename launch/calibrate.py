@@ -1,0 +1,183 @@
+"""`longtrain calibrate`: measure the cost model's constants on this machine into a `[hardware]` TOML file.
+
+    GEMM TFLOP/s         forward + backward of the model's projection shapes (x W1, · W2), bf16 autocast on CUDA
+    attention TFLOP/s    causal SDPA with grouped-query heads, forward + backward
+    kernel tokens/s      `kernels.linear_attention` forward, and forward + backward with and without a gate,
+                         reported at the reference geometry H·K·V = 16·128·128 (`runtime.plan.REFERENCE_HKV`)
+    copy GB/s            a large device copy (bytes read + written)
+    collectives          all-gather of 1 MiB and 256 MiB per rank over every local GPU (nccl): bus bandwidth and
+                         latency; with fewer than two GPUs they are taken from `--base` and the file says so
+
+The inter-node bandwidth is a parameter (`--inter-node-gbit`, per GPU); the file's `source` line records the
+device, the versions and what was copied. `longtrain plan --gpu FILE` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.plan import REFERENCE_HKV, Hardware, load_hardware
+
+
+def _timed(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _shapes(device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda" and not quick:
+        return dict(tokens=16384, dim=2048, ffn=6144, heads=16, kv=8, hd=128, seq=16384, la_tokens=262144,
+                    la_heads=16, la_dim=128, copy_mib=1024, reps=10)
+    return dict(tokens=512, dim=256, ffn=512, heads=4, kv=2, hd=32, seq=512, la_tokens=1024, la_heads=2,
+                la_dim=32, copy_mib=64, reps=3)
+
+
+def measure_compute(device: torch.device, quick: bool = False) -> dict:
+    """The compute constants of one device (CUDA: bf16 autocast; CPU: fp32)."""
+    import torch.nn.functional as F
+
+    from kernels import linear_attention
+
+    s = _shapes(device, quick)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x = torch.randn(s["tokens"], s["dim"], device=device, requires_grad=True)
+    w1 = torch.randn(s["ffn"], s["dim"], device=device, requires_grad=True)
+    w2 = torch.randn(s["dim"], s["ffn"], device=device, requires_grad=True)
+
+    def gemms() -> None:
+        with autocast:
+            F.linear(F.linear(x, w1), w2).float().sum().backward()
+
+    gemm = 6 * 2 * s["tokens"] * s["dim"] * s["ffn"] / _timed(gemms, device, s["reps"])
+    q = torch.randn(1, s["heads"], s["seq"], s["hd"], device=device, dtype=dtype, requires_grad=True)
+    kv = [torch.randn(1, s["kv"], s["seq"], s["hd"], device=device, dtype=dtype, requires_grad=True) for _ in "kv"]
+
+    def attention() -> None:
+        F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True).float().sum().backward()
+
+    attn = 2.0 * s["seq"] ** 2 * s["heads"] * s["hd"] * 3.5 / _timed(attention, device, s["reps"])
+    H, D, T = s["la_heads"], s["la_dim"], s["la_tokens"]
+    lq, lk, lv = (torch.randn(1, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    gate = torch.full((1, T, H), -0.01, device=device, requires_grad=True)
+    decay = torch.full((H,), -0.01, device=device)
+    scale = REFERENCE_HKV / (H * D * D)  # tokens/s at the reference geometry
+
+    def la(with_gate: bool, backward: bool):
+        def run() -> None:
+            with torch.set_grad_enabled(backward):
+                o, _ = linear_attention(lq, lk, lv, log_decay=decay, gate=gate if with_gate else None)
+                if backward:
+                    o.float().sum().backward()
+        return T / scale / _timed(run, device, s["reps"])
+
+    n = s["copy_mib"] << 20
+    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    copy = 2 * n / _timed(lambda: dst.copy_(src), device, s["reps"])
+    return dict(gemm_tflops=gemm / 1e12, attention_tflops=attn / 1e12, la_tokens_per_s=la(False, True),
+                la_gate_tokens_per_s=la(True, True), la_forward_tokens_per_s=la(False, False), copy_gbps=copy / 1e9)
+
+
+def _allgather_rank(out: str) -> None:
+    """One rank of the collective measurement (spawned, nccl): rank 0 writes the medians to `out`."""
+    import torch.distributed as dist
+
+    from runtime.mesh import init_distributed
+
+    device = init_distributed()
+    world = dist.get_world_size()
+    result = {}
+    for mib in (1, 256):
+        x = torch.ones(mib << 18, device=device)  # mib MiB of fp32
+        parts = [torch.empty_like(x) for _ in range(world)]
+        result[mib] = _timed(lambda x=x, parts=parts: dist.all_gather(parts, x), device, 10)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def measure_collectives(gpus: int) -> dict:
+    """Bus bandwidth (GB/s) and latency (µs) of an all-gather over `gpus` local GPUs."""
+    from launch.local import spawn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "allgather.json")
+        spawn(_allgather_rank, gpus, out, log_dir=Path(tmp) / "logs")
+        t = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
+    big, small = (256 << 20) * (gpus - 1), (1 << 20) * (gpus - 1)
+    gbps = big / t[256] / 1e9
+    return dict(intra_node_gbps=gbps, latency_us=max(1.0, 1e6 * (t[1] - small / (gbps * 1e9))))
+
+
+def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: float = 400.0,
+              quick: bool = False) -> Hardware:
+    from runtime.metrics import PEAK_FLOPS
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    reference = load_hardware(base)
+    measured = measure_compute(device, quick)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    copied = []
+    if gpus >= 2:
+        measured.update(measure_collectives(gpus))
+    else:
+        measured.update(intra_node_gbps=reference.intra_node_gbps, latency_us=reference.latency_us)
+        copied.append(f"collectives from {reference.name} (fewer than two GPUs here)")
+    if device.type == "cuda":
+        label = torch.cuda.get_device_name(0)
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        peak = next((v / 1e12 for k, v in PEAK_FLOPS.items() if k in label), measured["gemm_tflops"])
+    else:
+        label = f"cpu ({os.cpu_count()} cores)"
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        peak = measured["gemm_tflops"]  # no vendor number: MFU against the measured GEMM rate
+    date = datetime.date.today().isoformat()
+    source = f"longtrain calibrate on {label}, torch {torch.__version__}, {date}" + (
+        "; quick shapes" if quick else "") + "".join(f"; {c}" for c in copied)
+    kind = re.search(r"\b[A-Z]\d{2,4}\b", label) if device.type == "cuda" else None  # "NVIDIA H100 80GB" → h100
+    return Hardware(name=name or (kind.group(0).lower() if kind else device.type), memory_gib=memory, peak_tflops=peak,
+                    inter_node_gbps=inter_node_gbit / 8, gpus_per_node=max(gpus, 1), source=source, **measured)
+
+
+def to_toml(hw: Hardware) -> str:
+    lines = ["# written by `longtrain calibrate` (see launch/calibrate.py for what each number measures)",
+             "[hardware]"]
+    for f in dataclasses.fields(Hardware):
+        value = getattr(hw, f.name)
+        if isinstance(value, str):
+            lines.append(f"{f.name} = {json.dumps(value)}")
+        elif isinstance(value, float):
+            lines.append(f"{f.name} = {value:.6g}" if math.isfinite(value) else f"{f.name} = 0.0")
+        else:
+            lines.append(f"{f.name} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="hardware.toml", help="the TOML file to write (default hardware.toml)")
+    parser.add_argument("--name", default=None, help="the profile's name (default: from the device)")
+    parser.add_argument("--base", default="h200", help="profile whose collective numbers are used where they "
+                                                       "cannot be measured (one GPU, CPU)")
+    parser.add_argument("--inter-node-gbit", type=float, default=400.0, help="bandwidth between nodes per GPU, Gb/s")
+    parser.add_argument("--quick", action="store_true", help="small shapes (seconds; CPU tests)")

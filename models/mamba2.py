@@ -1,0 +1,100 @@
+"""Mamba-2 (SSD) mixer, layout letter `M` (DESIGN §12), on the linear-attention kernels and LASP-2.
+
+Per head h (state width N, head width P), with x, z, B, C, Δ projected from the block input u:
+
+    S_t = exp(Δ_t A_h) S_{t−1} + (Δ_t B_t)ᵀ x_t          S ∈ R^{N×P},  A_h = −exp(a_h) < 0
+    y_t = C_t S_t + D_h x_t,                              Δ_t = softplus(u_t W_Δ + b_Δ)
+    out = W_o · RMSNorm(y ⊙ silu(z))
+
+which is DESIGN §2 with q = C, k = Δ·B, v = x, per-token log-gate Δ_t A_h ≤ 0 (λ = 0) and scale 1, so the
+chunked kernels, LASP-2 under sp and streaming windows apply unchanged. x, B, C pass through the causal
+short convolution (with SiLU) first; B and C are shared by the heads of a group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import linear_attention
+from models.config import ModelConfig
+from parallel.context import SINGLE
+from parallel.lasp2 import lasp2_linear_attention
+
+
+class Mamba2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        from models.llama import RMSNorm, ShortConv
+
+        super().__init__()
+        self.inner, self.state, self.groups = cfg.ssm_expand * cfg.dim, cfg.ssm_state, cfg.ssm_groups
+        self.heads, self.head_dim = self.inner // cfg.ssm_head_dim, cfg.ssm_head_dim
+        self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
+        conv_channels = self.inner + 2 * self.groups * self.state
+        self.in_proj = nn.Linear(cfg.dim, self.inner + conv_channels + self.heads, bias=False)  # z | x B C | Δ
+        self.conv = ShortConv(conv_channels, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.empty(self.heads))
+        self.norm = RMSNorm(self.inner, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.inner, cfg.dim, bias=False)
+        self.sp = SINGLE
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, gen: torch.Generator) -> None:
+        """Mamba-2's initialisation of A_log, dt_bias and D (`ssm_initial_values`)."""
+        for name, value in ssm_initial_values(self.heads, gen, self.A_log.device).items():
+            getattr(self, name).copy_(value)
+
+    def forward(self, u: torch.Tensor, carry: tuple | None = None):
+        """u [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window)."""
+        Bsz, T, _ = u.shape
+        H, P, N, G = self.heads, self.head_dim, self.state, self.groups
+        z, xbc, dt = self.in_proj(u).split([self.inner, self.inner + 2 * G * N, H], dim=-1)
+        state, halo = carry if carry is not None else (None, None)
+        tail = None
+        if self.conv is not None:
+            if halo is not None:
+                xbc, tail = self.conv(xbc, self.sp, halo.to(xbc.dtype))
+            else:
+                xbc = self.conv(xbc, self.sp)
+        x, b, c = xbc.split([self.inner, G * N, G * N], dim=-1)
+        x = x.reshape(Bsz, T, H, P)
+        delta = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H] fp32
+        gate = delta * -torch.exp(self.A_log.float())  # log a_t = Δ_t A_h ≤ 0
+        heads_per_group = H // G
+        b = b.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
+        c = c.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
+        k = (b.float() * delta[..., None]).to(x.dtype)
+        q = c.to(x.dtype)
+        if self.sp.world > 1:
+            y = lasp2_linear_attention(q, k, x, gate=gate, scale=1.0, group=self.sp.group, layout=self.sp.layout,
+                                       chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
+                                       output_final_state=carry is not None)
+            if carry is not None:
+                y, state = y
+        else:
+            y, state = linear_attention(q, k, x, gate=gate, scale=1.0, chunk_size=self.chunk_size,
+                                        backend=self.backend, initial_state=state,
+                                        output_final_state=carry is not None)
+        y = y + x * self.D.to(x.dtype)[:, None]
+        out = self.out_proj(self.norm(y.reshape(Bsz, T, self.inner) * F.silu(z)))
+        return out if carry is None else (out, (state, tail))
+
+    def zero_carry(self, batch: int, device: torch.device) -> tuple:
+        state = torch.zeros(batch, self.heads, self.state, self.head_dim, device=device, dtype=torch.float32)
+        tail = None if self.conv is None else torch.zeros(
+            batch, self.conv.width - 1, self.inner + 2 * self.groups * self.state, device=device,
+            dtype=self.in_proj.weight.dtype)
+        return state, tail
+
+
+def ssm_initial_values(heads: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """A_h uniform in [1, 16] (stored as log), Δ's bias so that softplus(b) is log-uniform in [1e-3, 0.1],
+    D = 1 — Mamba-2's initialisation, drawn in this order from `gen`."""
+    a_log = torch.empty(heads, device=device).uniform_(1, 16, generator=gen).log()
+    dt = torch.exp(torch.empty(heads, device=device).uniform_(math.log(1e-3), math.log(0.1), generator=gen))
+    return {"A_log": a_log, "dt_bias": dt + torch.log(-torch.expm1(-dt)), "D": torch.ones(heads, device=device)}

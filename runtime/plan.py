@@ -1,0 +1,417 @@
+"""The cost model behind `longtrain plan` (DESIGN §11): per-rank peak memory and step time of a job, before launch.
+
+Memory per rank (busiest pipeline stage): the model state exactly as the stage allocates it
+(`runtime.memory.stage_state`: parameters, gradients, AdamW state; shard mode "none" — parallel.shard=optimizer
+and full run but are not modelled here yet), the activation terms of `runtime.memory` (stored layer inputs,
+carried window states, one layer's internals, fitted on the H200), and the other transients: the loss chunk,
+softmax attention's gathered K, V, LASP-2's gathered states, the flat gradient buffer of the replica all-reduce
+(after backward).
+
+Step time (busiest stage, one step):
+
+    compute   GEMM FLOPs / F_gemm · (3 + r)/3,  linear-attention tokens / kernel rate,  causal softmax FLOPs /
+              F_attention,  elementwise bytes / copy bandwidth,  the loss and the optimizer
+    comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
+              all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
+    bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
+    sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward
+
+r is the number of recomputed forwards: 1 for `parallel.remat=always`, (M−1)/M for `except_last`, plus one
+with `train.window`. B_link is the node's collective bandwidth for a group inside one node and the inter-node
+bandwidth per GPU otherwise (sp innermost, then pp, then dp). The constants come from a hardware file
+(configs/hardware/*.toml, or `longtrain calibrate`); ELEMENTWISE_BYTES is fitted to the measured `1b` step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.config import JobConfig, read_toml
+from runtime.errors import ConfigError
+from runtime.memory import SHARD_MODES, activation_bytes, stage_state
+
+HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
+REFERENCE_HKV = 16 * 128 * 128  # the head geometry the kernel rates are measured at (H × K × V)
+ELEMENTWISE_BYTES = 58.0  # device-memory bytes per token and layer, in units of (4d + 3f), of a fwd+bwd (fitted)
+LOSS_BYTES = 16.0  # bytes per token and vocabulary entry moved by the chunked head + cross-entropy
+LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
+OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
+GIB = 2.0**30
+LIMIT_SHARE = 0.10  # `--scaling`: a method stops scaling where its communication passes this share of compute
+
+
+@dataclass
+class Hardware:
+    """The measured constants of one device kind (a `[hardware]` table of a TOML file)."""
+
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    gemm_tflops: float
+    attention_tflops: float
+    la_tokens_per_s: float
+    la_gate_tokens_per_s: float
+    la_forward_tokens_per_s: float
+    copy_gbps: float
+    intra_node_gbps: float
+    inter_node_gbps: float
+    latency_us: float
+    gpus_per_node: int
+    source: str = ""
+
+
+def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
+    """A shipped profile by name (h200, h100, a100) or a TOML file (`longtrain calibrate` writes one);
+    `inter_node_gbps` (GB/s per GPU) and `gpus_per_node` override the file's."""
+    path = Path(spec)
+    if not path.is_file():
+        path = HARDWARE_DIR / f"{spec.lower()}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in HARDWARE_DIR.glob("*.toml"))
+        raise ConfigError(f"--gpu {spec!r} is neither a hardware file nor one of {names}; "
+                          f"pass a name or a file written by `longtrain calibrate`")
+    raw = read_toml(path, "hardware file", "configs/hardware/h200.toml").get("hardware", {})
+    try:
+        hw = Hardware(**raw)
+    except TypeError as e:
+        known = ", ".join(f.name for f in dataclasses.fields(Hardware))
+        raise ConfigError(f"hardware file {str(path)!r} is not a [hardware] table of {known}: {e}") from None
+    if inter_node_gbps is not None:
+        hw.inter_node_gbps = inter_node_gbps
+    if gpus_per_node is not None:
+        hw.gpus_per_node = gpus_per_node
+    return hw
+
+
+@dataclass
+class Plan:
+    """One job's prediction: memory terms (GiB per rank) and time terms (seconds per step)."""
+
+    cfg: JobConfig
+    hardware: Hardware
+    world: int
+    dp: int
+    pp: int
+    sp: int
+    shard: str
+    memory: dict[str, float]  # GiB: parameters, gradients, optimizer, stored, windows, transient terms
+    peak_gib: float
+    compute: dict[str, float]
+    comm: dict[str, float]
+    bubble_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= self.hardware.memory_gib
+
+    @property
+    def compute_s(self) -> float:
+        return sum(self.compute.values())
+
+    @property
+    def comm_s(self) -> float:
+        return sum(self.comm.values())
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(model_key: tuple, pp: int, dtype: str) -> tuple:
+    """(GEMM weights per layer, stage layer ranges, stage states, total parameters) of a model config."""
+    import torch
+
+    from models import LinearLlama, ModelConfig, num_parameters
+    from parallel.pipeline import partition
+    from runtime.parallelize import layer_costs_by_params
+
+    mcfg = ModelConfig(*model_key)
+    with torch.device("meta"):
+        model = LinearLlama(mcfg)
+    gemm = [sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+            for block in model.layers.values()]
+    ranges = partition(layer_costs_by_params(mcfg), pp)
+    job = JobConfig(model=mcfg)
+    job.train.dtype = dtype
+    return gemm, ranges, stage_state(job, pp), num_parameters(model)
+
+
+def _link_gbps(hw: Hardware, stride: int, size: int, world: int) -> float:
+    """A group of `size` ranks `stride` apart: inside one node if it spans at most a node."""
+    if world <= hw.gpus_per_node or stride * size <= hw.gpus_per_node:
+        return hw.intra_node_gbps
+    return hw.inter_node_gbps
+
+
+def _collective(hw: Hardware, nbytes: float, gbps: float) -> float:
+    return hw.latency_us * 1e-6 + nbytes / (gbps * 1e9)
+
+
+def recompute_passes(cfg: JobConfig) -> float:
+    """Extra forward passes per step relative to one forward + backward (DESIGN §5, §9)."""
+    par, m = cfg.parallel, cfg.parallel.microbatches
+    r = {"never": 0.0, "always": 1.0, "except_last": (m - 1) / m}[par.remat]
+    return r + (1.0 if cfg.train.window else 0.0)
+
+
+def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> Plan:
+    """Predict `cfg` on `world` ranks of `hw` (cfg must validate for `world`)."""
+    from parallel.layout import num_shards
+    from runtime.mesh import resolve_dims
+    from runtime.metrics import flops_per_token
+
+    if shard not in SHARD_MODES:
+        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan yet (see `longtrain presets`); "
+                          f"use one of {list(SHARD_MODES)}")
+    m, t, par = cfg.model, cfg.train, cfg.parallel
+    dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
+    gemm, ranges, states, n_params = _geometry(dataclasses.astuple(m), pp, t.dtype)
+    kinds = m.layer_kinds()
+    width = 8 if t.dtype == "float64" else 4
+    M = par.microbatches
+    rows = t.batch_size // dp
+    local = t.seq_len // sp
+    tokens = rows * local  # this rank's tokens per step
+    mb_rows = rows / M
+    r = recompute_passes(cfg)
+    hkv_scale = m.n_heads * m.head_dim * m.head_dim / REFERENCE_HKV
+    la_rate = hw.la_gate_tokens_per_s if m.gate else hw.la_tokens_per_s
+    sp_gbps = _link_gbps(hw, 1, sp, world)
+    pp_gbps = _link_gbps(hw, sp, pp, world)
+    dp_gbps = _link_gbps(hw, sp * pp, dp, world)
+    alpha = hw.latency_us * 1e-6
+    n_local = num_shards(sp, par.layout) // sp
+
+    stages = []
+    for s, (start, end) in enumerate(ranges):
+        c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0)
+        k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
+        for i in range(start, end):
+            c["gemm"] += 2 * gemm[i] * tokens * (3 + r) / (hw.gemm_tflops * 1e12)
+            c["elementwise"] += tokens * ELEMENTWISE_BYTES * (4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (
+                hw.copy_gbps * 1e9)
+            passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
+            if kinds[i] == "L":
+                c["linear_attention"] += tokens * hkv_scale * (1 / la_rate + r / hw.la_forward_tokens_per_s)
+                if sp > 1:
+                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * (m.head_dim + 1) * 4
+                    k["lasp2"] += passes * _collective(hw, state, sp_gbps)
+                    if m.short_conv > 1:
+                        halo = n_local * mb_rows * (m.short_conv - 1) * 3 * m.dim * 2
+                        k["halo"] += passes * _collective(hw, halo, sp_gbps)
+            else:
+                flops = 2.0 * rows * t.seq_len**2 * m.n_heads * m.head_dim / sp
+                attn = flops * (3.5 + r) / (hw.attention_tflops * 1e12)
+                c["softmax_attention"] += attn
+                if sp > 1:
+                    kv = mb_rows * t.seq_len * 2 * m.kv_heads * m.head_dim * 2 * (sp - 1) / sp
+                    if par.sp_attention == "allgather":
+                        k["softmax_sp"] += passes * _collective(hw, kv, sp_gbps)
+                    elif par.sp_attention == "ring":  # P2P blocks overlap the block compute
+                        k["softmax_sp"] += max(0.0, passes * _collective(hw, kv, sp_gbps) - attn) + \
+                            passes * (sp - 1) * alpha
+                    else:  # ulysses: q, k, v in and o out per pass
+                        a2a = mb_rows * local * (2 * m.n_heads + 2 * m.kv_heads) * m.head_dim * 2 * (sp - 1) / sp
+                        k["softmax_sp"] += passes * _collective(hw, a2a, sp_gbps)
+        if s == pp - 1:
+            c["gemm"] += 2 * m.dim * m.vocab_size * tokens * 3 / (hw.gemm_tflops * 1e12)
+            c["loss"] += tokens * m.vocab_size * LOSS_BYTES / (hw.copy_gbps * 1e9)
+        if pp > 1:
+            act = mb_rows * local * m.dim * 4
+            k["pipeline_p2p"] += 2 * _collective(hw, act, pp_gbps)  # the sends no other work hides
+        stages.append((c, k))
+    busiest = max(range(pp), key=lambda s: sum(stages[s][0].values()) + sum(stages[s][1].values()))
+    compute, comm = dict(stages[busiest][0]), dict(stages[busiest][1])
+    stage_s = sum(compute.values()) + sum(comm.values())
+    bubble = (pp - 1) / M * stage_s
+
+    state = max(states, key=lambda st: st.total)
+    grad_bytes = state.params  # gradients in the parameters' dtype
+    sync = 0.0
+    for size, gbps in ((sp, sp_gbps), (dp, dp_gbps)):
+        if size > 1:
+            sync += _collective(hw, 2 * (size - 1) / size * grad_bytes, gbps)
+    if pp > 1 and m.tie_embeddings:
+        sync += _collective(hw, m.vocab_size * m.dim * width, _link_gbps(hw, sp * (pp - 1), 2, world))
+    comm["gradient_sync"] = sync
+    comm["small_collectives"] = 4 * alpha  # token count, loss, gradient norm
+    compute["optimizer"] = state.params / width * OPTIMIZER_BYTES / (hw.copy_gbps * 1e9)
+    step = stage_s + bubble + sync + comm["small_collectives"] + compute["optimizer"]
+
+    act = activation_bytes(cfg, dp, pp, sp)
+    mb_tokens = mb_rows * local
+    loss_tokens = min(t.loss_chunk, mb_tokens) if t.loss_chunk else mb_tokens
+    transient = {"layer": act["layer"], "loss_chunk": loss_tokens * m.vocab_size * LOSS_MEMORY_BYTES}
+    if "A" in kinds and sp > 1:
+        per = {"allgather": t.seq_len * 2 * m.kv_heads, "ring": 2 * 2 * local * m.kv_heads,
+               "ulysses": t.seq_len * (m.n_heads + 2 * m.kv_heads) / sp}[par.sp_attention]
+        transient["attention_kv"] = mb_rows * per * m.head_dim * 2 * 2  # the gathered tensors and their gradients
+    if "L" in kinds and sp > 1:
+        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * (m.head_dim + 1) * 4 * 2
+    largest = max(transient, key=transient.get)
+    flat = grad_bytes if (sp > 1 or dp > 1) else 0.0
+    during_step = act["stored"] + act["windows"] + transient[largest]
+    peak = state.total + max(during_step, flat)
+    memory = {"parameters": state.params / GIB, "gradients": state.grads / GIB, "optimizer": state.optimizer / GIB,
+              "stored_activations": act["stored"] / GIB, "window_states": act["windows"] / GIB,
+              **{f"transient_{k}": v / GIB for k, v in transient.items()}, "gradient_buffer": flat / GIB}
+    tps = t.batch_size * t.seq_len / step
+    mfu = tps * flops_per_token(m, t.seq_len, n_params) / (hw.peak_tflops * 1e12 * world)
+    notes = [f"largest transient: {largest.replace('_', ' ')}"]
+    if flat > during_step:
+        notes.append("the peak is the gradient all-reduce's flat buffer, after backward")
+    return Plan(cfg=cfg, hardware=hw, world=world, dp=dp, pp=pp, sp=sp, shard=shard, memory=memory,
+                peak_gib=peak / GIB, compute=compute, comm=comm, bubble_s=bubble, step_s=step, tokens_per_s=tps,
+                mfu=mfu, notes=notes)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[list[Plan], int]:
+    """Every (dp, pp, sp, microbatches, remat, window, sp_attention, shard) of `cfg` on `world` ranks that
+    validates; returns those that fit, best predicted tokens/s first (at most `top`), and how many were tried."""
+    from parallel.context import SOFTMAX_METHODS
+    from parallel.pipeline import REMAT_MODES
+
+    m, t = cfg.model, cfg.train
+    kinds = m.layer_kinds()
+    tried, fitting = 0, []
+    for pp in _divisors(world):
+        for sp in _divisors(world // pp):
+            dp = world // (pp * sp)
+            if pp > m.n_layers or t.batch_size % dp:
+                continue
+            rows = t.batch_size // dp
+            micro = [d for d in _divisors(rows) if d >= pp or pp == 1] or [rows]
+            windows = [0]
+            if set(kinds) == {"L"} and pp == 1 and sp == 1:
+                windows += [w for w in (t.seq_len >> k for k in range(1, 6)) if w >= 4096 and t.seq_len % w == 0]
+            methods = list(SOFTMAX_METHODS) if "A" in kinds and sp > 1 else [cfg.parallel.sp_attention]
+            for M in micro:
+                for remat in REMAT_MODES:
+                    for window in windows:
+                        for method in methods:
+                            for shard in SHARD_MODES:
+                                c = copy.deepcopy(cfg)
+                                c.parallel.dp, c.parallel.pp, c.parallel.sp = dp, pp, sp
+                                c.parallel.microbatches, c.parallel.remat = M, remat
+                                c.parallel.sp_attention, c.train.window = method, window
+                                try:
+                                    c.validate(world)
+                                except ConfigError:
+                                    continue
+                                tried += 1
+                                p = plan_job(c, world, hw, shard)
+                                if p.fits:
+                                    fitting.append(p)
+    fitting.sort(key=lambda p: -p.tokens_per_s)
+    return fitting[:top], tried
+
+
+def scaling_table(cfg: JobConfig, hw: Hardware, gpus: list[int]) -> list[dict]:
+    """Weak scaling of one sequence over sp = N GPUs (dp = pp = 1, the config's tokens per GPU): per layer and
+    step, the compute of a linear and a softmax layer and the communication of each method, in milliseconds."""
+    m, t = cfg.model, cfg.train
+    local = t.seq_len // max(1, cfg.parallel.sp)
+    rows = t.batch_size // max(1, cfg.parallel.dp or 1)
+    rows_tokens = rows * local
+    la = rows_tokens * (m.n_heads * m.head_dim**2 / REFERENCE_HKV) / hw.la_tokens_per_s
+    gemm_w = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim
+    dense = 2 * gemm_w * rows_tokens * 3 / (hw.gemm_tflops * 1e12)
+    out = []
+    for n in gpus:
+        seq = local * n
+        gbps = _link_gbps(hw, 1, n, n)
+        state = (n - 1) * 2 * rows * m.n_heads * m.head_dim * (m.head_dim + 1) * 4
+        kv = rows * seq * 2 * m.kv_heads * m.head_dim * 2 * (n - 1) / n
+        a2a = rows * local * (2 * m.n_heads + 2 * m.kv_heads) * m.head_dim * 2 * (n - 1) / n
+        softmax = 2.0 * rows * seq**2 * m.n_heads * m.head_dim / n * 3.5 / (hw.attention_tflops * 1e12)
+        ring = max(0.0, 2 * _collective(hw, kv, gbps) - softmax) + 2 * (n - 1) * hw.latency_us * 1e-6
+        out.append(dict(gpus=n, seq_len=seq, link="intra" if gbps == hw.intra_node_gbps else "inter",
+                        linear_ms=1e3 * (la + dense), lasp2_ms=1e3 * 2 * _collective(hw, state, gbps),
+                        softmax_ms=1e3 * (softmax + dense), allgather_ms=1e3 * 2 * _collective(hw, kv, gbps),
+                        ring_exposed_ms=1e3 * ring,
+                        ulysses_ms=1e3 * 2 * 2 * _collective(hw, a2a, gbps) if m.kv_heads % n == 0 else math.nan))
+    return out
+
+
+# -- text -------------------------------------------------------------------------------------------------------
+SHARD_NOTE = ("shard mode none: parameters, gradients and AdamW state are replicated over dp × sp "
+              "(parallel.shard=optimizer|full, DESIGN §10, run but are not modelled here yet)")
+
+
+def describe(p: Plan) -> str:
+    """The plan as the `plan` command prints it."""
+    cfg, hw = p.cfg, p.hardware
+    m, t, par = cfg.model, cfg.train, cfg.parallel
+    nodes = -(-p.world // hw.gpus_per_node)
+    lines = [f"plan: {m.preset} (layout {m.layout}), {p.world} × {hw.name} ({nodes} node(s) of {hw.gpus_per_node}) "
+             f"= dp {p.dp} × pp {p.pp} × sp {p.sp}; batch {t.batch_size} × {t.seq_len:,} tokens, "
+             f"M={par.microbatches}, remat={par.remat}, window={t.window}, sp_attention={par.sp_attention}",
+             f"memory per rank (GiB, busiest stage) — {SHARD_NOTE}"]
+    for key, value in p.memory.items():
+        if value or key in ("parameters", "gradients", "optimizer"):
+            lines.append(f"  {key.replace('_', ' '):<28}{value:10.2f}")
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"  {'peak':<28}{p.peak_gib:10.2f}   of {hw.memory_gib:.1f} GiB: {verdict} ({'; '.join(p.notes)})")
+    lines.append("step time (ms)")
+    for group, terms in (("compute", p.compute), ("communication", p.comm)):
+        lines.append(f"  {group:<28}{1e3 * sum(terms.values()):10.2f}")
+        for key, value in terms.items():
+            if value:
+                lines.append(f"    {key.replace('_', ' '):<26}{1e3 * value:10.2f}")
+    lines.append(f"  {'pipeline bubble':<28}{1e3 * p.bubble_s:10.2f}   (P−1)/M = {p.pp - 1}/{par.microbatches}")
+    lines.append(f"  {'step':<28}{1e3 * p.step_s:10.2f}")
+    lines.append(f"throughput: {p.tokens_per_s:,.0f} tokens/s, {p.tokens_per_s / p.world:,.0f} tokens/s/GPU, "
+                 f"MFU {p.mfu:.1%} of {hw.peak_tflops:g} TFLOP/s (constants: {hw.source or hw.name})")
+    return "\n".join(lines)
+
+
+def describe_search(plans: list[Plan], tried: int, world: int, hw: Hardware) -> str:
+    if not plans:
+        return (f"search: none of the {tried} settings tried fits {world} × {hw.name} ({hw.memory_gib:.0f} GiB); "
+                f"try more GPUs, a shorter train.seq_len or a smaller batch")
+    head = f"{'rank':>4} {'dp':>3} {'pp':>3} {'sp':>3} {'M':>3} {'remat':>11} {'window':>8} {'sp_attn':>9} " \
+           f"{'shard':>5} {'tokens/s':>12} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9}"
+    lines = [f"search: {len(plans)} best of the settings that fit ({tried} tried) on {world} × {hw.name}", head]
+    for i, p in enumerate(plans, 1):
+        par = p.cfg.parallel
+        lines.append(f"{i:>4} {p.dp:>3} {p.pp:>3} {p.sp:>3} {par.microbatches:>3} {par.remat:>11} "
+                     f"{p.cfg.train.window:>8} {par.sp_attention:>9} {p.shard:>5} {p.tokens_per_s:>12,.0f} "
+                     f"{p.tokens_per_s / p.world:>10,.0f} {p.mfu:>6.1%} {p.peak_gib:>9.1f}")
+    lines.append(SHARD_NOTE)
+    return "\n".join(lines)
+
+
+def describe_scaling(rows: list[dict], cfg: JobConfig, hw: Hardware) -> str:
+    local = cfg.train.seq_len // max(1, cfg.parallel.sp)
+    seqs = cfg.train.batch_size // max(1, cfg.parallel.dp or 1)
+    lines = [f"scaling: {seqs} sequence(s) over sp = N GPUs, {local:,} tokens each per GPU, {hw.name}: "
+             f"{hw.intra_node_gbps:g} GB/s inside a node of {hw.gpus_per_node}, {hw.inter_node_gbps:g} GB/s "
+             f"per GPU between nodes; ms per layer and step (forward + backward)",
+             f"{'GPUs':>5} {'seq_len':>14} {'link':>5} {'linear':>9} {'LASP-2':>9} {'softmax':>10} "
+             f"{'allgather':>10} {'ring exp.':>10} {'ulysses':>9}"]
+    for r in rows:
+        uly = "—" if math.isnan(r["ulysses_ms"]) else f"{r['ulysses_ms']:.2f}"
+        lines.append(f"{r['gpus']:>5} {r['seq_len']:>14,} {r['link']:>5} {r['linear_ms']:>9.2f} {r['lasp2_ms']:>9.3f} "
+                     f"{r['softmax_ms']:>10.1f} {r['allgather_ms']:>10.2f} {r['ring_exposed_ms']:>10.2f} {uly:>9}")
+    limits = []
+    methods = (("LASP-2", "lasp2_ms", "linear_ms"), ("all-gather KV", "allgather_ms", "softmax_ms"),
+               ("ring (exposed)", "ring_exposed_ms", "softmax_ms"), ("Ulysses", "ulysses_ms", "softmax_ms"))
+    for name, key, base in methods:
+        over = [r["gpus"] for r in rows if r[key] > LIMIT_SHARE * r[base]]
+        usable = [r["gpus"] for r in rows if not math.isnan(r[key])]
+        limits.append(f"{name} from {over[0]} GPUs" if over else
+                      f"{name} none up to {usable[-1] if usable else '—'} GPUs")
+    lines.append(f"communication above {LIMIT_SHARE:.0%} of its layer's compute: " + "; ".join(limits) +
+                 ". LASP-2 moves N−1 states of B·H·K·V per rank (independent of the tokens), all-gather and ring the "
+                 "whole K/V; Ulysses needs the kv heads divisible by N (—).")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""`longtrain report`: the plotted numbers are the table's, the PNGs are real images, the summary compares
+predicted with measured."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from launch import report
+from launch.cli import main
+from launch.sweep import write_rows
+
+COMMON = {"model.preset": "125m", "model.layout": "L", "parallel.remat": "always", "parallel.microbatches": 1,
+          "train.batch_size": 1, "launcher": "local", "device_mem_gib": 80.0, "mem_kind": "cuda",
+          "device": "8 × NVIDIA H100 80GB HBM3", "versions": "torch 2.11", "warmup_steps": 2}
+
+
+def row(i: int, world: int, pp: int, sp: int, seq: int, per_gpu: float, mem: float, mfu: float, status="ok",
+        **extra) -> dict:
+    r = {**COMMON, "id": f"p{i}", "index": i, "status": status, "cause": "", "world": world, "parallel.dp": 1,
+         "parallel.pp": pp, "parallel.sp": sp, "train.seq_len": seq, "tokens_per_step": seq}
+    if status == "ok":
+        r.update(tokens_per_s=per_gpu * world, tokens_per_s_per_gpu=per_gpu, peak_mem_gib=mem, mfu=mfu,
+                 step_time_s=seq / (per_gpu * world))
+    return {**r, **extra}
+
+
+ROWS = [
+    row(0, 1, 1, 1, 4096, 1000.0, 10.0, 0.30, pred_peak_mem_gib=10.5, pred_step_time_s=4.096 * 1.2),
+    row(1, 2, 1, 2, 4096, 900.0, 6.0, 0.27),
+    row(2, 4, 1, 4, 4096, 700.0, 4.0, 0.21),
+    row(3, 2, 1, 2, 8192, 950.0, 11.0, 0.285),
+    row(4, 4, 1, 4, 16384, 880.0, 12.0, 0.264),
+    row(5, 4, 2, 2, 4096, 600.0, 5.0, 0.18),  # the same problem as 0-2, a slower split at 4 GPUs
+    row(6, 1, 1, 1, 16384, 0.0, 0.0, 0.0, status="oom", cause="rank 0: OutOfMemoryError: CUDA out of memory."),
+    row(7, 2, 1, 2, 66, 0.0, 0.0, 0.0, status="failed", cause="train.seq_len=66 does not split into 4 shards"),
+]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    write_rows(out / "sweep.parquet", ROWS)
+    return out, report.write_report(out)
+
+
+def lines_of(fig, gid: str) -> list[list[tuple[float, float]]]:
+    return [list(zip(line.get_xdata(), line.get_ydata())) for ax in fig.axes for line in ax.lines
+            if line.get_gid() == gid]
+
+
+def test_pngs_are_real_images(written) -> None:
+    import matplotlib.image
+
+    out, paths = written
+    assert [p.name for p in paths] == ["scaling.png", "memory.png", "mfu.png", "report.md"]
+    for p in paths[:3]:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+        pixels = matplotlib.image.imread(p)
+        assert pixels.shape[0] >= 600 and pixels.shape[1] >= 900 and pixels[..., :3].std() > 0.05
+
+
+def test_scaling_plot_shows_the_table(written) -> None:
+    rows = report.load_rows(written[0])
+    fig = report.figure_scaling(rows)
+    strong, weak = fig.axes[0], fig.axes[1]
+    assert lines_of(fig, "measured") == [[(1, 1000.0), (2, 900.0), (4, 700.0)], [(1, 1000.0), (2, 950.0), (4, 880.0)]]
+    assert lines_of(fig, "ideal") == [[(1, 1000.0), (2, 1000.0), (4, 1000.0)], [(1, 1000.0)] * 1 +
+                                      [(2, 1000.0), (4, 1000.0)]]
+    assert [t.get_text() for t in strong.texts] == ["100%\n1×1×1", "90%\n1×1×2", "70%\n1×1×4"]
+    assert [t.get_text().split("\n")[0] for t in weak.texts] == ["100%", "95%", "88%"]
+    assert strong.get_xscale() == "log" and "tokens/s" in strong.get_ylabel() and "GPUs" in strong.get_xlabel()
+
+
+def test_memory_plot_shows_the_table(written) -> None:
+    rows = report.load_rows(written[0])
+    fig = report.figure_memory(rows)
+    measured = sorted(p for line in lines_of(fig, "measured") for p in line)
+    want = sorted((r["train.seq_len"], r["peak_mem_gib"]) for r in ROWS if r["status"] == "ok")
+    assert measured == want
+    assert lines_of(fig, "predicted") == [[(4096, 10.5)]]
+    assert lines_of(fig, "oom") == [[(16384, 80.0)]]
+    (ax,) = [a for a in fig.axes]
+    assert ax.get_xscale() == "log" and "GiB" in ax.get_ylabel() and "tokens" in ax.get_xlabel()
+
+
+def test_mfu_plot_shows_the_table(written) -> None:
+    rows = report.load_rows(written[0])
+    fig = report.figure_mfu(rows)
+    cells = np.asarray(fig.axes[0].images[0].get_array(), dtype=float)
+    want = np.array([[30.0, 28.5, 26.4], [math.nan, 18.0, math.nan]])  # pp 1, 2 × sp 1, 2, 4: best MFU in %
+    np.testing.assert_allclose(cells, want)
+    cpu = [{**r, "mfu": math.nan} for r in rows]
+    quantity, _, _, grid = report.mfu_grid(cpu)
+    assert quantity == "tokens_per_s_per_gpu" and grid[0][0] == 1000.0
+
+
+def test_markdown_summary(written) -> None:
+    text = (written[0] / "report.md").read_text()
+    assert "![scaling](scaling.png)" in text and text.count("\n| p") == len(ROWS)
+    assert "| p6 | oom |" in text and "CUDA out of memory" in text and "| 1,000 | 1,000 | 30.0 |" in text
+    assert "10.50 (+5 %)" in text and "(+20 %)" in text
+    assert "peak memory within 10%: 1 of 1 points; step time within 15%: 0 of 1 points" in text
+    assert "strong scaling, preset=125m, seq_len=4096: 1 GPUs 1,000 (100%)" in text and "4 GPUs 700 (70%)" in text
+
+
+def test_report_of_a_missing_sweep_is_one_line(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.parquet' does not exist" in err and err.count("\n") == 1

@@ -1,0 +1,67 @@
+"""Token-wise work in tiles equals the whole-sequence computation: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+
+from models import LinearLlama, preset
+from parallel.tiling import tiled
+
+
+@pytest.mark.parametrize("T,tile", [(40, 16), (40, 7), (40, 40), (5, 2)])
+def test_tiled_block_equals_the_plain_block(T: int, tile: int) -> None:
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout="L", gate=True)).double()
+    block = model.layers["0"]
+    h = torch.randn(2, T, model.cfg.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, T, model.cfg.dim, dtype=torch.float64)
+
+    def run(t: int):
+        block.zero_grad()
+        h.grad = None
+        block.mlp_tile = t
+        out = block(h)
+        (out * w).sum().backward()
+        return out.detach(), h.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}
+
+    ref_out, ref_dh, ref_grads = run(0)
+    out, dh, grads = run(tile)
+    assert rel_err(out, ref_out) < 1e-12
+    assert rel_err(dh, ref_dh) < 1e-12
+    for name, want in ref_grads.items():
+        assert rel_err(grads[name], want) < 1e-12, name
+
+
+def test_tiles_keep_only_the_input() -> None:
+    """Forward saves the input alone, not the O(T) internals of the token-wise part."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8))
+    x = torch.randn(1, 100, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        tiled(mlp, x, 10, mlp.parameters())
+    assert saved == [x.numel()]
+
+
+def test_bf16_autocast_stores_bf16_layer_inputs() -> None:
+    """Under bf16 autocast the residual stream, and so every checkpointed layer input, is bf16."""
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout="L"))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    dtypes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3 and t.shape[:2] == x.shape:  # activations [B, T, d], not parameters
+            dtypes.append(t.dtype)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, checkpoint_layers=True, logits=False)
+    assert out.dtype == torch.bfloat16
+    layer_inputs = dtypes[: model.cfg.n_layers]  # the checkpoint of each block saves its input, in order
+    assert len(layer_inputs) == model.cfg.n_layers and all(d == torch.bfloat16 for d in layer_inputs), dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(x, logits=False)
+    ref = model(x, logits=False)
+    assert rel_err(plain.float(), ref) < 5e-2  # bf16 rounding of the stream
