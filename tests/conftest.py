@@ -1,15 +1,9 @@
-"""Test-wide set-up: the shared helpers module is importable from every test folder; shared fixtures."""
+"""Shared fixtures. (pyproject's `pythonpath` puts the project root, then tests/ — for helpers.py — on sys.path.)"""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import make_token_store  # noqa: E402
+from helpers import make_token_store
 
 
 @pytest.fixture(scope="module")
