@@ -24,6 +24,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
     replicas = args.world // args.pp
     print(f"model state per GPU (fp32 weights, gradients, AdamW moments; one micro-batch) at world {args.world} = "
           f"pp {args.pp} × dp·sp {replicas}, by parallel.shard: none | optimizer | full")
+    width = max(map(len, PRESETS))
     for name in PRESETS:
         cfg = preset(name)
         with torch.device("meta"):
@@ -33,7 +34,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
         root = cfg.vocab_size * cfg.dim
         stage = n // args.pp + (root if args.pp > 1 else 0)
         gib = [state_bytes(stage, replicas, shard, block, root) / 2**30 for shard in ("none", "optimizer", "full")]
-        print(f"{name:>6}  {n / 1e6:9.2f}M params  dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
+        print(f"{name:>{width}}  {n / 1e6:9.2f}M params  dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} "
               f"layout={cfg.layout} vocab={cfg.vocab_size}  state/GPU {gib[0]:.1f} | {gib[1]:.1f} | {gib[2]:.1f} GiB")
 
 

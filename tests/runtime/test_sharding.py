@@ -102,8 +102,8 @@ def test_dp2_sp2_sharded_steps_equal_single_process() -> None:
     """shard=full and shard=optimizer over dp 2 × sp 2: ten steps (loss and every parameter) equal the
     single-process run in float64; so do a few with the sharded state offloaded (on CPU: the plumbing) and a
     few streaming each sequence in windows (train.window) through the sharded stage."""
-    run_distributed(_check_steps, 4, 2, 1, 2, [("full", 10), ("optimizer", 10), ("full+offload", 3),
-                                               ("full+window", 3)])
+    run_distributed(_check_steps, 4, 2, 1, 2, [("full", 10), ("optimizer", 10), ("full+offload", 2),
+                                               ("full+window", 2)])
 
 
 def test_pp2_dp2_sharded_steps_equal_single_process() -> None:
@@ -143,7 +143,7 @@ def _check_round_trip(rank: int, world: int, root: str) -> None:
         verify_checkpoint(f"{root}/full")
         up = zarr.open_array(f"{root}/full/model/layers.0.mlp.up.weight", mode="r")
         assert up.chunks == (32, 64) and up.shape == (128, 64)  # one dim-0 chunk per rank, each rank wrote its own
-    for shard in ("none", "optimizer", "full"):
+    for shard in ("none", "full"):  # optimizer shards exactly as full does
         other = trainer(shard)
         assert other.restore(f"{root}/full") == 2
         got = _state(other)
@@ -176,7 +176,7 @@ def _run(run_dir, world: int, sp: int, steps: int, extra: list[str] = (), pp: in
     run_distributed(_train, world, [
         f"parallel.pp={pp}", f"parallel.sp={sp}", "parallel.microbatches=1", "parallel.shard=full", "model.gate=true",
         "train.batch_size=8", "train.seq_len=32", "data.num_pairs=4", f"train.steps={steps}",
-        "run.checkpoint_every=10", "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
+        "run.checkpoint_every=2", "run.keep=5", "run.log_every=1", "run.progress=false", "run.tensorboard=false",
         "train.eval_batches=0", f"run.dir={run_dir}", *extra])
 
 
@@ -202,18 +202,18 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
     from runtime.errors import ConfigError
 
     straight = tmp_path / "w4"
-    _run(straight, 4, 2, 11)
-    ckpt = straight / "checkpoints/step_00000010"
-    reference = _losses(straight)[10]
+    _run(straight, 4, 2, 3)
+    ckpt = straight / "checkpoints/step_00000002"
+    reference = _losses(straight)[2]
     again = tmp_path / "w4-resumed"
-    _run(again, 4, 2, 11, [f"run.resume={ckpt}"])
+    _run(again, 4, 2, 3, [f"run.resume={ckpt}"])
     assert _losses(again) == [reference]
-    a = zarr.open_group(str(straight / "checkpoints/step_00000011"), mode="r")["model"]
-    b = zarr.open_group(str(again / "checkpoints/step_00000011"), mode="r")["model"]
+    a = zarr.open_group(str(straight / "checkpoints/step_00000003"), mode="r")["model"]
+    b = zarr.open_group(str(again / "checkpoints/step_00000003"), mode="r")["model"]
     assert all(np.array_equal(a[name][...], b[name][...]) for name in a.array_keys())
     for world, pp, sp in ((2, 1, 2), (1, 1, 1), (4, 2, 1)):
         resumed = tmp_path / f"w{world}-pp{pp}"
-        _run(resumed, world, sp, 11, [f"run.resume={ckpt}", "train.eval_batches=1"], pp)
+        _run(resumed, world, sp, 3, [f"run.resume={ckpt}", "train.eval_batches=1"], pp)
         (loss,) = _losses(resumed)
         assert abs(loss - reference) / reference < 1e-5, (world, loss, reference)
 
