@@ -74,6 +74,7 @@ def test_no_restarts_left_is_one_line(tmp_path) -> None:
     assert "raise --max-failures" in last
 
 
+@pytest.mark.slow
 def test_hung_worker_is_a_failure_ray_restarts_from(local_run, tmp_path) -> None:
     """A worker that stops answering (SIGSTOP) makes its peers' collectives time out (parallel.timeout_s); Ray
     restarts the group from the last checkpoint and the run ends exactly as an uninterrupted one."""

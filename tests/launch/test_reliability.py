@@ -223,6 +223,7 @@ def test_kill_during_checkpoint_write_loses_nothing(tmp_path) -> None:
     assert a == b and len(a) == 6
 
 
+@pytest.mark.slow
 def test_stopped_rank_under_torchrun_ends_the_job(tmp_path) -> None:
     """Under torchrun every rank reports for itself: the rank that waited names the cause in one line."""
     run = tmp_path / "run"
