@@ -185,6 +185,21 @@ def stats_row(T: int, m: dict, flops_tok: float, n_params: int, peak: float) -> 
                 loss_first=m["loss_first"], loss_last=m["loss_last"], step_ms=m["step_ms"], n_params=n_params)
 
 
+def profile_step(step: Callable[[], object], device: torch.device, path: Path) -> None:
+    """One more step under torch.profiler: the CUDA kernels by total time (top 60) → path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90) + "\n")
+    print(f"train_step: profile of one step → {path}", file=sys.stderr, flush=True)
+
+
 def run_rows(job: dict, device: torch.device, row_fn: Callable[[int], dict]) -> None:
     """row_fn(T) for each T in order, an OOM stops the worker (larger T are skipped by the parent)."""
     for T in job["seq_lens"]:
@@ -216,7 +231,7 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
         check = job["steps_check"] if T == job["seq_lens"][0] and job["first_is_check"] else 0
         total = max(max(job["warmup"], 1) + job["steps"], check)
         with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
-            overrides = [f"train.steps={total}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
+            overrides = [f"train.steps={total + bool(job.get('profile'))}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
             cfg = load_config(None, overrides)
             cfg.validate(world_size=1)
             torch.manual_seed(cfg.train.seed)
@@ -224,6 +239,9 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
             try:
                 n = live["trainer"].n_params_total
                 m = measure(lambda i: live["trainer"].step(i).loss, device, job["warmup"], job["steps"], check)
+                if job.get("profile"):
+                    profile_step(lambda: live["trainer"].step(total), device,
+                                 Path(job["profile"]) / f"{job['variant']}_{T}.txt")
             finally:
                 live.clear()
                 free_memory()
@@ -499,6 +517,8 @@ def main() -> None:
                     help="longtrain: run this many steps at the first seq len and record every loss")
     ap.add_argument("--row-timeout", type=float, default=300.0, help="seconds per row before its worker is killed")
     ap.add_argument("--warmup-timeout", type=float, default=540.0, help="seconds for fla's first (autotuning) step")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="after each longtrain row, profile one more step: kernel table → DIR/VARIANT_T.txt")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON list the rows are appended to")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -521,7 +541,7 @@ def main() -> None:
         except ConfigError as e:
             raise SystemExit(f"train_step: variant {name!r}: {e}") from None
     common = dict(seq_lens=seq_lens, warmup=args.warmup, steps=args.steps, steps_check=args.steps_check,
-                  fla_set=args.fla_set)
+                  fla_set=args.fla_set, profile=str(args.profile) if args.profile else None)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=version("triton"), fla=version("fla-core"),
                 git_commit=git_commit(), command=shlex.join([sys.executable, *sys.argv]),
