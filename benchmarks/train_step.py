@@ -231,7 +231,8 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
         check = job["steps_check"] if T == job["seq_lens"][0] and job["first_is_check"] else 0
         total = max(max(job["warmup"], 1) + job["steps"], check)
         with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
-            overrides = [f"train.steps={total + bool(job.get('profile'))}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
+            steps = total + bool(job.get("profile"))  # the profiled step is one more
+            overrides = [f"train.steps={steps}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
             cfg = load_config(None, overrides)
             cfg.validate(world_size=1)
             torch.manual_seed(cfg.train.seed)

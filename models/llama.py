@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from kernels import linear_attention
 from kernels.conv import short_conv
@@ -244,6 +244,7 @@ class LinearLlama(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_kinds())})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.remat_policy = "full"  # what a re-materialized block keeps: "full" | "selective" (parallel.remat_policy)
         self.tie_weights()
         self.reset_parameters()
 
@@ -312,8 +313,16 @@ class LinearLlama(nn.Module):
         pipeline schedule decides, per micro-batch)."""
         h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         for block in self.layers.values():
-            h = checkpoint(block, h, use_reentrant=False) if checkpoint_layers else block(h)
+            h = self._checkpointed(block)(h) if checkpoint_layers else block(h)
         return self._head(h, logits)
+
+    def _checkpointed(self, block: nn.Module):
+        """`block` re-materialized in backward under `remat_policy`: "full" keeps only its input; "selective"
+        also keeps the outputs of its widening matmuls (`_keep_widening_matmuls`)."""
+        if self.remat_policy == "selective":
+            return partial(checkpoint, block, use_reentrant=False,
+                           context_fn=partial(create_selective_checkpoint_contexts, _keep_widening_matmuls))
+        return partial(checkpoint, block, use_reentrant=False)
 
     def forward_window(self, x: torch.Tensor, carries: dict[str, Carry], checkpoint_layers: bool = False,
                        logits: bool = True) -> tuple[torch.Tensor, dict[str, Carry]]:
@@ -322,7 +331,7 @@ class LinearLlama(nn.Module):
         h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         leaving = {}
         for key, block in self.layers.items():
-            run = partial(checkpoint, block, use_reentrant=False) if checkpoint_layers else block
+            run = self._checkpointed(block) if checkpoint_layers else block
             h, leaving[key] = run(h, carries[key])
         return self._head(h, logits), leaving
 
@@ -336,6 +345,16 @@ class LinearLlama(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None and logits else h
+
+
+def _keep_widening_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective re-materialization: keep the output of every matmul that widens the stream ([N, d] @ [d, n]
+    with n > d: q/k/v/gate, SwiGLU's gate/up — of the `1b` block's recomputed GEMM FLOPs, 90 %) and recompute
+    the rest (norms, the short conv, the kernels, SiLU, the narrowing output projection). The down projection is
+    not recomputed at all either way: the recompute stops after the last tensor backward needs."""
+    if op is torch.ops.aten.mm.default and args[1].shape[1] > args[0].shape[1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _stream_dtype(h: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from parallel.streaming import (
 )
 
 REMAT_MODES = ("never", "except_last", "always")
+REMAT_POLICIES = ("full", "selective")  # what a re-materialized layer keeps (models.llama.LinearLlama._checkpointed)
 
 
 def partition(costs: Sequence[float], n_stages: int) -> list[tuple[int, int]]:

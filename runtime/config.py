@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
 from models.config import PRESET_LR, PRESETS, ModelConfig, preset
 from parallel.context import SOFTMAX_METHODS
 from parallel.layout import LAYOUTS, num_shards
-from parallel.pipeline import REMAT_MODES
+from parallel.pipeline import REMAT_MODES, REMAT_POLICIES
 from runtime.errors import ConfigError
 
 BALANCE = ("params", "time")
@@ -47,6 +47,9 @@ class ParallelConfig:
     """GPipe micro-batches M per step; must divide the sequences per dp replica."""
     remat: str = "never"
     """Per-layer re-materialization: never | except_last (all micro-batches but the last) | always."""
+    remat_policy: str = "full"
+    """What a re-materialized layer keeps: full (its input only) | selective (also the outputs of its widening
+    matmuls — q/k/v/gate and SwiGLU gate/up — so backward recomputes only the cheap work: faster, more memory)."""
     balance: str = "params"
     """How layers are cut into stages: by parameter count (params) or measured layer time (time)."""
     sp_attention: str = "allgather"
@@ -191,8 +194,8 @@ class JobConfig:
         from runtime.mesh import resolve_dims
 
         dp, pp, sp = resolve_dims(world_size, par.dp, par.pp, par.sp)
-        for key, allowed in (("layout", LAYOUTS), ("remat", REMAT_MODES), ("balance", BALANCE),
-                             ("sp_attention", SOFTMAX_METHODS), ("shard", SHARD_MODES)):
+        for key, allowed in (("layout", LAYOUTS), ("remat", REMAT_MODES), ("remat_policy", REMAT_POLICIES),
+                             ("balance", BALANCE), ("sp_attention", SOFTMAX_METHODS), ("shard", SHARD_MODES)):
             if getattr(par, key) not in allowed:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)!r} is unknown; use one of {list(allowed)}")
         if train.dtype not in ("float32", "float64"):

@@ -6,6 +6,7 @@ T tokens per micro-batch stored (all M micro-batches of a replica under GPipe), 
     state        16·P                                    fp32 parameter, gradient, two AdamW moments
                  (parallel.shard over N = dp·sp ranks: `state_bytes`, 16·P/N plus the gathered working copies)
     stored       L·T_stored·d·4                          layer inputs kept for recomputation (fp32 stream)
+                 (parallel.remat_policy=selective: + L·T_stored·(4d + 2f)·2, the widening matmuls' bf16 outputs)
                  (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·2)
     transient    ACTIVATION·T_layer·(4d + 3f)·2          one layer's internals, recomputed, and its backward
     windows      W·L·H·K·V·4                             carried states of a streamed sequence
@@ -70,6 +71,8 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int) -> dict[str, flo
         stored = layers * rows * min(window, local) * per_token_layer
     else:
         stored = layers * rows * min(window, local) * m.dim * 4
+        if par.remat_policy == "selective":  # q/k/v/gate and gate/up outputs, bf16
+            stored += layers * rows * min(window, local) * (4 * m.dim + 2 * m.ffn_dim) * 2
     n_windows = -(-local // window) if t.window else 0
     windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     return dict(stored=float(stored), windows=float(windows), layer=float(per_token_layer * layer_tokens))

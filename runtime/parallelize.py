@@ -101,6 +101,7 @@ def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, 
         model.tie_weights()
         model.reset_parameters(cfg.train.seed)
         model.to(getattr(torch, cfg.train.dtype))
+    model.remat_policy = cfg.parallel.remat_policy
     for block in model.layers.values():
         block.mlp_tile = cfg.train.mlp_tile
     if cfg.train.compile and mesh.device.type == "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import check_sp_model, run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import LinearLlama, num_parameters, preset
 from runtime.errors import ConfigError
@@ -40,3 +41,56 @@ def _check_sp_model(rank: int, world: int) -> None:
 @pytest.mark.parametrize("sp", [2, 4])
 def test_sp_model_matches_single_process(sp: int) -> None:
     run_distributed(_check_sp_model, sp)
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.mm += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def _loss_and_grads(model: LinearLlama, tokens: torch.Tensor, checkpoint_layers: bool, policy: str):
+    """(loss, gradients, matmuls run by the backward) of one step."""
+    model.remat_policy = policy
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, checkpoint_layers=checkpoint_layers).float().square().mean()
+    with _CountMatmuls() as count:
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, count.mm
+
+
+@pytest.mark.parametrize("layout", ["LA", "M"])
+def test_selective_remat_equals_full_remat(layout: str) -> None:
+    """parallel.remat_policy=selective keeps the widening matmuls' outputs and recomputes the rest: the same
+    loss and gradients, bit for bit, as the full recompute and as no recompute (fp32, CPU)."""
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout=layout, gate=True)).double()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 48))
+    plain = _loss_and_grads(model, tokens, False, "full")
+    matmuls = {}
+    for policy in ("full", "selective"):
+        loss, grads, matmuls[policy] = _loss_and_grads(model, tokens, True, policy)
+        assert torch.equal(loss, plain[0]), policy
+        for name, g in grads.items():
+            assert torch.equal(g, plain[1][name]), (policy, name)
+    # SwiGLU's gate/up in every block, and the input projection of a linear or Mamba-2 mixer (a softmax
+    # mixer's q/k/v do not widen the stream)
+    widening = sum(1 + (block.kind in "LM") for block in model.layers.values())
+    assert matmuls["full"] - matmuls["selective"] == widening, matmuls
+
+
+def test_selective_remat_keeps_only_widening_matmuls() -> None:
+    """What the selective policy saves: the q/k/v/gate and gate/up products, not the square output projection."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from models.llama import _keep_widening_matmuls
+
+    mm = torch.ops.aten.mm.default
+    wide, square = torch.empty(4, 8), torch.empty(8, 24)
+    assert _keep_widening_matmuls(None, mm, wide, square) == CheckpointPolicy.MUST_SAVE
+    assert _keep_widening_matmuls(None, mm, torch.empty(4, 24), torch.empty(24, 8)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _keep_widening_matmuls(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
