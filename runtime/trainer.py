@@ -22,6 +22,7 @@ from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entrop
 from models import num_parameters, token_loss_sum
 from parallel.attention.backends import explicit_backend_problem
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
+from parallel.offload import ActivationOffloader
 from parallel.pipeline import GPipe
 from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from runtime.config import JobConfig
@@ -98,6 +99,7 @@ class Trainer:
         )
         self.data: DataSource = build_data_source(cfg, mesh.coord("dp"), self.dp, mesh.coord("sp"), self.sp)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.offloader = ActivationOffloader(self.device) if cfg.parallel.offload else None
         self.skipped_steps = 0
 
     def _token_loss_sum(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,10 +129,8 @@ class Trainer:
         return loss
 
     def _saved_tensors_place(self):
-        """parallel.offload: tensors saved for backward live in (pinned) host memory during the step."""
-        if self.cfg.parallel.offload:
-            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-        return contextlib.nullcontext()
+        """parallel.offload: tensors saved for backward wait in pinned host memory (parallel/offload.py)."""
+        return self.offloader if self.offloader is not None else contextlib.nullcontext()
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient norm over all stages (a tied weight counted once, on the first stage)."""
