@@ -277,3 +277,40 @@ def test_gpu_head_dims_and_fp16(K, V, dtype):
                          ids=["short-segments", "one-segment", "chunk32"])
 def test_gpu_configs(cfg):
     _gpu_compare(1, 20000, 16, 128, 128, torch.bfloat16, 1e-2, seed=9, config=cfg)
+
+
+class _ChainExchange:
+    """Rows 0…n−1 of a batch of one are consecutive shards of one sequence: LASP-2's exchange in one process."""
+
+    def forward(self, P, M, initial=None):
+        S, entering = (torch.zeros_like(M[0]) if initial is None else initial), []
+        for j in range(M.shape[0]):
+            entering.append(S)
+            S = P[j] @ S + M[j]
+        self.P, self.has_initial = P, initial is not None
+        return torch.stack(entering), S
+
+    def backward(self, d_local, d_final=None):
+        x, leaving = (torch.zeros_like(d_local[0]) if d_final is None else d_final), [None] * d_local.shape[0]
+        for j in range(d_local.shape[0] - 1, -1, -1):
+            leaving[j] = x
+            x = d_local[j] + self.P[j].transpose(-1, -2) @ x
+        return torch.stack(leaving), (x if self.has_initial else None)
+
+
+def test_triton_sharded_rows_chain_into_the_whole_sequence():
+    """The kernels' sharded form (parallel.lasp2_delta_triton: row maps (P, M), the exchange, entering-state
+    gradients): 3 rows of one sequence chained by the exchange equal the whole sequence, every gradient too."""
+    from parallel.lasp2_delta_triton import delta_rule_triton_sharded
+
+    n, T = 3, 96
+    x = _inputs(1, T, 2, 16, 16, seed=12)
+    rows = lambda t: t.reshape(n, T // n, *t.shape[2:])  # noqa: E731
+
+    def sharded(q, k, v, beta, log_decay, gate, initial_state, output_final_state):
+        o, final = delta_rule_triton_sharded(rows(q), rows(k), rows(v), rows(beta), _ChainExchange(), n,
+                                             log_decay=log_decay, gate=rows(gate), initial_state=initial_state,
+                                             chunk_size=16, config=with_config(seg_chunks=1, sweep_bv=16))
+        return o.reshape(1, T, *o.shape[2:]), final
+
+    _compare(sharded, x, 1e-5)
