@@ -147,8 +147,9 @@ triton = pytest.importorskip("triton")
 
 from kernels.delta_rule.triton import delta_rule_triton, with_config  # noqa: E402
 
-# two-chunk segments (segment maps, scans) with column blocks of 16; and one segment with whole-V tiles
-SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16)
+# two-chunk segments (segment maps, scans) with column blocks of 16 and 3 persistent gradient programs; and one
+# segment with whole-V tiles
+SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3)
 WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64)
 
 

@@ -28,18 +28,21 @@ class DeltaConfig:
     """Tile and launch parameters (any valid values give the same result up to rounding).
 
     chunk: C (a power of two in [16, 64]); seg_chunks: chunks per segment, 0 = enough segments for about
-    `target_programs` (b, h, segment) programs; sweep_bv: V-block (state columns) of the chunk sweeps; grad_bv:
-    V-block of the gradient kernel's loop; scan_bn: column block of the segment scans.
+    `target_programs` (b, h, segment) programs; prep_bn: column block of W and u; sweep_bv: V-block (state
+    columns) of the chunk sweeps; grad_bv: V-block of the gradient kernel's loops; grad_programs: its persistent
+    programs (each walks chunks and owns a [C, C] fp32 scratch); scan_bn: column block of the segment scans.
     """
 
     chunk: int = 64
     seg_chunks: int = 0
     target_programs: int = 256
-    prep_warps: int = 4
+    prep_bn: int = 64
+    prep_warps: int = 8
     sweep_bv: int = 64
-    sweep_warps: int = 4
+    sweep_warps: int = 8
     grad_bv: int = 64
     grad_warps: int = 8
+    grad_programs: int = 1024
     scan_bn: int = 32
     scan_warps: int = 8
     num_stages: int = 2
@@ -51,6 +54,24 @@ DEFAULT_CONFIG = DeltaConfig()
 def with_config(**kw) -> DeltaConfig:
     """DEFAULT_CONFIG with some fields replaced (benchmarks and tests)."""
     return replace(DEFAULT_CONFIG, **kw)
+
+
+@triton.jit
+def _tok_tile(ptr, i_bh, T, H, D: tl.constexpr, t0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """(pointers, mask) of rows [t0, t0 + BR) and columns [c0, c0 + BC) of head i_bh = b·H + h (int64) of a
+    contiguous [B, T, H, D] tensor: the head's and the rows' offset is one int64 scalar, the tile's offsets int32."""
+    r = tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    base = ptr + ((i_bh // H) * T + t0) * (H * D) + (i_bh % H) * D
+    return base + r[:, None] * (H * D) + c[None, :], ((t0 + r) < T)[:, None] & (c < D)[None, :]
+
+
+@triton.jit
+def _state_tile(ptr, index, K: tl.constexpr, N: tl.constexpr, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """(pointers, mask) of rows [0, BK) and columns [n0, n0 + BN) of the [K, N] matrix number `index` (int64)."""
+    r = tl.arange(0, BK)
+    c = n0 + tl.arange(0, BN)
+    return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
 
 
 @triton.jit

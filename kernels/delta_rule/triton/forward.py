@@ -28,13 +28,12 @@ OUT, STATES, SUM_M, SUM_P = 0, 1, 2, 3
 @triton.jit
 def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, T, H,
                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
-    """W and u of one chunk (rows past T are written nowhere; their inputs load as zeros)."""
+                 BN: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """W and u of one chunk, in column blocks of BN (rows past T are written nowhere; their inputs load as 0)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
     t0 = i_c * C
     rows = t0 + offs_c
     mt = rows < T
@@ -46,21 +45,29 @@ def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, T, H,
     beta += _head_start(i_bh, T, H, 1)
     G += i_bh * T
     lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
-    mk = mt[:, None] & (offs_k < K)[None, :]
-    mv = mt[:, None] & (offs_v < V)[None, :]
-    bk = tl.load(k + r64[:, None] * (H * K) + offs_k[None, :], mask=mk, other=0.0)
-    bv = tl.load(v + r64[:, None] * (H * V) + offs_v[None, :], mask=mv, other=0.0)
+    bk = tl.load(k + r64[:, None] * (H * K) + offs_k[None, :], mask=mt[:, None] & (offs_k < K)[None, :], other=0.0)
     b = tl.load(beta + r64 * H, mask=mt, other=0.0).to(tl.float32)
     g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
     Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC)
+    Tc = Tm.to(bk.dtype)
     if DECAY == 0:
         bg = b
     else:
         bg = b * tl.exp2(g)
-    W = tl.dot(Tm.to(bk.dtype), (bk * bg[:, None]).to(bk.dtype), input_precision=PREC)
-    U = tl.dot(Tm.to(bv.dtype), (bv * b[:, None]).to(bv.dtype), input_precision=PREC)
-    tl.store(w_out + r64[:, None] * (H * K) + offs_k[None, :], W.to(w_out.dtype.element_ty), mask=mk)
-    tl.store(u_out + r64[:, None] * (H * V) + offs_v[None, :], U.to(u_out.dtype.element_ty), mask=mv)
+    for j in range(0, tl.cdiv(K, BN)):  # W = T diag(βΓ) K
+        offs_n = j * BN + tl.arange(0, BN)
+        ptrs = r64[:, None] * (H * K) + offs_n[None, :]
+        m = mt[:, None] & (offs_n < K)[None, :]
+        x = tl.load(k + ptrs, mask=m, other=0.0)
+        W = tl.dot(Tc, (x * bg[:, None]).to(x.dtype), input_precision=PREC)
+        tl.store(w_out + ptrs, W.to(w_out.dtype.element_ty), mask=m)
+    for j in range(0, tl.cdiv(V, BN)):  # u = T diag(β) V
+        offs_n = j * BN + tl.arange(0, BN)
+        ptrs = r64[:, None] * (H * V) + offs_n[None, :]
+        m = mt[:, None] & (offs_n < V)[None, :]
+        x = tl.load(v + ptrs, mask=m, other=0.0)
+        U = tl.dot(Tc, (x * b[:, None]).to(x.dtype), input_precision=PREC)
+        tl.store(u_out + ptrs, U.to(u_out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -176,8 +183,8 @@ def prepare(p: Plan, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, G: to
     w = _empty(tuple(k.shape), dt, k.device)
     u = _empty(tuple(v.shape), dt, k.device)
     _prep_kernel[(p.NC, p.B * p.H)](
-        k, v, beta, G, lam, w, u, p.T, p.H, K=p.K, V=p.V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp, BV=p.Vp,
-        DECAY=p.decay, PREC=p.prec, num_warps=p.cfg.prep_warps)
+        k, v, beta, G, lam, w, u, p.T, p.H, K=p.K, V=p.V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp,
+        BN=min(p.Kp, p.Vp, p.cfg.prep_bn), DECAY=p.decay, PREC=p.prec, num_warps=p.cfg.prep_warps)
     return w, u
 
 
