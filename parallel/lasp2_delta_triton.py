@@ -24,7 +24,8 @@ from kernels.delta_rule.triton import (
 )
 from kernels.delta_rule.triton.backward import DELTA, bwd_sweep
 from kernels.delta_rule.triton.forward import OUT, prepare, sweep
-from kernels.triton.common import Plan, checked_inputs
+from kernels.delta_rule.triton.function import restore_context, save_context
+from kernels.triton.common import checked_inputs
 
 __all__ = ["delta_rule_triton_sharded"]
 
@@ -48,20 +49,13 @@ class _ShardedDeltaTriton(torch.autograd.Function):
         s_in = boundary_states(p, P, M, _row_major(S0), False)
         del M
         o, _ = sweep(p, OUT, q, k, w, u, G, lam, s_in)
-        ctx.plan, ctx.exchange, ctx.n_local = p, exchange, n_local
-        ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[5] else None
-        ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[4] else None
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, beta, G, lam, s_in, P)
+        ctx.exchange, ctx.n_local = exchange, n_local
+        save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, beta, G, lam, s_in, P = ctx.saved_tensors
-        p: Plan = ctx.plan
-        do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
-        do = do.to(q.dtype).contiguous()
-        w, u = prepare(p, k, v, beta, G, lam)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u = restore_context(ctx, do)
         delta = bwd_sweep(p, DELTA, q, k, w, do, G, lam, None)
         d_local = entering_grad(p, P, delta)
         d_out, d_initial = ctx.exchange.backward(_shard_major(d_local, ctx.n_local), d_final)

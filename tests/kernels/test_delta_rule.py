@@ -159,8 +159,8 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
 
 
-@pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, WHOLE), (257, SEGMENTED)],
-                         ids=["1-seg", "7-whole", "64-seg", "100-whole", "257-seg"])
+@pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, SEGMENTED), (257, WHOLE)],
+                         ids=["1-seg", "7-whole", "64-seg", "100-seg", "257-whole"])
 def test_triton_matches_recurrence(T, cfg):
     """Outputs, final state, gradients of q, k, v, β, gate, λ and the initial state; tails shorter than a chunk."""
     x = _inputs(1, T, 1 if T > 200 else 2, 16, 32, seed=T)

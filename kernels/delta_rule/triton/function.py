@@ -78,6 +78,26 @@ def decay_grads(p: Plan, dloga: torch.Tensor | None, gate_dtype, lam_dtype) -> t
     return dgate, dlam
 
 
+def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
+    """Record on an autograd Function's context (inputs 4 and 5: log_decay, gate) the plan, the dtypes the decay
+    gradients take (None where none is needed) and the tensors the backward needs (q, k, v, β, G, λ, S_in, P)."""
+    ctx.plan = p
+    ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[5] else None
+    ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[4] else None
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors)
+
+
+def restore_context(ctx, do: torch.Tensor | None) -> tuple:
+    """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed)."""
+    saved = ctx.saved_tensors
+    q, k, v, beta, G, lam = saved[:6]
+    p: Plan = ctx.plan
+    do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
+    w, u = fwd.prepare(p, k, v, beta, G, lam)
+    return p, saved, do.to(q.dtype).contiguous(), w, u
+
+
 class _DeltaRuleTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, gate, initial_state, scale, output_final_state, chunk, cfg):
@@ -91,21 +111,13 @@ class _DeltaRuleTriton(torch.autograd.Function):
         else:
             s_in = boundary_states(p, None, None, initial_state, False)
         o, final = fwd.sweep(p, fwd.OUT, q, k, w, u, G, lam, s_in, output_final_state)
-        ctx.plan = p
         ctx.has_init = initial_state is not None
-        ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[5] else None
-        ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[4] else None
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, beta, G, lam, s_in, P)
+        save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, beta, G, lam, s_in, P = ctx.saved_tensors
-        p: Plan = ctx.plan
-        do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
-        do = do.to(q.dtype).contiguous()
-        w, u = fwd.prepare(p, k, v, beta, G, lam)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u = restore_context(ctx, do)
         delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None) if p.NS > 1 else None
         ds_out = boundary_states(p, P, delta, dfinal, True)
         del delta
