@@ -43,7 +43,7 @@ def delta_rule(
     if resolve_backend(q, backend) == "triton":
         from kernels.delta_rule.triton import delta_rule_triton
 
-        return delta_rule_triton(q, k, v, beta, **kw)
+        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, **kw)
     return delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kw)
 
 
