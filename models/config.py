@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from kernels.api import BACKENDS
 from parallel.context import ATTENTION_BACKENDS
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba-2 (SSD)"}
-RECURRENT_KINDS = "LM"  # layers that carry a state: they stream window by window
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "M": "Mamba-2 (SSD)", "D": "Gated DeltaNet"}
+RECURRENT_KINDS = "LMD"  # layers that carry a state: they stream window by window
 DECAYS = ("retnet", "none")
 
 
@@ -59,7 +59,7 @@ class ModelConfig:
         if not self.layout or bad:
             raise ValueError(
                 f"model.layout={self.layout!r} has unknown layer letters {bad}; use L (linear), A (softmax), "
-                f"M (Mamba-2)"
+                f"M (Mamba-2), D (Gated DeltaNet)"
             )
         if "M" in self.layout and ((self.ssm_expand * self.dim) % self.ssm_head_dim
                                    or ((self.ssm_expand * self.dim) // self.ssm_head_dim) % self.ssm_groups):
@@ -96,13 +96,15 @@ PRESETS: dict[str, dict] = {
     # Mamba-2 mixers (expand 2, state 128, heads of 64) with the SwiGLU of every block
     "mamba2-1b": dict(vocab_size=32000, dim=2048, n_layers=15, n_heads=16, n_kv_heads=8, ffn_dim=6144, layout="M",
                       gate=True),
+    # Gated DeltaNet mixers (16 heads of 128: K = V = 128) 3 : 1 with softmax attention, as today's hybrids
+    "gdn-1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=6144, layout="DDDA"),
 }
 
 
 # peak AdamW learning rate that suits each preset's size (train.lr defaults to it; 3e-3 diverges the 1B model)
 # (3b and 8b: Llama-3's 3e-4 scaled down for size; not yet tuned by a run)
-PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "mamba2-1b": 4e-4, "3b": 3e-4,
-                               "8b": 2e-4}
+PRESET_LR: dict[str, float] = {"tiny": 3e-3, "125m": 1e-3, "400m": 6e-4, "1b": 4e-4, "mamba2-1b": 4e-4, "gdn-1b": 4e-4,
+                               "3b": 3e-4, "8b": 2e-4}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

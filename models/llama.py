@@ -205,6 +205,10 @@ class Block(nn.Module):
             from models.mamba2 import Mamba2  # it builds on this module's RMSNorm and ShortConv
 
             self.mixer = Mamba2(cfg)
+        elif kind == "D":
+            from models.gated_deltanet import GatedDeltaNet  # likewise
+
+            self.mixer = GatedDeltaNet(cfg)
         else:
             self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -271,8 +275,8 @@ class LinearLlama(nn.Module):
             return p.fill_(1.0)
         key = "embed.weight" if name == "head.weight" and self.cfg.tie_embeddings else name
         field = None
-        if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):  # Mamba-2: all three drawn from A_log's
-            key, field = name.rsplit(".", 1)                              # generator
+        if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):  # Mamba-2 (Gated DeltaNet: A, Δ bias): all
+            key, field = name.rsplit(".", 1)                              # drawn from A_log's generator
             key += ".A_log"
         gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         if field is not None:
@@ -338,7 +342,7 @@ class LinearLlama(nn.Module):
     def zero_carries(self, batch: int, device: torch.device) -> dict[str, Carry]:
         """Carries entering the first window; only pure linear-attention stacks stream."""
         if any(block.kind not in RECURRENT_KINDS for block in self.layers.values()):
-            raise ValueError("streaming windows need a layout of recurrent layers only (model.layout of L and M)")
+            raise ValueError("streaming windows need a layout of recurrent layers only (model.layout of L, M and D)")
         return {key: block.mixer.zero_carry(batch, device) for key, block in self.layers.items()}
 
     def _head(self, h: torch.Tensor, logits: bool) -> torch.Tensor:

@@ -25,6 +25,7 @@ from kernels import linear_attention
 from kernels.api import resolve_backend
 from kernels.reference import log_decay_per_token, state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world, reduce_scatter_tensor
+from parallel.lasp2_delta import lasp2_delta_rule  # noqa: F401  (DESIGN §12: LASP-2 for affine recurrences)
 from parallel.layout import num_shards, shard_ids, shard_owners, stack_local_shards, unstack_local_shards
 
 

@@ -212,8 +212,8 @@ class JobConfig:
         if train.loss_chunk < 0 or train.window < 0 or train.mlp_tile < 0:
             raise ConfigError("train.loss_chunk, train.window and train.mlp_tile must be ≥ 0 (0: off)")
         if train.window and "A" in m.layer_kinds():
-            raise ConfigError(f"train.window={train.window} streams recurrent layer stacks (model.layout of L and M); "
-                              f"softmax layers (A) cannot stream: set train.window=0 for this layout")
+            raise ConfigError(f"train.window={train.window} streams recurrent layer stacks (model.layout of L, M and "
+                              f"D); softmax layers (A) cannot stream: set train.window=0 for this layout")
         if par.offload_optimizer and par.shard == "none":
             raise ConfigError("parallel.offload_optimizer=true offloads sharded state; set parallel.shard=optimizer "
                               "or parallel.shard=full")

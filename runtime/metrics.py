@@ -22,8 +22,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
     """
     dense = 6.0 * (n_params - cfg.vocab_size * cfg.dim)
     inner = cfg.ssm_expand * cfg.dim  # Mamba-2: the same chunked form over (N, P) heads of the inner width
+    # Gated DeltaNet: the linear layer's terms, plus the UT transform (k·kᵀ, the triangular solve, W and u: about
+    # 2·C·d more) and the delta correction W·S (2·d·d_head more)
     per_layer = {"L": 2.0 * cfg.chunk_size * cfg.dim + 4.0 * cfg.dim * cfg.head_dim, "A": 2.0 * seq_len * cfg.dim,
-                 "M": 2.0 * cfg.chunk_size * inner + 4.0 * inner * cfg.ssm_state}
+                 "M": 2.0 * cfg.chunk_size * inner + 4.0 * inner * cfg.ssm_state,
+                 "D": 4.0 * cfg.chunk_size * cfg.dim + 6.0 * cfg.dim * cfg.head_dim}
     attention = sum(per_layer[k] for k in cfg.layer_kinds())
     return dense + 6.0 * cfg.vocab_size * cfg.dim + 3.0 * attention
 

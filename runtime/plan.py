@@ -42,6 +42,7 @@ LOSS_BYTES = 16.0  # bytes per token and vocabulary entry moved by the chunked h
 LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
 OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
 GIB = 2.0**30
+DELTA_COST = 2.5  # a Gated DeltaNet layer's chunked kernels in units of a linear layer's (an estimate, not measured)
 LIMIT_SHARE = 0.10  # `--scaling`: a method stops scaling where its communication passes this share of compute
 
 
@@ -197,10 +198,13 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
             c["elementwise"] += tokens * ELEMENTWISE_BYTES * (4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (
                 hw.copy_gbps * 1e9)
             passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
-            if kinds[i] == "L":
-                c["linear_attention"] += tokens * hkv_scale * (1 / la_rate + r / hw.la_forward_tokens_per_s)
+            if kinds[i] in "LD":
+                # Gated DeltaNet (D): the UT transform and its extra sweeps, taken as DELTA_COST linear layers until a
+                # hardware file measures it; LASP-2 exchanges [P | M] (K·(K+V)) instead of [M | log A] (K·V + 1)
+                cost, width = (DELTA_COST, 2 * m.head_dim) if kinds[i] == "D" else (1.0, m.head_dim + 1)
+                c["linear_attention"] += cost * tokens * hkv_scale * (1 / la_rate + r / hw.la_forward_tokens_per_s)
                 if sp > 1:
-                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * (m.head_dim + 1) * 4
+                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * width * 4
                     k["lasp2"] += passes * _collective(hw, state, sp_gbps)
                     if m.short_conv > 1:
                         halo = n_local * mb_rows * (m.short_conv - 1) * 3 * m.dim * 2
@@ -252,8 +256,9 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
         per = {"allgather": t.seq_len * 2 * m.kv_heads, "ring": 2 * 2 * local * m.kv_heads,
                "ulysses": t.seq_len * (m.n_heads + 2 * m.kv_heads) / sp}[par.sp_attention]
         transient["attention_kv"] = mb_rows * per * m.head_dim * 2 * 2  # the gathered tensors and their gradients
-    if "L" in kinds and sp > 1:
-        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * (m.head_dim + 1) * 4 * 2
+    if ("L" in kinds or "D" in kinds) and sp > 1:
+        width = 2 * m.head_dim if "D" in kinds else m.head_dim + 1
+        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * width * 4 * 2
     largest = max(transient, key=transient.get)
     flat = grad_bytes if (sp > 1 or dp > 1) else 0.0
     during_step = act["stored"] + act["windows"] + transient[largest]

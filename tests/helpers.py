@@ -201,3 +201,26 @@ def check_sp_model(rank: int, world: int, cfg) -> None:
         for name, grad in grads.items():
             dist.all_reduce(grad, group=mesh.group("sp"))  # gradients are summed over sp
             assert rel_err(grad, ref_grads[name]) < 1e-5, (layout, name, rel_err(grad, ref_grads[name]))
+
+
+def check_streaming(model, window: int, grad_tol: float, seq_len: int = 40) -> None:
+    """A float64 model's step over windows of `window` tokens (`parallel.streaming.streaming_step`: each recurrent
+    layer carries its state and conv tail) equals its whole-sequence step: the loss and every gradient."""
+    from kernels.linear_cross_entropy import linear_cross_entropy
+    from parallel.streaming import streaming_step
+
+    data = torch.randint(0, model.cfg.vocab_size, (2, seq_len + 1), generator=torch.Generator().manual_seed(2))
+    x, y = data[:, :-1], data[:, 1:]
+
+    def loss_fn(h, t):
+        return linear_cross_entropy(h, model.head.weight, t) / y.numel()
+
+    model.zero_grad()
+    ref = loss_fn(model(x, logits=False), y)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = streaming_step(model, x, y, window, loss_fn, False, {"logits": False})
+    assert abs(loss - ref.detach()) / ref.detach() < 1e-10
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, ref_grads[name]) < grad_tol, name

@@ -1,0 +1,50 @@
+"""Gated delta rule (Gated DeltaNet's recurrence, DESIGN §12): chunked Triton kernels and PyTorch references.
+
+    S_t = a_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,    o_t = scale · q_t S_t,    log a_t = λ_h + g_{t,h} ≤ 0
+
+`delta_rule` (alias `gated_delta_rule`) runs the Triton kernels (kernels/delta_rule/triton/) on CUDA tensors and
+the chunked PyTorch form (kernels/delta_rule/reference.py) otherwise; `delta_rule_recurrent` is the
+step-by-step oracle and `delta_rule_summary` the affine map (P, M) of a whole sequence (LASP-2's shard summary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.api import _check, resolve_backend
+from kernels.delta_rule.reference import delta_rule_chunked, delta_rule_recurrent, delta_rule_summary
+
+__all__ = ["delta_rule", "gated_delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_summary"]
+
+
+def check_beta(q: torch.Tensor, beta: torch.Tensor) -> None:
+    if beta.shape != q.shape[:3]:
+        raise ValueError(f"beta must be [B, T, H] = {list(q.shape[:3])}; got {tuple(beta.shape)}")
+
+
+def delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+    log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int = 64, backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal gated delta rule with per-head decay λ_h and per-token gate g (DESIGN §12).
+
+    q, k: [B, T, H, K] (k used as given: the layer L2-normalizes it); v: [B, T, H, V]; beta: [B, T, H] in (0, 1);
+    log_decay: [H] ≤ 0; gate: [B, T, H] ≤ 0; initial_state / final_state: [B, H, K, V] float32 (float64 for
+    float64 inputs). Returns (o [B, T, H, V] in q's dtype, final_state or None); scale defaults to K^-1/2.
+    Differentiable in q, k, v, beta, gate, log_decay and initial_state; a gradient on final_state is used.
+    backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
+    """
+    _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
+    check_beta(q, beta)
+    kw = dict(log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state)
+    if resolve_backend(q, backend) == "triton":
+        from kernels.delta_rule.triton import delta_rule_triton
+
+        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, **kw)
+    return delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kw)
+
+
+gated_delta_rule = delta_rule

@@ -1,0 +1,269 @@
+"""Backward stages: the reverse chunk sweep (dS, dU) and the chunk-parallel gradient kernel.
+
+Per chunk, with S / dS_out the state entering / gradient leaving it (notation of `forward`):
+
+    dU    = scale (Q Kᵀ ⊙ D)ᵀ dO + K̃ dS_out
+    dS_in = scale (diag(Γ) Q)ᵀ dO + γ dS_out − Wᵀ dU                                   (`_bwd_sweep_kernel`)
+
+and, from the chunk's S, dS_out, U, dU (`_grad_kernel`, parallel over chunks; persistent programs, each with a
+[C, C] scratch through which the transposes of T, dP ⊙ D and R go), with dP = dO Uᵀ:
+
+    dQ = scale [diag(Γ) dO Sᵀ + (dP ⊙ D) K]
+    dK = scale (dP ⊙ D)ᵀ Q + diag(γ/Γ) U dS_outᵀ + diag(βΓ) Tᵀ dW + R K + Rᵀ K,     dW = −dU Sᵀ
+    dV = diag(β) Tᵀ dU
+    dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ,   dA = −Tᵀ dT Tᵀ (strictly lower),   R = dA ⊙ D ⊙ β 1ᵀ
+    dβ_i = Γ_i k_i·(Tᵀ dW)_i + v_i·(Tᵀ dU)_i + Σ_j dA_ij D_ij (k_i·k_j)
+
+The decay gradient: with ∂L/∂G_i the derivative by the chunk-local cumulative log decay (every factor above is
+e^{±G}: the inter-chunk output q_i·dq_i^inter, the intra-chunk M = scale (Q Kᵀ) ⊙ dP ⊙ D as Σ_j M_ij − Σ_l M_li,
+the state's K̃ as −n_j with n_j = k_j·dK̃_j, the W operand β_iΓ_i k_i·(Tᵀ dW)_i, A as Σ_j (dA ⊙ A)_ij − Σ_l (dA ⊙ A)_li,
+and, at the chunk's last token, γ⟨S, dS_out⟩ + Σ_j n_j), d log a_t = Σ_{i ≥ t in its chunk} ∂L/∂G_i: every path
+to later chunks goes through S_out, so the suffix sums stay inside one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.delta_rule.triton.common import _state_tile, _tok_tile, _ut_transform, state_dtype
+from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start
+
+DELTA, FULL = 0, 1
+
+
+@triton.jit
+def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, T, H, NC, NCS, NS, scale,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      DECAY: tl.constexpr, MODE: tl.constexpr, LOAD_S: tl.constexpr, STORE_DS0: tl.constexpr,
+                      PREC: tl.constexpr):
+    """One segment, columns [i_v·BV, …) of dS, backward over its chunks.
+
+    DELTA: from dS_out = 0, stores the segment's Δ_s (the gradient reaching its entering state) in ds_end.
+    FULL: from dS_out(s) (ds_in), stores every chunk's dS_out and dU; segment 0 stores dS_init in ds_end."""
+    i_v = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk = offs_k < K
+    mv = offs_v < V
+    q += _head_start(i_bh, T, H, K)
+    k += _head_start(i_bh, T, H, K)
+    w += _head_start(i_bh, T, H, K)
+    do += _head_start(i_bh, T, H, V)
+    du_out += _head_start(i_bh, T, H, V)
+    G += i_bh * T
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    tmask = mk[:, None] & mv[None, :]
+    if LOAD_S:
+        dS = tl.load(ds_in + (i_bh * NS + i_s) * (K * V) + tile, mask=tmask, other=0.0)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    c0 = i_s * NCS
+    n = tl.minimum(NCS, NC - c0)
+    for i in range(0, n):
+        c = c0 + n - 1 - i
+        t0 = c * C
+        rows = t0 + offs_c
+        mt = rows < T
+        r64 = rows.to(tl.int64)
+        mck = mt[:, None] & mk[None, :]
+        mcv = mt[:, None] & mv[None, :]
+        bq = tl.load(q + r64[:, None] * (H * K) + offs_k[None, :], mask=mck, other=0.0)
+        bk = tl.load(k + r64[:, None] * (H * K) + offs_k[None, :], mask=mck, other=0.0)
+        bw = tl.load(w + r64[:, None] * (H * K) + offs_k[None, :], mask=mck, other=0.0)
+        bdo = tl.load(do + r64[:, None] * (H * V) + offs_v[None, :], mask=mcv, other=0.0)
+        if MODE == 1:
+            tl.store(dh_out + ((i_bh * NC + c) * K) * V + tile, dS.to(dh_out.dtype.element_ty), mask=tmask)
+        At = tl.dot(bk, tl.trans(bq), input_precision=PREC)  # [j, i] = k_j·q_i
+        if DECAY == 0:
+            At = tl.where(offs_c[:, None] <= offs_c[None, :], At * scale, 0.0)
+            dU = tl.dot(bk, dS.to(bk.dtype), input_precision=PREC)
+            qs = (bq * scale).to(bq.dtype)
+            decay_last = 1.0
+        else:
+            g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
+            At = At * tl.exp2(tl.where(offs_c[:, None] <= offs_c[None, :], g[None, :] - g[:, None],
+                                       float("-inf"))) * scale
+            wk = tl.where(mt, tl.exp2(g_last - g), 0.0)
+            dU = tl.dot((bk * wk[:, None]).to(bk.dtype), dS.to(bk.dtype), input_precision=PREC)
+            qs = (bq * (tl.exp2(g) * scale)[:, None]).to(bq.dtype)
+            decay_last = tl.exp2(g_last)
+        dU = tl.dot(At.to(bdo.dtype), bdo, dU, input_precision=PREC)
+        if MODE == 1:
+            tl.store(du_out + r64[:, None] * (H * V) + offs_v[None, :], dU.to(du_out.dtype.element_ty), mask=mcv)
+        dS = tl.dot(tl.trans(qs), bdo, dS * decay_last, input_precision=PREC)
+        dS = dS - tl.dot(tl.trans(bw), dU.to(bw.dtype), input_precision=PREC)
+    if MODE == 0:
+        tl.store(ds_end + (i_bh * NS + i_s) * (K * V) + tile, dS, mask=tmask)
+    if STORE_DS0:
+        if i_s == 0:
+            tl.store(ds_end + i_bh * (K * V) + tile, dS, mask=tmask)
+
+
+@triton.jit
+def _transposed(scratch, x, C: tl.constexpr):
+    """xᵀ of a [C, C] fp32 tile through this program's scratch in global memory (L1/L2-resident). Never `tl.trans`
+    of a dot's result feeding another dot: Triton 3.4–3.7.0 miscompiles that on Hopper (fla issue #640)."""
+    offs = tl.arange(0, C)
+    tl.debug_barrier()  # every thread is done with the previous use of the scratch
+    tl.store(scratch + offs[:, None] * C + offs[None, :], x)
+    tl.debug_barrier()
+    return tl.load(scratch + offs[None, :] * C + offs[:, None])
+
+
+@triton.jit
+def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta, dloga, scratch, T, H, NC, n_tiles,
+                 scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk, dv, dβ and d log a of chunks pid, pid + P, … (persistent: the scratch is per program). All of K; V in
+    blocks of BV: one pass for the products with dO, U, dU, S, dS_out, one for dV = diag(β) Tᵀ dU."""
+    offs_c = tl.arange(0, C)
+    scratch += tl.program_id(0).to(tl.int64) * (C * C)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_c = tile % NC
+        i_bh = (tile // NC).to(tl.int64)
+        t0 = i_c * C
+        rows = t0 + offs_c
+        mt = rows < T
+        hb = _head_start(i_bh, T, H, 1)
+        lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
+        b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
+        dP = tl.zeros([C, C], dtype=tl.float32)
+        dTv = tl.zeros([C, C], dtype=tl.float32)
+        dQi = tl.zeros([C, BK], dtype=tl.float32)
+        dKs = tl.zeros([C, BK], dtype=tl.float32)
+        dWm = tl.zeros([C, BK], dtype=tl.float32)
+        sds = tl.zeros([BK], dtype=tl.float32)
+        st = i_bh * NC + i_c
+        for i_v in range(0, tl.cdiv(V, BV)):
+            v0 = i_v * BV
+            pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
+            bdo = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
+            bu = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
+            bdu = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
+            bv = tl.load(pv, mask=mv, other=0.0)
+            ps, ms = _state_tile(h, st, K, V, v0, BK, BV)
+            bh = tl.load(ps, mask=ms, other=0.0)
+            ps, ms = _state_tile(dh, st, K, V, v0, BK, BV)
+            bdh = tl.load(ps, mask=ms, other=0.0)
+            dP = tl.dot(bdo, tl.trans(bu.to(bdo.dtype)), dP, input_precision=PREC)
+            dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
+            dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
+            dWm = tl.dot(bdu, tl.trans(bh), dWm, input_precision=PREC)
+            dTv = tl.dot(bdu, tl.trans((bv * b[:, None]).to(bdu.dtype)), dTv, input_precision=PREC)
+            if NEED_DG:
+                sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
+        pk, mk = _tok_tile(q, i_bh, T, H, K, t0, 0, C, BK)
+        bq = tl.load(pk, mask=mk, other=0.0)
+        pk, mk = _tok_tile(k, i_bh, T, H, K, t0, 0, C, BK)
+        bk = tl.load(pk, mask=mk, other=0.0)
+        g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
+        Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC)
+        Tt = _transposed(scratch, Tm, C)
+        if DECAY == 0:
+            Gam = tl.where(mt, 1.0, 0.0)
+            kg = Gam
+            gamma = 1.0
+        else:
+            Gam = tl.where(mt, tl.exp2(g), 0.0)
+            kg = tl.where(mt, tl.exp2(g_last - g), 0.0)
+            gamma = tl.exp2(g_last)
+        bg = b * Gam
+        # dq, and the shares of d log a that need q (then q is dead)
+        dPD = dP * D * scale
+        dq_inter = dQi * (Gam * scale)[:, None]
+        gq = dq_inter + tl.dot(dPD.to(bk.dtype), bk, input_precision=PREC)
+        pk, mk = _tok_tile(dq, i_bh, T, H, K, t0, 0, C, BK)
+        tl.store(pk, gq.to(dq.dtype.element_ty), mask=mk)
+        if NEED_DG:
+            M = tl.dot(bq, tl.trans(bk), input_precision=PREC) * dPD
+            dg = tl.sum(bq.to(tl.float32) * dq_inter, 1) + tl.sum(M, 1) - tl.sum(M, 0)
+        gk = tl.dot(_transposed(scratch, dPD, C).to(bq.dtype), bq, input_precision=PREC)
+        # the state's K̃ = diag(γ/Γ) K, then W = T diag(βΓ) K
+        dKs = dKs * kg[:, None]
+        gk += dKs
+        dW = -dWm
+        dBk = tl.dot(Tt, dW, input_precision=PREC)
+        kdBk = tl.sum(dBk * bk.to(tl.float32), 1)
+        gk += dBk * bg[:, None]
+        dT = tl.dot(dW, tl.trans(bk.to(tl.float32) * bg[:, None]), dTv, input_precision=PREC)
+        # A = (β_i D_ij k_i·k_j)_{i>j} through T = (I + A)⁻¹
+        dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC)
+        dA = tl.where(offs_c[:, None] > offs_c[None, :], dA, 0.0)
+        Y = dA * kk * D  # dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
+        db = Gam * kdBk + tl.sum(Y, 1)
+        R = dA * D * b[:, None]
+        gk = tl.dot(R.to(bk.dtype), bk, gk, input_precision=PREC)
+        gk = tl.dot(_transposed(scratch, R, C).to(bk.dtype), bk, gk, input_precision=PREC)
+        pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, 0, C, BK)
+        tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
+        if NEED_DG:
+            E = Y * b[:, None]
+            nj = tl.sum(bk.to(tl.float32) * dKs, 1)
+            dg += tl.sum(E, 1) - tl.sum(E, 0) + bg * kdBk - nj
+            n_valid = tl.minimum(T - t0, C)
+            dg += tl.where(offs_c == n_valid - 1, gamma * tl.sum(sds, 0) + tl.sum(nj, 0), 0.0)
+            dg = tl.where(mt, dg, 0.0)
+            tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
+        Tc = Tt.to(dv.dtype.element_ty)
+        for i_v in range(0, tl.cdiv(V, BV)):  # dV = diag(β) Tᵀ dU, and dβ's share v·(Tᵀ dU)
+            v0 = i_v * BV
+            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
+            bdu = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
+            bv = tl.load(pv, mask=mv, other=0.0)
+            dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
+            pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
+            tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+            db += tl.sum(dBv * bv.to(tl.float32), 1)
+        tl.store(dbeta + hb + rows.to(tl.int64) * H, db.to(dbeta.dtype.element_ty), mask=mt)
+
+
+def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor,
+              G: torch.Tensor, lam: torch.Tensor, ds_out: torch.Tensor | None, need_ds0: bool = False) -> tuple:
+    """DELTA → Δ [B·H, NS, K, V] fp32 (ds_out ignored); FULL → (dS_out of every chunk [B·H, NC, K, V],
+    dU [B, T, H, V], dS_init [B·H, K, V] fp32 or None) from the segments' dS_out [B·H, NS, K, V] (None: zeros)."""
+    B, H, K, V, NS = p.B, p.H, p.K, p.V, p.NS
+    dev, cfg = q.device, p.cfg
+    bv = min(p.Vp, cfg.sweep_bv)
+    dh = du = None
+    if mode == DELTA:
+        end = _empty((B * H, NS, K, V), torch.float32, dev)
+    else:
+        dh = _empty((B * H, p.NC, K, V), state_dtype(q), dev)
+        du = _empty((B, p.T, H, V), state_dtype(q), dev)
+        end = _empty((B * H, K, V), torch.float32, dev) if need_ds0 else None
+    stand_in = w
+    _bwd_sweep_kernel[(triton.cdiv(V, bv), NS, B * H)](
+        q, k, w, do, G, lam, _arg(ds_out if mode == FULL else None, stand_in), _arg(dh, stand_in),
+        _arg(du, stand_in), _arg(end, stand_in), p.T, H, p.NC, p.NCS, NS, p.scale, K=K, V=V, C=p.C, BK=p.Kp,
+        BV=bv, DECAY=p.decay, MODE=mode, LOAD_S=mode == FULL and ds_out is not None,
+        STORE_DS0=mode == FULL and need_ds0, PREC=p.prec, num_warps=cfg.sweep_warps, num_stages=cfg.num_stages)
+    return end if mode == DELTA else (dh, du, end)
+
+
+def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool) -> tuple:
+    """(dq, dk, dv, dβ, d log a [B·H, T] fp32 or None) from the chunk states and the sweeps' U, dU."""
+    B, T, H, K, V = p.B, p.T, p.H, p.K, p.V
+    dev = q.device
+    dq = _empty((B, T, H, K), q.dtype, dev)
+    dk = _empty((B, T, H, K), q.dtype, dev)
+    dv = _empty((B, T, H, V), q.dtype, dev)
+    dbeta = _empty((B, T, H), beta.dtype, dev)
+    dloga = _empty((B * H, T), torch.float32, dev) if need_dg else None
+    n_tiles = p.NC * B * H
+    n_prog = min(n_tiles, max(1, p.cfg.grad_programs))
+    scratch = torch.empty(n_prog, p.C, p.C, dtype=torch.float32, device=dev)
+    _grad_kernel[(n_prog,)](
+        q, k, v, beta, G, lam, do, un, du, h, dh, dq, dk, dv, dbeta, _arg(dloga, dq), scratch, T, H, p.NC, n_tiles,
+        p.scale, K=K, V=V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp, BV=min(p.Vp, p.cfg.grad_bv), DECAY=p.decay,
+        NEED_DG=need_dg, PREC=p.prec, num_warps=p.cfg.grad_warps, num_stages=p.cfg.num_stages)
+    return dq, dk, dv, dbeta, dloga

@@ -1,0 +1,153 @@
+"""Shared pieces of the delta-rule kernels: configuration, launch planning and the per-chunk jit helpers.
+
+Kernels work on one head (b, h) of contiguous [B, T, H, D] tensors (program index i_bh = b·H + h) and keep log
+decays in log2 units (exp2), as the linear-attention kernels do; the chunk-local cumulative log decay g
+(`kernels.triton.common._chunk_decay`) and the gate cumsum are theirs. Per chunk of C tokens (log2 units):
+
+    D_ij = [i ≥ j] 2^{g_i − g_j},    A_ij = [i > j] β_i D_ij (k_i·k_j),    T = (I + A)⁻¹
+
+`_unit_lower_inverse` forms T by block forward substitution in log2 C doubling steps of two [C, C] dots: exact,
+every product of bounded blocks (a Neumann or repeated-squaring series would pass through powers of A whose
+entries grow like binomials when keys repeat).
+Module switch: DEFAULT_CONFIG, the config of a call that passes none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.common import Plan, _lam_arg, _log_decay_cumsum, _pow2
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """Tile and launch parameters (any valid values give the same result up to rounding).
+
+    chunk: C (a power of two in [16, 64]); seg_chunks: chunks per segment, 0 = enough segments for about
+    `target_programs` (b, h, segment) programs; prep_bn: column block of W and u; sweep_bv: V-block (state
+    columns) of the chunk sweeps; grad_bv: V-block of the gradient kernel's loops; grad_programs: its persistent
+    programs (each walks chunks and owns a [C, C] fp32 scratch); scan_bn: column block of the segment scans.
+    """
+
+    chunk: int = 64
+    seg_chunks: int = 0
+    target_programs: int = 256
+    prep_bn: int = 64
+    prep_warps: int = 8
+    sweep_bv: int = 64
+    sweep_warps: int = 8
+    grad_bv: int = 64
+    grad_warps: int = 8
+    grad_programs: int = 1024
+    scan_bn: int = 32
+    scan_warps: int = 8
+    num_stages: int = 2
+
+
+DEFAULT_CONFIG = DeltaConfig()
+
+
+def with_config(**kw) -> DeltaConfig:
+    """DEFAULT_CONFIG with some fields replaced (benchmarks and tests)."""
+    return replace(DEFAULT_CONFIG, **kw)
+
+
+@triton.jit
+def _tok_tile(ptr, i_bh, T, H, D: tl.constexpr, t0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """(pointers, mask) of rows [t0, t0 + BR) and columns [c0, c0 + BC) of head i_bh = b·H + h (int64) of a
+    contiguous [B, T, H, D] tensor: the head's and the rows' offset is one int64 scalar, the tile's offsets int32."""
+    r = tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    base = ptr + ((i_bh // H) * T + t0) * (H * D) + (i_bh % H) * D
+    return base + r[:, None] * (H * D) + c[None, :], ((t0 + r) < T)[:, None] & (c < D)[None, :]
+
+
+@triton.jit
+def _state_tile(ptr, index, K: tl.constexpr, N: tl.constexpr, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """(pointers, mask) of rows [0, BK) and columns [n0, n0 + BN) of the [K, N] matrix number `index` (int64)."""
+    r = tl.arange(0, BK)
+    c = n0 + tl.arange(0, BN)
+    return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
+
+
+@triton.jit
+def _decay_matrix(g, offs_c, STRICT: tl.constexpr):
+    """[i ≥ j] 2^{g_i − g_j} ([i > j] if STRICT); the masked exponent is −inf, so nothing overflows."""
+    if STRICT:
+        m = offs_c[:, None] > offs_c[None, :]
+    else:
+        m = offs_c[:, None] >= offs_c[None, :]
+    return tl.exp2(tl.where(m, g[:, None] - g[None, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(A, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)⁻¹ of a strictly lower [C, C] fp32 tile by block doubling: with T_s the inverse of the block-diagonal
+    part of I + A in blocks of s, T_2s = T_s − T_s A_s T_s, A_s the (2, 1) sub-blocks of A's 2s-blocks — each step
+    is exact block forward substitution ([[T11, 0], [−T22 A21 T11, T22]]), so every product is of bounded blocks."""
+    offs = tl.arange(0, C)
+    lower = offs[:, None] > offs[None, :]
+    pairs = lower & (offs[:, None] // 2 == offs[None, :] // 2)
+    Tm = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0) - tl.where(pairs, A, 0.0)  # blocks of 2: I − A21
+    for lvl in tl.static_range(1, LOG2C):
+        s = 1 << lvl
+        block = offs // (2 * s)
+        off = lower & (block[:, None] == block[None, :]) & (offs[:, None] // s != offs[None, :] // s)
+        Tm = Tm - tl.dot(tl.dot(Tm, tl.where(off, A, 0.0), input_precision=PREC), Tm, input_precision=PREC)
+    return Tm
+
+
+@triton.jit
+def _ut_transform(bk, b, g, offs_c, C: tl.constexpr, LOG2C: tl.constexpr, DECAY: tl.constexpr,
+                  PREC: tl.constexpr):
+    """(T, A, D, K Kᵀ) of one chunk: k [C, BK] (padded rows 0), β [C] fp32 (padded 0), g its log2 decay."""
+    kk = tl.dot(bk, tl.trans(bk), input_precision=PREC)
+    if DECAY == 0:
+        D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
+    else:
+        D = _decay_matrix(g, offs_c, False)
+    A = tl.where(offs_c[:, None] > offs_c[None, :], b[:, None] * kk * D, 0.0)
+    if PREC == "ieee":
+        Tm = _unit_lower_inverse(A, C, LOG2C, "ieee")
+    else:
+        Tm = _unit_lower_inverse(A, C, LOG2C, "tf32x3")
+    return Tm, A, D, kk
+
+
+def _chunk_size(chunk: int) -> int:
+    """A power of two in [16, 64] (tiles need ≥ 16; the [C, C] solve grows as C²)."""
+    return min(64, _pow2(chunk))
+
+
+def make_plan(q: torch.Tensor, v: torch.Tensor, decay: int, scale: float, cfg: DeltaConfig,
+              chunk_size: int | None = None) -> Plan:
+    """The sizes of one call (the linear-attention kernels' `Plan`; cfg is a DeltaConfig here)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = _chunk_size(chunk_size or cfg.chunk)
+    NC = -(-T // C)
+    if cfg.seg_chunks > 0:
+        NCS = cfg.seg_chunks
+    else:  # one segment when the heads alone fill the device; otherwise about target_programs programs
+        want = -(-cfg.target_programs // (B * H))
+        NCS = max(16, -(-NC // want))
+    NCS = min(NCS, NC)
+    NS = -(-NC // NCS)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return Plan(B, T, H, K, V, C, NC, NCS, NS, _pow2(K), _pow2(V), decay, prec, cfg, scale)
+
+
+def decay_inputs(p: Plan, log_decay: torch.Tensor | None, gate: torch.Tensor | None, device) -> tuple:
+    """(λ [H] fp32, G [B·H, T] chunk-local inclusive cumsum of log2 a, or a dummy when there is no gate)."""
+    lam = _lam_arg(log_decay, p.H, device)
+    G, _ = _log_decay_cumsum(p, lam, gate, device)
+    return lam, G
+
+
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the per-token and per-chunk intermediates (W, u, U, dU, chunk states): x's when 16-bit, else fp32."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32

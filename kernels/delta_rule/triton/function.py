@@ -1,0 +1,152 @@
+"""The stage functions of a call, the autograd Function and the public entry `delta_rule_triton`.
+
+Forward: UT transform (W, u) → if the sequence has several segments, each segment's affine map (P_s, M_s) and the
+scan S_in(s+1) = P_s S_in(s) + M_s → outputs, every segment starting from S_in(s). Saved for backward: the inputs,
+the gate cumsum and, per segment, S_in(s) and P_s (fp32) — no per-chunk or per-token intermediate.
+Backward: W, u again → each segment's Δ_s (the gradient its outputs send to its entering state) and the reverse
+scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states entering every chunk and U (forward sweep) → dS_out of every
+chunk and dU (reverse sweep) → the chunk-parallel gradient kernel. The per-chunk states of that step are the
+backward's only transient of state size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.delta_rule.triton import backward as bwd
+from kernels.delta_rule.triton import forward as fwd
+from kernels.delta_rule.triton.common import DeltaConfig, decay_inputs, make_plan
+from kernels.triton.common import Plan, checked_inputs
+
+
+def setup(q, v, log_decay, gate, scale: float, chunk: int | None, cfg: DeltaConfig | None):
+    """(plan, λ [H] fp32, gate cumsum) of one call."""
+    from kernels.delta_rule.triton import common
+
+    decay = 2 if gate is not None else (1 if log_decay is not None else 0)
+    p = make_plan(q, v, decay, scale, cfg or common.DEFAULT_CONFIG, chunk)
+    lam, G = decay_inputs(p, log_decay, gate, q.device)
+    return p, lam, G
+
+
+def segment_summaries(p: Plan, k, w, u, G, lam) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_s [B·H, NS, K, K], M_s [B·H, NS, K, V]) of every segment, fp32."""
+    return fwd.sweep(p, fwd.SUM_P, k, k, w, u, G, lam), fwd.sweep(p, fwd.SUM_M, k, k, w, u, G, lam)
+
+
+def row_summary(p: Plan, P: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segments' maps composed into the whole row's (P [B, H, K, K], M [B, H, K, V]), fp32."""
+    Pt, Mt = P[:, 0], M[:, 0]
+    for s in range(1, p.NS):
+        Pt, Mt = P[:, s] @ Pt, torch.baddbmm(M[:, s], P[:, s], Mt)
+    return Pt.view(p.B, p.H, p.K, p.K), Mt.view(p.B, p.H, p.K, p.V)
+
+
+def entering_grad(p: Plan, P: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Σ_s (P_0ᵀ … P_{s−1}ᵀ) Δ_s: what the row's outputs send to its entering state ([B, H, K, V], fp32)."""
+    x = delta[:, p.NS - 1]
+    for s in range(p.NS - 2, -1, -1):
+        x = torch.baddbmm(delta[:, s], P[:, s].transpose(1, 2), x)
+    return x.view(p.B, p.H, p.K, p.V)
+
+
+def boundary_states(p: Plan, P, X, init: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
+    """S_in(s) (or dS_out(s) if reverse) of every segment from init (S_init / dS_final, [B, H, K, V] or None)."""
+    if init is not None:
+        init = init.detach().float().reshape(p.B * p.H, p.K, p.V).contiguous()
+    if p.NS > 1:
+        return fwd.scan(p, P, X, init, reverse)
+    return None if init is None else init.view(p.B * p.H, 1, p.K, p.V)
+
+
+def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0: bool, need_dg: bool):
+    """(dq, dk, dv, dβ, d log a [B·H, T] or None, dS_init [B·H, K, V] or None) given the segments' entering states
+    and leaving gradients."""
+    h, un = fwd.sweep(p, fwd.STATES, q, k, w, u, G, lam, s_in)
+    dh, du, ds0 = bwd.bwd_sweep(p, bwd.FULL, q, k, w, do, G, lam, ds_out, need_ds0)
+    dq, dk, dv, dbeta, dloga = bwd.chunk_grads(p, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg)
+    return dq, dk, dv, dbeta, dloga, ds0
+
+
+def decay_grads(p: Plan, dloga: torch.Tensor | None, gate_dtype, lam_dtype) -> tuple:
+    """(d gate [B, T, H] in gate_dtype or None, dλ [H] in lam_dtype or None) from d log a [B·H, T]."""
+    if dloga is None:
+        return None, None
+    x = dloga.view(p.B, p.H, p.T)
+    dgate = x.transpose(1, 2).to(gate_dtype).contiguous() if gate_dtype is not None else None
+    dlam = x.double().sum((0, 2)).to(lam_dtype) if lam_dtype is not None else None
+    return dgate, dlam
+
+
+def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
+    """Record on an autograd Function's context (inputs 4 and 5: log_decay, gate) the plan, the dtypes the decay
+    gradients take (None where none is needed) and the tensors the backward needs (q, k, v, β, G, λ, S_in, P)."""
+    ctx.plan = p
+    ctx.gate_dtype = gate.dtype if ctx.needs_input_grad[5] else None
+    ctx.lam_dtype = log_decay.dtype if ctx.needs_input_grad[4] else None
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors)
+
+
+def restore_context(ctx, do: torch.Tensor | None) -> tuple:
+    """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed)."""
+    saved = ctx.saved_tensors
+    q, k, v, beta, G, lam = saved[:6]
+    p: Plan = ctx.plan
+    do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
+    w, u = fwd.prepare(p, k, v, beta, G, lam)
+    return p, saved, do.to(q.dtype).contiguous(), w, u
+
+
+class _DeltaRuleTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_decay, gate, initial_state, scale, output_final_state, chunk, cfg):
+        p, lam, G = setup(q, v, log_decay, gate, scale, chunk, cfg)
+        w, u = fwd.prepare(p, k, v, beta, G, lam)
+        P = None
+        if p.NS > 1:
+            P, M = segment_summaries(p, k, w, u, G, lam)
+            s_in = boundary_states(p, P, M, initial_state, False)
+            del M
+        else:
+            s_in = boundary_states(p, None, None, initial_state, False)
+        o, final = fwd.sweep(p, fwd.OUT, q, k, w, u, G, lam, s_in, output_final_state)
+        ctx.has_init = initial_state is not None
+        save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u = restore_context(ctx, do)
+        delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None) if p.NS > 1 else None
+        ds_out = boundary_states(p, P, delta, dfinal, True)
+        del delta
+        need_ds0 = ctx.has_init and ctx.needs_input_grad[6]
+        need_dg = ctx.gate_dtype is not None or ctx.lam_dtype is not None
+        dq, dk, dv, dbeta, dloga, ds0 = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0,
+                                                      need_dg)
+        dgate, dlam = decay_grads(p, dloga, ctx.gate_dtype, ctx.lam_dtype)
+        if ds0 is not None:
+            ds0 = ds0.view(p.B, p.H, p.K, p.V)
+        return dq, dk, dv, dbeta, dlam, dgate, ds0, None, None, None, None
+
+
+def delta_rule_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+    log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = False, chunk_size: int | None = None,
+    config: DeltaConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule on the Triton kernels (DESIGN §12's contract; `kernels.delta_rule.delta_rule`).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; log_decay: [H]; gate: [B, T, H]; initial_state:
+    [B, H, K, V]. Returns (o in q's dtype, final state fp32 or None). chunk_size (default: the config's 64) is
+    rounded to a power of two in [16, 64]; the result does not depend on it beyond rounding.
+    """
+    q, k, v, scale = checked_inputs(q, k, v, scale)
+    beta = beta.contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    o, final = _DeltaRuleTriton.apply(q, k, v, beta, log_decay, gate, initial_state, scale,
+                                      bool(output_final_state), chunk_size, config)
+    return o, (final if output_final_state else None)

@@ -1,0 +1,80 @@
+"""Gated DeltaNet mixer, layout letter `D` (Yang, Kautz & Hatamizadeh 2024; DESIGN §12), on the delta-rule kernels.
+
+Per head h (head width d_h, state d_h × d_h), from the block input x:
+
+    q, k, v = silu(ShortConv(x W_q, x W_k, x W_v)),   q ← q/‖q‖, k ← k/‖k‖          (per head)
+    β_t = σ(x_t W_β),   log a_t = −exp(A_log_h) · softplus(x_t W_a + b_a)   (Mamba-2's gate: λ = 0, g = log a)
+    S_t = a_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,     o_t = d_h^{−1/2} q_t S_t
+    out = W_o · (RMSNorm(o) ⊙ silu(x W_g))                   (per-head norm, output gate)
+
+A_log and b_a start as Mamba-2's A and Δ bias (`models.mamba2.ssm_initial_values`). The recurrence runs on
+`kernels.delta_rule` (Triton on CUDA), under sp on LASP-2 for affine recurrences (`parallel.lasp2_delta`), and
+streams window by window with the carry (S, conv tail), as the other recurrent layers do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.delta_rule import delta_rule
+from models.config import ModelConfig
+from parallel.context import SINGLE
+from parallel.lasp2_delta import lasp2_delta_rule
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        from models.llama import RMSNorm, ShortConv
+
+        super().__init__()
+        self.heads, self.head_dim, self.width = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
+        self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
+        # q | k | v | output gate | β | a in one GEMM
+        self.in_proj = nn.Linear(cfg.dim, 4 * self.width + 2 * self.heads, bias=False)
+        self.conv = ShortConv(3 * self.width, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.o = nn.Linear(self.width, cfg.dim, bias=False)
+        self.sp = SINGLE
+
+    def forward(self, x: torch.Tensor, carry: tuple | None = None):
+        """x [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window)."""
+        B, T, _ = x.shape
+        H, Dh, W = self.heads, self.head_dim, self.width
+        qkv, g_out, b, a = self.in_proj(x).split([3 * W, W, H, H], dim=-1)
+        state, halo = carry if carry is not None else (None, None)
+        tail = None
+        if self.conv is not None:
+            if halo is not None:
+                qkv, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype))
+            else:
+                qkv = self.conv(qkv, self.sp)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(W, dim=-1))
+        ft = torch.promote_types(x.dtype, torch.float32)  # norms and gates in fp32 at least
+        q = F.normalize(q.to(ft), dim=-1, eps=1e-6).to(v.dtype)
+        k = F.normalize(k.to(ft), dim=-1, eps=1e-6).to(v.dtype)
+        beta = torch.sigmoid(b.to(ft))
+        gate = -torch.exp(self.A_log.to(ft)) * F.softplus(a.to(ft) + self.dt_bias.to(ft))
+        kw = dict(gate=gate, chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
+                  output_final_state=carry is not None)
+        if self.sp.world > 1:
+            o = lasp2_delta_rule(q, k, v, beta, group=self.sp.group, layout=self.sp.layout, **kw)
+            if carry is not None:
+                o, state = o
+        else:
+            o, state = delta_rule(q, k, v, beta, **kw)
+        o = self.out_norm(o) * F.silu(g_out.reshape(B, T, H, Dh)).to(o.dtype)
+        out = self.o(o.reshape(B, T, W))
+        return out if carry is None else (out, (state, tail))
+
+    def zero_carry(self, batch: int, device: torch.device) -> tuple:
+        """The carry entering the first window: a zero state and a zero conv tail."""
+        state = torch.zeros(batch, self.heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32)
+        tail = None if self.conv is None else torch.zeros(batch, self.conv.width - 1, 3 * self.width, device=device,
+                                                          dtype=self.in_proj.weight.dtype)
+        return state, tail

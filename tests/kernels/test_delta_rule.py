@@ -1,0 +1,317 @@
+"""Gated delta rule (kernels/delta_rule/): the chunked PyTorch form and the Triton kernels against the float64
+step-by-step recurrence.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) at
+small sizes with NaN-poisoned outputs; tests marked ``gpu`` run model sizes (H 16, K = V 128, bf16, up to 64K
+tokens) against the float64 chunked reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels.triton.common as triton_common  # noqa: E402  (the POISON_OUTPUTS switch the kernels share)
+from kernels.delta_rule import (  # noqa: E402
+    delta_rule,
+    delta_rule_chunked,
+    delta_rule_recurrent,
+    delta_rule_summary,
+    gated_delta_rule,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """‖a − b‖ / (‖b‖ + floor·√n) in float64; NaN anywhere gives inf."""
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / (b.norm() + floor * b.numel() ** 0.5)).item()
+
+
+def _inputs(B, T, H, K, V, *, decay=True, gate=True, init=True, dtype=torch.float32, device=DEVICE, seed=0):
+    """Keys L2-normalized (as the layer makes them), β in (0, 1), gates as Gated DeltaNet's −A·softplus(·)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V),
+         "beta": torch.sigmoid(rnd(B, T, H))}
+    if decay:
+        x["log_decay"] = torch.log1p(-torch.exp2(-3.0 - torch.arange(H, dtype=torch.float32)))
+    if gate:
+        x["gate"] = -F.softplus(rnd(B, T, H) - 2.0)
+    if init:
+        x["initial_state"] = rnd(B, H, K, V) * 0.5
+    fp32 = ("log_decay", "initial_state") if dtype != torch.float64 else ()  # the state and λ stay fp32
+    return {n: t.to(device, torch.float32 if n in fp32 else dtype) for n, t in x.items()}
+
+
+def _run(fn, x: dict, do: torch.Tensor | None, dfinal: torch.Tensor | None, fixed=(), **kw):
+    """Outputs and the gradients of ⟨o, do⟩ + ⟨final, dfinal⟩ with respect to every input in x but `fixed`."""
+    leaves = {n: t.detach().clone().requires_grad_(n not in fixed) for n, t in x.items()}
+    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], log_decay=leaves.get("log_decay"),
+                  gate=leaves.get("gate"), initial_state=leaves.get("initial_state"),
+                  output_final_state=dfinal is not None, **kw)
+    loss = 0.0
+    if do is not None:
+        loss = loss + (o.to(do.dtype) * do).sum()
+    if dfinal is not None:
+        loss = loss + (final.to(dfinal.dtype) * dfinal).sum()
+    wanted = {n: t for n, t in leaves.items() if t.requires_grad}
+    grads = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
+    return o, final, {n: torch.zeros_like(t) if gr is None else gr for (n, t), gr in zip(wanted.items(), grads)}
+
+
+def _cotangents(x: dict, final: bool, seed: int):
+    B, T, H, K = x["k"].shape
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(B, T, H, x["v"].shape[-1], generator=gen, dtype=torch.float64)
+    df = torch.randn(B, H, K, x["v"].shape[-1], generator=gen, dtype=torch.float64) if final else None
+    return do.to(x["q"].device), None if df is None else df.to(x["q"].device)
+
+
+def _compare(fn, x: dict, tol: float, final: bool = True, seed: int = 1, ref=delta_rule_recurrent, **kw) -> dict:
+    do, df = _cotangents(x, final, seed)
+    o, fs, grads = _run(fn, x, do, df, **kw)
+    o_r, fs_r, grads_r = _run(ref, {n: t.double() for n, t in x.items()}, do, df)
+    assert o.shape == o_r.shape and o.dtype == x["q"].dtype
+    errs = {"o": _err(o, o_r)}
+    if final:
+        assert fs.dtype == torch.float32 or x["q"].dtype == torch.float64
+        errs["final"] = _err(fs, fs_r)
+    # decay gradients are exactly 0 on a first token without initial state: floor the norm at 1 per element
+    errs.update({f"d{n}": _err(grads[n], grads_r[n], floor=1.0) for n in grads})
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# ------------------------------------------------------------------------------------ PyTorch references
+
+CASES = [(T, True, True, True) for T in (1, 7, 64, 100, 257)]  # (T, decay, gate, initial state)
+CASES += [(100, False, False, False), (100, True, False, True), (100, False, True, False)]
+
+
+@pytest.mark.parametrize("T,decay,gate,init", CASES)
+def test_chunked_matches_recurrence(T: int, decay: bool, gate: bool, init: bool) -> None:
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        x = _inputs(2, T, 2, 8, 12, decay=decay, gate=gate, init=init, dtype=dtype, device="cpu", seed=T)
+        _compare(delta_rule_chunked, x, tol, chunk_size=16)
+
+
+def test_summary_is_the_affine_map() -> None:
+    """(P, M) of a sequence maps any entering state to the leaving one; P = Π a_t (I − β_t k_tᵀ k_t)."""
+    x = _inputs(2, 45, 2, 8, 12, dtype=torch.float64, device="cpu", seed=5)
+    P, M = delta_rule_summary(x["k"], x["v"], x["beta"], log_decay=x["log_decay"], gate=x["gate"], chunk_size=16)
+    _, final = delta_rule_recurrent(x["q"], x["k"], x["v"], x["beta"], log_decay=x["log_decay"], gate=x["gate"],
+                                    initial_state=x["initial_state"].double(), output_final_state=True)
+    assert _err(P @ x["initial_state"].double() + M, final) < 1e-12
+    Pr = torch.eye(8, dtype=torch.float64).expand(2, 2, 8, 8)
+    loga = x["log_decay"].double() + x["gate"]
+    for t in range(45):
+        k = x["k"][:, t]
+        step = torch.eye(8, dtype=torch.float64) - x["beta"][:, t, :, None, None] * k.unsqueeze(-1) * k.unsqueeze(-2)
+        Pr = loga[:, t].exp()[..., None, None] * step @ Pr
+    assert _err(P, Pr) < 1e-12
+
+
+def test_dispatch_defaults_and_errors() -> None:
+    q = torch.randn(1, 70, 2, 16, dtype=torch.bfloat16)
+    beta = torch.rand(1, 70, 2)
+    o, s = gated_delta_rule(q, F.normalize(q.float(), dim=-1).bfloat16(), q, beta)
+    assert o.dtype == torch.bfloat16 and s is None
+    _, s = delta_rule(q, q, q, beta, output_final_state=True, backend="torch")
+    assert s.dtype == torch.float32 and s.shape == (1, 2, 16, 16)
+    with pytest.raises(ValueError, match=r"beta must be \[B, T, H\]"):
+        delta_rule(q, q, q, beta[:, :5])
+    with pytest.raises(ValueError, match="backend"):
+        delta_rule(q, q, q, beta, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ Triton (interpreter on CPU)
+
+triton = pytest.importorskip("triton")
+
+from kernels.delta_rule.triton import delta_rule_triton, with_config  # noqa: E402
+
+# two-chunk segments (segment maps, scans) with column blocks of 16 and 3 persistent gradient programs; and one
+# segment with whole-V tiles
+SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3)
+WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Allocate every kernel output as NaN so unwritten elements fail the comparisons."""
+    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, SEGMENTED), (257, WHOLE)],
+                         ids=["1-seg", "7-whole", "64-seg", "100-seg", "257-whole"])
+def test_triton_matches_recurrence(T, cfg):
+    """Outputs, final state, gradients of q, k, v, β, gate, λ and the initial state; tails shorter than a chunk."""
+    x = _inputs(1, T, 1 if T > 200 else 2, 16, 32, seed=T)
+    _compare(delta_rule_triton, x, 1e-5, chunk_size=16, config=cfg)
+
+
+@pytest.mark.parametrize("decay,gate,init,final", [(False, False, False, False), (True, False, False, True),
+                                                    (False, True, True, False)], ids=["plain", "decay", "gate"])
+def test_triton_decay_kinds(decay, gate, init, final):
+    """No decay, a constant per-head decay, a per-token gate; with and without initial and final states."""
+    x = _inputs(2, 45, 1, 16, 16, decay=decay, gate=gate, init=init, seed=3)
+    _compare(delta_rule_triton, x, 1e-5, final=final, chunk_size=16, config=SEGMENTED)
+
+
+@pytest.mark.parametrize("K,V,C", [(32, 16, 32), (24, 40, 16)], ids=["K>V,C32", "odd-dims"])
+def test_triton_head_dims_and_chunks(K, V, C):
+    """K ≠ V, head dims that are not powers of two (masked tiles), and chunks of 32."""
+    x = _inputs(1, 50, 1, K, V, seed=4)
+    _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=SEGMENTED)
+
+
+def test_triton_final_state_gradient_only():
+    """A loss on the final state alone: no gradient arrives on o."""
+    x = _inputs(1, 40, 2, 16, 16, seed=6)
+    _, df = _cotangents(x, True, 7)
+    _, fs, grads = _run(delta_rule_triton, x, None, df, chunk_size=16, config=SEGMENTED)
+    _, fs_r, grads_r = _run(delta_rule_recurrent, {n: t.double() for n, t in x.items()}, None, df)
+    assert _err(fs, fs_r) < 1e-5
+    for n in grads:
+        assert _err(grads[n], grads_r[n], floor=1.0) < 1e-5, n
+
+
+def test_triton_half_precision():
+    """fp16 inputs (bf16 dots do not run in the interpreter), fp32 state: errors at the input precision."""
+    x = _inputs(1, 80, 2, 16, 16, dtype=torch.float16, seed=8)
+    errs = _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=SEGMENTED, ref=delta_rule_chunked)
+    assert errs["o"] > 0
+
+
+def test_triton_dispatch_and_fixed_inputs():
+    """delta_rule(backend="triton") equals backend="torch"; inputs without grad get none, the others do."""
+    x = _inputs(1, 33, 2, 16, 16, seed=9)
+    do, _ = _cotangents(x, False, 1)
+    o, fs, grads = _run(delta_rule, x, do, None, fixed=("k", "beta", "log_decay", "initial_state"),
+                        backend="triton", chunk_size=16)
+    o_t, _, grads_t = _run(delta_rule, x, do, None, fixed=("k", "beta", "log_decay", "initial_state"),
+                           backend="torch", chunk_size=16)
+    assert fs is None and _err(o, o_t) < 1e-5
+    assert set(grads) == {"q", "v", "gate"} and all(_err(grads[n], grads_t[n]) < 1e-5 for n in grads)
+
+
+def test_triton_saves_segment_states_only():
+    """Forward keeps the inputs, the gate cumsum and, per segment, S_in and P (fp32): nothing per chunk or token."""
+    B, T, H, K, V = 1, 200, 2, 16, 16
+    x = _inputs(B, T, H, K, V, seed=10)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        delta_rule_triton(*(leaves[n] for n in ("q", "k", "v", "beta")), log_decay=leaves["log_decay"],
+                          gate=leaves["gate"], initial_state=leaves["initial_state"], output_final_state=True,
+                          chunk_size=16, config=with_config(seg_chunks=4))
+    n_seg = -(-T // (16 * 4))
+    budget = B * T * H * (2 * K + V + 2) + B * H * T + H + B * H * n_seg * K * (K + V)
+    assert sum(saved) <= budget, (sum(saved), budget)
+
+
+# ------------------------------------------------------------------------------------ GPU
+
+def _gpu_compare(B, T, H, K, V, dtype, tol, seed=0, lam_grad=False, **kw):
+    """Everything against the float64 chunked reference; λ fixed unless lam_grad (the models learn the gate only).
+    dλ = Σ_{b,t} d log a_t cancels, so its error is measured against Σ|d log a_t| (the sum's condition)."""
+    x = _inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=seed)
+    do, df = _cotangents(x, True, seed + 1)
+    fixed = () if lam_grad else ("log_decay",)
+    o, fs, grads = _run(delta_rule_triton, x, do.to(dtype), df, fixed=fixed, **kw)
+    o_r, fs_r, grads_r = _run(delta_rule_chunked, {n: t.double() for n, t in x.items()}, do, df, fixed=fixed)
+    errs = {"o": _err(o, o_r), "final": _err(fs, fs_r)} | {f"d{n}": _err(grads[n], grads_r[n]) for n in grads}
+    if lam_grad:
+        cond = grads_r["gate"].abs().sum((0, 1)).norm().item()
+        errs["dlog_decay"] = (grads["log_decay"].double() - grads_r["log_decay"]).norm().item() / cond
+    print(f"B={B} T={T} H={H} K={K} V={V} {dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"errors above {tol}: {bad}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 1000), (2, 4096 + 37), (1, 16384), (1, 65536)])
+def test_gpu_bf16_model_sizes(B, T):
+    _gpu_compare(B, T, 16, 128, 128, torch.bfloat16, 1e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1000, 16384])
+def test_gpu_fp32(T):
+    _gpu_compare(1, T, 4, 128, 128, torch.float32, 1e-4, lam_grad=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("K,V,dtype", [(64, 128, torch.bfloat16), (128, 64, torch.bfloat16), (64, 64, torch.float16)])
+def test_gpu_head_dims_and_fp16(K, V, dtype):
+    _gpu_compare(2, 9000, 4, K, V, dtype, 1e-2, seed=5, lam_grad=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cfg", [with_config(seg_chunks=8), with_config(seg_chunks=100000), with_config(chunk=32)],
+                         ids=["short-segments", "one-segment", "chunk32"])
+def test_gpu_configs(cfg):
+    _gpu_compare(1, 20000, 16, 128, 128, torch.bfloat16, 1e-2, seed=9, config=cfg)
+
+
+class _ChainExchange:
+    """Rows 0…n−1 of a batch of one are consecutive shards of one sequence: LASP-2's exchange in one process."""
+
+    def forward(self, P, M, initial=None):
+        S, entering = (torch.zeros_like(M[0]) if initial is None else initial), []
+        for j in range(M.shape[0]):
+            entering.append(S)
+            S = P[j] @ S + M[j]
+        self.P, self.has_initial = P, initial is not None
+        return torch.stack(entering), S
+
+    def backward(self, d_local, d_final=None):
+        x, leaving = (torch.zeros_like(d_local[0]) if d_final is None else d_final), [None] * d_local.shape[0]
+        for j in range(d_local.shape[0] - 1, -1, -1):
+            leaving[j] = x
+            x = d_local[j] + self.P[j].transpose(-1, -2) @ x
+        return torch.stack(leaving), (x if self.has_initial else None)
+
+
+def test_triton_sharded_rows_chain_into_the_whole_sequence():
+    """The kernels' sharded form (parallel.lasp2_delta_triton: row maps (P, M), the exchange, entering-state
+    gradients): 3 rows of one sequence chained by the exchange equal the whole sequence, every gradient too."""
+    from parallel.lasp2_delta_triton import delta_rule_triton_sharded
+
+    n, T = 3, 96
+    x = _inputs(1, T, 2, 16, 16, seed=12)
+    rows = lambda t: t.reshape(n, T // n, *t.shape[2:])  # noqa: E731
+
+    def sharded(q, k, v, beta, log_decay, gate, initial_state, output_final_state):
+        o, final = delta_rule_triton_sharded(rows(q), rows(k), rows(v), rows(beta), _ChainExchange(), n,
+                                             log_decay=log_decay, gate=rows(gate), initial_state=initial_state,
+                                             chunk_size=16, config=with_config(seg_chunks=1, sweep_bv=16))
+        return o.reshape(1, T, *o.shape[2:]), final
+
+    _compare(sharded, x, 1e-5)
