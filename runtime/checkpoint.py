@@ -1,6 +1,6 @@
 """Sharded zarr checkpoints (DESIGN §7): save, load and resume, with a commit protocol.
 
-    <run.dir>/checkpoints/step_00000100/          a zarr group
+    <run.dir>/checkpoints/step_00000100/          a zarr group of uncompressed arrays
         model/<parameter name>                    the whole parameter, one array
         optim/<parameter name>/{exp_avg, exp_avg_sq, step}      its AdamW state
         rng/rank_<r>/{torch, cuda, numpy_key, python_state}     every rank its own RNG states (runtime/rng_state.py)
@@ -9,13 +9,15 @@
                                                   array's path, digest, shape and dtype
 
 Replicated state (parallel.shard=none) is written by the (dp=0, sp=0) rank of the owning pp stage, one
-chunk per array. Sharded state (FSDP2 DTensors, dim-0 shards over the stage's dp × sp ranks) keeps the
-same arrays, chunked on dim 0 as the shards are: that rank creates the array, then every rank of the
-stage writes the chunk of its own rows and reports the chunk's digest (nothing is gathered to one rank).
-A reader takes the rows of its own shard — whatever sharding, or none, wrote them — so a checkpoint
-resumes at any (dp, pp, sp, shard). No two processes ever write one chunk object; a checkpoint without
-its marker is ignored on resume. Parameter names are global (the pipeline keeps global layer indices),
-so a checkpoint does not depend on which stage wrote which array (a tied head missing from a one-stage
+chunk per array (dim-0 chunks of 64 MiB for larger ones, each with its digest). Sharded state (FSDP2
+DTensors, dim-0 shards over the stage's dp × sp ranks) keeps the same arrays, chunked on dim 0 as the
+shards are: that rank creates the array, then every rank of the stage writes the chunk of its own rows
+and reports the chunk's digest (nothing is gathered to one rank). A reader takes the rows of its own
+shard — whatever sharding, or none, wrote them — so a checkpoint resumes at any (dp, pp, sp, shard). No
+two processes ever write one chunk object; a checkpoint without its marker is ignored on resume. Saving
+(synchronous, or with the write in a background thread) is runtime/checkpoint_writer.py's; a load reads
+its arrays in parallel threads. Parameter names are global (the pipeline keeps global layer indices), so
+a checkpoint does not depend on which stage wrote which array (a tied head missing from a one-stage
 checkpoint is read from the embedding).
 
 Resume, export and `longtrain verify` check what they read (runtime/integrity.py: presence, digests,
@@ -26,11 +28,8 @@ allow-listed metadata) before anything is modified or written; nothing read is u
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.sharding import is_sharded, local, local_rows, shard_chunk, sharding_of
+from parallel.sharding import is_sharded, local, local_rows
+from runtime.checkpoint_writer import save_checkpoint
 from runtime.errors import ConfigError
 from runtime.integrity import (
     MARKER,
@@ -48,19 +48,16 @@ from runtime.integrity import (
     array_digest,
     array_meta,
     checkpoint_error,
-    chunk_key,
-    marker_contents,
-    marker_entry,
     one_line,
+    parallel_map,
     read_marker,
     read_verified,
     refuse_untrusted,
     required_optimizer_state,
     root_attrs,
-    sharded_entry,
     verify_checkpoint,
 )
-from runtime.rng_state import RNG_KEYS, RNG_REQUIRED, parse_rng_state, rng_arrays, set_rng_state
+from runtime.rng_state import RNG_KEYS, RNG_REQUIRED, parse_rng_state, set_rng_state
 
 __all__ = ["MARKER", "UntrustedCheckpoint", "Verified", "array_digest", "check_resume", "checkpoint_dir",
            "export_safetensors", "list_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
@@ -133,133 +130,9 @@ def _check_shape(path: Path, saved_config: dict, config: dict) -> None:
                           f"resume with the matching model.* settings or start a new run.dir")
 
 
-# -- writing -------------------------------------------------------------------------------------
+# -- writing: runtime/checkpoint_writer.py ----------------------------------------------------------
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _numpy(t) -> np.ndarray:
-    data = local(t if torch.is_tensor(t) else torch.tensor(t)).detach().cpu()
-    if data.dtype == torch.bfloat16:
-        data = data.float()
-    return data.numpy()
-
-
-def _write_array(group, name: str, data: np.ndarray, attrs: dict | None = None) -> dict:
-    """One array, one chunk (always written, even when it equals the fill value); returns its marker entry."""
-    entry = marker_entry(data)
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=tuple(max(1, s) for s in data.shape),
-                             attributes={**(attrs or {}), "digest": entry["digest"]},
-                             config={"write_empty_chunks": True})
-    arr[...] = data
-    return entry
-
-
-def _np_dtype(t: torch.Tensor) -> np.dtype:
-    return np.dtype("float32") if t.dtype == torch.bfloat16 else torch.empty((), dtype=t.dtype).numpy().dtype
-
-
-def _create_sharded(group, name: str, t: torch.Tensor) -> None:
-    """The array of a sharded tensor, chunked on dim 0 as its shards are; no data (its ranks write it)."""
-    _, world = sharding_of(t)
-    chunks = (shard_chunk(t.shape[0], world), *(max(1, s) for s in t.shape[1:]))
-    group.create_array(name, shape=tuple(t.shape), dtype=_np_dtype(t), chunks=chunks)
-
-
-def _write_shard(path: Path, name: str, t: torch.Tensor) -> dict:
-    """This rank's rows of a sharded tensor into their chunk of the array; its part of the marker entry."""
-    import zarr
-
-    start, stop = local_rows(t)
-    chunks = {}
-    if stop > start:
-        data = _numpy(local(t))
-        with zarr.config.set({"array.write_empty_chunks": True}):  # a chunk of zeros is still a chunk
-            zarr.open_array(str(path / name), mode="r+")[start:stop] = data
-        chunks[chunk_key(start // shard_chunk(t.shape[0], sharding_of(t)[1]), t.dim())] = array_digest(data)
-    return {"shape": list(t.shape), "dtype": _np_dtype(t).name, "chunks": chunks}
-
-
-def _merge_entries(gathered: list[str]) -> dict[str, dict]:
-    """Every rank's marker entries into one list: a sharded array's chunks come from several ranks."""
-    arrays: dict[str, dict] = {}
-    for text in gathered:
-        for name, entry in json.loads(text).items():
-            if "chunks" in entry and name in arrays:
-                arrays[name]["chunks"].update(entry["chunks"])
-            else:
-                arrays[name] = entry
-    for name, entry in arrays.items():
-        if "chunks" in entry:
-            arrays[name] = sharded_entry(entry["shape"], entry["dtype"], entry["chunks"])
-    return arrays
-
-
-def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict, cursor: dict, writes_params: bool, keep: int | None = None) -> None:
-    """Collective: every rank calls it. Rank 0 creates the group and commits; see module docstring."""
-    import zarr
-
-    path = Path(path)
-    rank, world = _rank_world()
-    if rank == 0:
-        if path.exists():  # a leftover without marker from a crashed attempt at this step
-            shutil.rmtree(path)
-        root = zarr.open_group(str(path), mode="w")
-        for sub in ("model", "optim", "rng"):
-            root.create_group(sub)
-    _barrier()
-    root = zarr.open_group(str(path), mode="r+")
-    entries: dict[str, dict] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    if writes_params:  # groups, and the arrays of sharded tensors (before any rank writes a chunk)
-        for name, p in model.named_parameters():
-            if is_sharded(p):
-                _create_sharded(root["model"], name, p)
-        for p, state in optimizer.state.items():
-            sub = root["optim"].create_group(names[id(p)])
-            for key, value in state.items():
-                if is_sharded(value):
-                    _create_sharded(sub, key, value)
-    _barrier()
-    for name, p in model.named_parameters():
-        if is_sharded(p):
-            entries[f"model/{name}"] = _write_shard(path, f"model/{name}", p)
-        elif writes_params:
-            entries[f"model/{name}"] = _write_array(root["model"], name, _numpy(p))
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            name = f"optim/{names[id(p)]}/{key}"
-            if is_sharded(value):
-                entries[name] = _write_shard(path, name, value)
-            elif writes_params:
-                entries[name] = _write_array(root["optim"][names[id(p)]], key, _numpy(value))
-    rng = root["rng"].create_group(f"rank_{rank}")
-    for key, (data, attrs) in rng_arrays().items():
-        entries[f"rng/rank_{rank}/{key}"] = _write_array(rng, key, data, attrs)
-    _barrier()
-    # every rank's digests to rank 0, as JSON text between our own live processes
-    gathered = [json.dumps(entries)]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, json.dumps(entries))
-    if rank == 0:
-        root.attrs.update({"step": step, "config": json.loads(json.dumps(config)), "cursor": cursor,
-                           "world_size": world, "optimizer": type(optimizer).__name__})
-        written = json.loads((path / "zarr.json").read_text())["attributes"]
-        arrays = _merge_entries(gathered)
-        tmp = path / f"{MARKER}.partial"
-        tmp.write_text(json.dumps(marker_contents(step, world, written, arrays), indent=0))
-        os.replace(tmp, path / MARKER)
-        if keep:
-            for old in list_checkpoints(path.parent.parent, warn=False)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -302,19 +175,29 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         return read_verified(path, name, meta, listed[name], rows), meta.get("attributes", {})
 
     tied = config["model"].get("tie_embeddings")
-    params, states = {}, {}
+    wanted: dict[tuple, tuple] = {}  # what to read: (parameter, optimizer key or None) → read()'s arguments
     for name, p in model.named_parameters():
         # a one-stage checkpoint holds a tied head only as the embedding
         source = "embed.weight" if name == "head.weight" and tied and "model/head.weight" not in listed else name
         rows = local_rows(p) if is_sharded(p) else None  # this rank's shard: only its rows are read
-        params[name] = read(f"model/{source}", rows, list(p.shape))[0]
+        wanted[name, None] = (f"model/{source}", rows, list(p.shape))
         keys = sorted({n.rsplit("/", 1)[1] for n in listed if n.startswith(f"optim/{source}/")} | set(required))
-        states[name] = {key: read(f"optim/{source}/{key}", None if key == "step" else rows,
-                                  None if key == "step" else list(p.shape))[0] for key in keys}
+        for key in keys:
+            wanted[name, key] = (f"optim/{source}/{key}", *((None, None) if key == "step" else (rows, list(p.shape))))
     rng = None
+    prefix = f"rng/rank_{rank}"
     if attrs["world_size"] == world:
-        prefix = f"rng/rank_{rank}"
-        parts = {k: read(f"{prefix}/{k}") for k in RNG_KEYS if k in RNG_REQUIRED or f"{prefix}/{k}" in listed}
+        for k in RNG_KEYS:
+            if k in RNG_REQUIRED or f"{prefix}/{k}" in listed:
+                wanted[prefix, k] = (f"{prefix}/{k}",)
+    read_all = dict(zip(wanted, parallel_map(lambda args: read(*args), wanted.values())))  # in threads
+    params = {name: data for (name, key), (data, _) in read_all.items() if key is None}
+    states = {name: {} for name in params}
+    for (name, key), (data, _) in read_all.items():
+        if key is not None and name != prefix:
+            states[name][key] = data
+    if attrs["world_size"] == world:
+        parts = {k: v for (name, k), v in read_all.items() if name == prefix}
         rng = parse_rng_state({k: v[0] for k, v in parts.items()}, {k: v[1] for k, v in parts.items()},
                               lambda what: fail(f"{prefix}: {what}"))
     # all verified: now modify

@@ -30,6 +30,7 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,16 @@ def read_array(folder: Path, meta: dict, fail: Fail, name: str, sel=Ellipsis) ->
     if data.dtype.name != meta["data_type"]:
         raise fail(f"array {name} decoded as {data.dtype.name}, not {meta['data_type']}")
     return data
+
+
+def parallel_map(fn: Callable, items, threads: int = 8) -> list:
+    """[fn(x) for x in items] in `threads` threads (reads wait on the disk, zarr and hashlib release the GIL),
+    in order; the first failure in that order is raised."""
+    items = list(items)
+    if len(items) < 2 or threads < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="longtrain-ckpt-read") as pool:
+        return list(pool.map(fn, items))
 
 
 # -- digests and the marker ----------------------------------------------------------------------
@@ -410,10 +421,14 @@ def verify_checkpoint(path: str | Path, *, trust: bool = False, keep=lambda name
             raise fail(f"array {name} is not an RNG state of this checkpoint's {attrs['world_size']} ranks")
     result = Verified(attrs=attrs, legacy=marker["legacy"])
     rng: dict[str, dict[str, tuple[np.ndarray, dict]]] = {}
-    for name, meta in sorted(nodes.items()):
+    def check(item: tuple[str, dict]) -> tuple[int, np.ndarray | None]:  # in threads; keeps only what is asked
+        name, meta = item
         data = read_verified(path, name, meta, listed.get(name) if not marker["legacy"] else None)
+        return data.nbytes, data if keep(name) or (name.startswith("rng/") and not marker["legacy"]) else None
+
+    for (name, meta), (nbytes, data) in zip(sorted(nodes.items()), parallel_map(check, sorted(nodes.items()))):
         result.arrays += 1
-        result.nbytes += data.nbytes
+        result.nbytes += nbytes
         if keep(name):
             result.kept[name] = data
         if name.startswith("rng/") and not marker["legacy"]:

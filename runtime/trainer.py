@@ -24,7 +24,8 @@ from parallel.attention.backends import explicit_backend_problem
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.offload import ActivationOffloader
 from parallel.pipeline import GPipe
-from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume
+from runtime.checkpoint_writer import CheckpointWriter
 from runtime.config import JobConfig
 from runtime.errors import ConfigError, TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
@@ -62,7 +63,9 @@ class Trainer:
     - `data`: this rank's batches (`runtime.sources`);
     - gradient synchronisation over sp, dp and the tied embedding pair (`parallel.gradients`); under
       parallel.shard the stage is FSDP2-sharded over its dp × sp ranks (`runtime.parallelize.shard_stage`),
-      whose reduce-scatter is the sum over sp and dp, and parameters, gradients and AdamW state are DTensors.
+      whose reduce-scatter is the sum over sp and dp, and parameters, gradients and AdamW state are DTensors;
+    - `checkpoints`: saves, synchronous or with the write in a background thread (`runtime.checkpoint_writer`;
+      run.checkpoint_async, None: asynchronous on CUDA).
     """
 
     def __init__(self, cfg: JobConfig, mesh: ParallelMesh):
@@ -101,6 +104,9 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.offloader = ActivationOffloader(self.device) if cfg.parallel.offload else None
         self.skipped_steps = 0
+        background = cfg.run.checkpoint_async
+        self.checkpoints = CheckpointWriter(background=self.device.type == "cuda" if background is None else background,
+                                            timeout_s=max(cfg.parallel.timeout_s, 300.0))
 
     def _token_loss_sum(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Σ cross-entropy of the last stage's output (hidden states under the fused loss, else logits)."""
@@ -162,10 +168,11 @@ class Trainer:
         return StepResult(float(loss), float(norm), lr, time.perf_counter() - start, skipped=not finite)
 
     def save(self, path, step: int) -> None:
-        """Checkpoint after `step` steps (collective)."""
+        """Checkpoint after `step` steps (collective). When asynchronous it returns once the state is copied to
+        host memory, and the write goes on in the background; `self.checkpoints.wait()` waits for its commit."""
         writes = self.mesh.coord("dp") == 0 and self.mesh.coord("sp") == 0
-        save_checkpoint(path, step=step, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict(),
-                        cursor=self.data.cursor(step), writes_params=writes, keep=self.cfg.run.keep)
+        self.checkpoints.save(path, step=step, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict(),
+                              cursor=self.data.cursor(step), writes_params=writes, keep=self.cfg.run.keep)
 
     def restore(self, path) -> int:
         """Load a checkpoint; returns the number of steps it holds (the learning rate follows from it)."""
@@ -199,7 +206,11 @@ class Trainer:
         return float(counts[0] / counts[1].clamp(min=1))
 
     def close(self) -> None:
-        self.data.close()
+        """On every exit path: the checkpoint in flight is finished (committed) first."""
+        try:
+            self.checkpoints.close()
+        finally:
+            self.data.close()
 
 
 def check_attention_backend(cfg: JobConfig, device: torch.device) -> None:
@@ -280,6 +291,8 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
             res = trainer.step(step)
             losses.append(res.loss)
             window.append(res.seconds)
+            if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):
+                trainer.save(checkpoint_dir(cfg.run.dir) / f"step_{step + 1:08d}", step + 1)
             if (step + 1) % cfg.run.log_every == 0 or step == t.steps - 1:
                 secs = sum(window) / len(window)
                 window = []
@@ -289,15 +302,13 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
                 row = dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm,
                            tokens=tokens_per_step * (step + 1), tokens_per_s=tps, mfu=tps * flops_tok / peak,
                            max_mem_gib=float(mem), step_time_s=secs, skipped_steps=trainer.skipped_steps,
-                           wall_time=time.time())
+                           **trainer.checkpoints.take_metrics(), wall_time=time.time())
                 if is_main:
                     log.log(row)
                     if bar is not None:
                         mfu = "n/a" if math.isnan(row["mfu"]) else f"{row['mfu']:.1%}"
                         bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{tps:,.0f}", mfu=mfu,
                                         mem=f"{row['max_mem_gib']:.2f}GiB")
-            if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):
-                trainer.save(checkpoint_dir(cfg.run.dir) / f"step_{step + 1:08d}", step + 1)
             if on_report is not None and ((step + 1) % cfg.run.report_every == 0 or step + 1 == t.steps):
                 on_report(dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm))
             if bar is not None:
@@ -307,7 +318,8 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
             bar.close()
         if log is not None:
             log.close()
-    accuracy = trainer.evaluate(t.eval_batches)
+    accuracy = trainer.evaluate(t.eval_batches)  # while the last checkpoint is written, when asynchronous
+    trainer.checkpoints.wait()  # the last checkpoint is committed before the job returns
     elapsed = time.perf_counter() - start
     final_loss = losses[-1] if losses else float("nan")
     mem = torch.tensor(peak_memory_gib(mesh.device), device=mesh.device)
@@ -315,12 +327,16 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
     dist.all_gather(mem_all, mem)
     summary = dict(steps=t.steps, final_loss=final_loss, eval_accuracy=accuracy, seconds=elapsed,
                    tokens_per_s=tokens_per_step * max(1, t.steps - start_step) / elapsed, losses=losses,
-                   peak_mem_gib=[float(m) for m in mem_all], skipped_steps=trainer.skipped_steps)
+                   peak_mem_gib=[float(m) for m in mem_all], skipped_steps=trainer.skipped_steps,
+                   checkpoint_block_s=trainer.checkpoints.block_s, checkpoint_write_s=trainer.checkpoints.write_s)
     if is_main:
         acc = "" if accuracy is None else f", eval accuracy {accuracy:.1%} ({cfg.data.source})"
         unit = "GiB" if mesh.device.type == "cuda" else "GiB RSS"
         peaks = " ".join(f"{m:.2f}" for m in summary["peak_mem_gib"])
+        ckpt = trainer.checkpoints
+        saves = (f"; {ckpt.saves} checkpoints ({'background' if ckpt.background else 'synchronous'} writes "
+                 f"{ckpt.write_s:.1f}s, training stopped {ckpt.block_s:.1f}s)") if ckpt.saves else ""
         print(f"longtrain: done {t.steps - start_step} steps in {elapsed:.1f}s — final loss {final_loss:.4f}{acc}, "
-              f"{summary['tokens_per_s']:,.0f} tokens/s; peak memory per rank [{peaks}] {unit}; "
+              f"{summary['tokens_per_s']:,.0f} tokens/s; peak memory per rank [{peaks}] {unit}{saves}; "
               f"metrics in {log.path}", flush=True)
     return summary

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,20 +182,21 @@ def test_failed_prepare_data_leaves_no_partial(tmp_path, capsys) -> None:
 
 def _killed_while_writing(rank: int, world: int, overrides: list[str], kill_at_step: int) -> None:
     """Rank 0 dies (no cleanup, as under kill -9) halfway through writing the checkpoint of `kill_at_step`."""
-    import runtime.checkpoint as ckpt
+    import runtime.checkpoint_writer as writer
     from runtime.config import load_config
     from runtime.trainer import train
 
-    write, written = ckpt._write_array, [0]
+    write, written, lock = writer._write_chunk, [0], threading.Lock()
 
-    def dying_write(group, name, *args, **kwargs):
-        if rank == 0 and f"step_{kill_at_step:08d}" in str(group.store):
-            written[0] += 1
-            if written[0] == 3:
-                os._exit(9)
-        return write(group, name, *args, **kwargs)
+    def dying_write(file, data):  # called by the writer threads, one chunk file each
+        if rank == 0 and f"step_{kill_at_step:08d}" in str(file):
+            with lock:
+                written[0] += 1
+                if written[0] == 3:
+                    os._exit(9)
+        return write(file, data)
 
-    ckpt._write_array = dying_write
+    writer._write_chunk = dying_write
     train(load_config(None, overrides))
 
 

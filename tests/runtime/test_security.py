@@ -210,10 +210,10 @@ def _set_attr(name: str, **values):
 
 def _replace_array(name: str, data: np.ndarray):
     def edit(path: Path) -> None:
-        from runtime.checkpoint import _write_array
+        from runtime.checkpoint_writer import write_array
 
         shutil.rmtree(path / "rng/rank_0" / name)
-        entry = _write_array(zarr.open_group(str(path / "rng/rank_0"), mode="r+"), name, data)
+        entry = write_array(path / "rng/rank_0" / name, data)
         _marker(path, lambda m: {**m, "arrays": {**m["arrays"], f"rng/rank_0/{name}": entry}})
     return edit
 
