@@ -41,7 +41,6 @@ step_* folder without COMMITTED, which `--resume auto` never loads (runtime/chec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import threading
@@ -56,8 +55,9 @@ import torch
 import torch.distributed as dist
 
 from parallel.sharding import is_sharded, local, local_rows, shard_chunk, sharding_of
+from runtime import zarr_files
 from runtime.errors import TrainingError
-from runtime.integrity import MARKER, array_digest, marker_contents, marker_entry, one_line, sharded_entry
+from runtime.integrity import MARKER, array_digest, marker_contents, one_line, sharded_entry
 from runtime.rng_state import rng_arrays
 
 CHUNK_BYTES = 64 << 20  # a replicated array larger than this is chunked on dim 0 (chunks written in parallel)
@@ -165,23 +165,7 @@ def _host_copy(tensors: list[torch.Tensor], buffer: _HostBuffer | None) -> list[
     return views
 
 
-# -- writing files -------------------------------------------------------------------------------
-def _key(coords) -> str:
-    """zarr v3's default chunk key ("/" separator): c/i/j/…, "c" for a 0-d array."""
-    return "/".join(("c", *map(str, coords)))
-
-
-def _write_chunk(file: Path, data: np.ndarray) -> None:
-    """One chunk file: `data`'s raw little-endian bytes (the `bytes` codec), in one write, fsync'd."""
-    data = np.ascontiguousarray(data)
-    data = data.astype(data.dtype.newbyteorder("<"), copy=False)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file, "wb") as f:
-        f.write(data.reshape(-1).view(np.uint8))
-        f.flush()
-        os.fsync(f.fileno())
-
-
+# -- writing files (runtime/zarr_files.py) ------------------------------------------------------
 def _numpy(data) -> np.ndarray:
     """Host data as numpy (bf16 as float32)."""
     if isinstance(data, np.ndarray):
@@ -189,54 +173,12 @@ def _numpy(data) -> np.ndarray:
     return (data.float() if data.dtype == torch.bfloat16 else data).numpy()
 
 
-def _write_json(folder: Path, meta: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
-
-
-def _group(folder: Path, attrs: dict | None = None) -> None:
-    """A zarr v3 group's metadata."""
-    _write_json(folder, {"attributes": attrs or {}, "zarr_format": 3, "node_type": "group"})
-
-
-def _create(folder: Path, shape, dtype: np.dtype, chunks, attrs: dict | None = None) -> None:
-    """The zarr v3 metadata of an uncompressed array (the `bytes` codec, '/' chunk keys), as zarr.create_array
-    writes it (a test checks it against zarr); its chunk files are ours to write."""
-    codec = {"name": "bytes"} if dtype.itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}}
-    _write_json(folder, {
-        "shape": list(shape), "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if dtype.kind == "b" else 0.0 if dtype.kind == "f" else 0,
-        "codecs": [codec], "attributes": attrs or {}, "zarr_format": 3, "node_type": "array",
-        "storage_transformers": []})
-
-
-def _padded(rows: np.ndarray, chunk_rows: int) -> np.ndarray:
-    """A dim-0 chunk at the array's end, padded with the fill value (0) to the chunk's size, as zarr stores it."""
-    if rows.ndim == 0 or rows.shape[0] == chunk_rows:
-        return rows
-    out = np.zeros((chunk_rows, *rows.shape[1:]), dtype=rows.dtype)
-    out[:rows.shape[0]] = rows
-    return out
-
-
-def write_array(folder: Path, data: np.ndarray, attrs: dict | None = None) -> dict:
-    """A whole array of one chunk: digest, metadata (digest in its attributes), chunk; returns its marker entry."""
-    entry = marker_entry(data)
-    _create(folder, data.shape, data.dtype, tuple(max(1, s) for s in data.shape),
-            {**(attrs or {}), "digest": entry["digest"]})
-    if data.size:
-        _write_chunk(folder / _key((0,) * data.ndim), data)
-    return entry
-
-
 def _write_rows(path: Path, a: _Array, index: int) -> tuple[str, str]:
     """Chunk `index` (dim 0) of a chunked array, from this rank's rows; (its key, its digest)."""
     c, first = a.chunks[0], a.rows[0] if a.rows is not None else 0
     rows = _numpy(a.data[index * c - first:min((index + 1) * c, a.shape[0]) - first])
-    key = _key((index, *(0,) * (len(a.shape) - 1)))
-    _write_chunk(path / a.name / key, _padded(rows, c))
+    key = zarr_files.chunk_key((index, *(0,) * (len(a.shape) - 1)))
+    zarr_files.write_chunk(path / a.name / key, zarr_files.padded(rows, c))
     return key, array_digest(rows)
 
 
@@ -260,7 +202,7 @@ def _write_chunks(save: _Save, pool: ThreadPoolExecutor) -> str:
     def run(task):
         a, index = task
         if index is None:
-            return a, write_array(save.path / a.name, _numpy(a.data), a.attrs)
+            return a, zarr_files.write_array(save.path / a.name, _numpy(a.data), a.attrs)
         return a, _write_rows(save.path, a, index)
 
     entries: dict[str, dict] = {a.name: {"shape": list(a.shape), "dtype": a.dtype.name, "chunks": {}}
@@ -286,20 +228,6 @@ def _merge_entries(gathered: list[str]) -> dict[str, dict]:
         if "chunks" in entry:
             arrays[name] = sharded_entry(entry["shape"], entry["dtype"], entry["chunks"])
     return arrays
-
-
-def _replace_durably(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    fd = os.open(file.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the collective part -------------------------------------------------------------------------
@@ -333,26 +261,26 @@ def _create_root(path: Path) -> None:
     if path.exists():  # a leftover without marker from a crashed attempt at this step
         shutil.rmtree(path)
     for sub in ("", "model", "optim", "rng"):
-        _group(path / sub)
+        zarr_files.write_group(path / sub)
 
 
 def _create_metadata(save: _Save) -> None:
     """Phase b: this rank's groups, and the metadata of the chunked arrays it owns."""
     for group in save.groups:
-        _group(save.path / group)
+        zarr_files.write_group(save.path / group)
     for a in save.arrays:
         if a.creates and not a.one_chunk:
-            _create(save.path / a.name, a.shape, a.dtype, a.chunks, a.attrs)
+            zarr_files.write_array_meta(save.path / a.name, a.shape, a.dtype, a.chunks, a.attrs)
 
 
 def _commit(save: _Save, world: int, gathered: list[str]) -> None:
     """Phase d (rank 0): the group's attributes, then the marker, then old checkpoints beyond `keep`."""
     from runtime.checkpoint import list_checkpoints
 
-    _group(save.path, {**save.attrs, "world_size": world})
+    zarr_files.write_group(save.path, {**save.attrs, "world_size": world})
     written = json.loads((save.path / "zarr.json").read_text())["attributes"]
     contents = marker_contents(save.step, world, written, _merge_entries(gathered))
-    _replace_durably(save.path / MARKER, json.dumps(contents, indent=0))
+    zarr_files.replace_durably(save.path / MARKER, json.dumps(contents, indent=0))
     if save.keep:
         for old in list_checkpoints(save.path.parent.parent, warn=False)[:-save.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -182,11 +182,11 @@ def test_failed_prepare_data_leaves_no_partial(tmp_path, capsys) -> None:
 
 def _killed_while_writing(rank: int, world: int, overrides: list[str], kill_at_step: int) -> None:
     """Rank 0 dies (no cleanup, as under kill -9) halfway through writing the checkpoint of `kill_at_step`."""
-    import runtime.checkpoint_writer as writer
+    import runtime.zarr_files as files
     from runtime.config import load_config
     from runtime.trainer import train
 
-    write, written, lock = writer._write_chunk, [0], threading.Lock()
+    write, written, lock = files.write_chunk, [0], threading.Lock()
 
     def dying_write(file, data):  # called by the writer threads, one chunk file each
         if rank == 0 and f"step_{kill_at_step:08d}" in str(file):
@@ -196,7 +196,7 @@ def _killed_while_writing(rank: int, world: int, overrides: list[str], kill_at_s
                     os._exit(9)
         return write(file, data)
 
-    writer._write_chunk = dying_write
+    files.write_chunk = dying_write
     train(load_config(None, overrides))
 
 

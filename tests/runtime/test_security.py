@@ -210,7 +210,7 @@ def _set_attr(name: str, **values):
 
 def _replace_array(name: str, data: np.ndarray):
     def edit(path: Path) -> None:
-        from runtime.checkpoint_writer import write_array
+        from runtime.zarr_files import write_array
 
         shutil.rmtree(path / "rng/rank_0" / name)
         entry = write_array(path / "rng/rank_0" / name, data)
