@@ -41,6 +41,7 @@ import torch.distributed as dist
 from parallel.sharding import is_sharded, local, local_rows
 from runtime.checkpoint_writer import save_checkpoint
 from runtime.errors import ConfigError
+from runtime.host_copy import copy_tensor
 from runtime.integrity import (
     MARKER,
     UntrustedCheckpoint,
@@ -203,7 +204,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     # all verified: now modify
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local(p).copy_(torch.from_numpy(params[name]))
+            copy_tensor(local(p), torch.from_numpy(params[name]))
     # AdamW keeps `step` on the parameter's device when fused or capturable (as its own load_state_dict does)
     on_device = any(optimizer.defaults.get(k) for k in ("fused", "capturable"))
     for name, p in model.named_parameters():
@@ -221,7 +222,7 @@ def _state_like(p: torch.Tensor, value: np.ndarray) -> torch.Tensor:
     if not is_sharded(p):
         return torch.from_numpy(value).to(p.device)
     state = torch.zeros_like(p)
-    local(state).copy_(torch.from_numpy(value))
+    copy_tensor(local(state), torch.from_numpy(value))
     return state
 
 

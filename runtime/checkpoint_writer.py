@@ -1,41 +1,38 @@
 """Writing checkpoints (DESIGN §7, issue 25): a host snapshot, parallel chunk writes, then the commit —
 in the training thread, or in the background while training continues (`run.checkpoint_async`).
 
-A save has two parts.
-
 1. The snapshot (`CheckpointWriter.save`, in the training thread: the only part that stops the step).
    Everything this rank writes — its shards under parallel.shard, or the whole replicated state of its
    stage on the stage's (dp = 0, sp = 0) rank — is copied into one host buffer, pinned under CUDA (the
-   device-to-host copies are queued together, then one stream sync); the buffer is kept for the next
-   save. Its RNG states, the step, config and data cursor are taken at the same moment. A synchronous
-   save copies nothing it need not: nothing trains while it writes.
+   device-to-host copies are queued together, then one stream sync), kept for the next save; the RNG
+   states, step, config and data cursor are taken at the same moment. A synchronous save copies nothing
+   it need not (nothing trains while it writes).
 2. The write and the commit (`_write_and_commit`), collective over all ranks, in four phases, each ended
    by an all-gather of every rank's status:
-   a. rank 0 creates the zarr group (removing what a crashed attempt at this step left);
-   b. the ranks that own arrays written chunk by chunk (sharded ones, and replicated ones larger than
-      CHUNK_BYTES, chunked on dim 0) create their metadata, so that every rank can then write into them;
-   c. every rank writes its chunks with WRITER_THREADS threads: each chunk is one file of the array's raw
-      little-endian bytes (zarr's `bytes` codec, no compression: fp32 weights and moments barely compress,
-      and zstd made the 400m save CPU-bound at ≈ 140 MB/s, issue 6), written in one call and fsync'd, its
-      blake2b digest computed by the same thread; a replicated array of one chunk is hashed, created (its
-      digest in its attributes) and written in one task. The gathered status carries every rank's digests;
+   a. rank 0 creates the group (removing what a crashed attempt at this step left);
+   b. the ranks that own arrays written chunk by chunk (sharded ones, and replicated ones over CHUNK_BYTES,
+      chunked on dim 0) write their metadata, so that every rank can then write into them;
+   c. every rank writes its chunks with WRITER_THREADS threads (runtime/zarr_files.py): each chunk one file
+      of raw little-endian bytes (no codec: fp32 weights and moments barely compress, and zstd made the 400m
+      save CPU-bound at ≈ 140 MB/s, issue 6), written in one call and fsync'd, its blake2b digest computed
+      by the same thread; the gathered status carries every rank's digests;
    d. rank 0 writes the group's attributes, then the commit marker listing every array and digest
-      (runtime/integrity.py; fsync'd, then renamed into place), and removes checkpoints beyond run.keep.
-   A rank whose part fails (a full disk) reports it in that phase's all-gather, so every rank abandons the
-   save in step — no marker is written, every rank raises the same one-line TrainingError — and no rank is
-   left waiting for it.
+      (runtime/integrity.py; fsync'd, renamed into place), then removes checkpoints beyond run.keep.
+   A rank whose part fails (a full disk) says so in that phase's all-gather: every rank abandons the save
+   in step with the same one-line TrainingError, no marker is written, and no rank is left waiting.
 
-Asynchronous saves (`CheckpointWriter(background=True)`): part 2 runs in one background thread per rank
-while training goes on. Its collectives go over a gloo process group of its own, made when the writer is
-made (at the same point on every rank), never over the training loop's groups: the background threads of
-the ranks meet only each other, so they neither deadlock nor reorder the training's collectives (NCCL or
-gloo), and the marker is written as soon as the slowest rank has written its chunks — not at the next
-save. At most one save is in flight: a new request first waits for the previous one to commit (its
-snapshot buffer is then reused), and the end of training waits for the last (`wait`, and `close` on every
-exit path), so the final checkpoint is committed before train() returns. A failed background write is
-raised in the training thread at the next save or at the end. A process killed during the write leaves a
-step_* folder without COMMITTED, which `--resume auto` never loads (runtime/checkpoint.py
-`list_checkpoints`); the next save at that step replaces it.
+Asynchronous saves (`CheckpointWriter(background=True)`): part 2 runs in one background thread per rank.
+Its collectives go over a gloo group of its own (made by the first save, at the same step on every rank),
+never over the training loop's groups: the ranks' background threads meet only each other, so they can
+neither deadlock with nor reorder the training's collectives (NCCL or gloo), and the marker is written as
+soon as the slowest rank has written its chunks — not deferred to the next save, as a commit made by the
+training threads would have to be (they may only meet at points every rank reaches: a save, the end).
+At most one save is in flight: a new request first waits for the previous one to commit (then reuses its
+buffer), and the end of training waits for the last (`wait`; `close` on every exit path), so the final
+checkpoint is committed before train() returns. A failed background write is raised in the training
+thread at the next save or at the end. A process killed during the write leaves a step_* folder without
+COMMITTED, which `--resume auto` never loads (runtime/checkpoint.py `list_checkpoints`); the next save of
+that step replaces it.
 """
 
 from __future__ import annotations
@@ -57,12 +54,12 @@ import torch.distributed as dist
 from parallel.sharding import is_sharded, local, local_rows, shard_chunk, sharding_of
 from runtime import zarr_files
 from runtime.errors import TrainingError
+from runtime.host_copy import HostBuffer, host_copy
 from runtime.integrity import MARKER, array_digest, marker_contents, one_line, sharded_entry
 from runtime.rng_state import rng_arrays
 
 CHUNK_BYTES = 64 << 20  # a replicated array larger than this is chunked on dim 0 (chunks written in parallel)
 WRITER_THREADS = 8  # per rank; they mostly wait on the disk or hash (hashlib and file writes release the GIL)
-_ALIGN = 4096  # byte alignment of each tensor in the host buffer
 
 
 @dataclass
@@ -133,36 +130,6 @@ def _plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, writes_param
         for key, value in state.items():
             add(f"optim/{names[id(p)]}/{key}", value)
     return arrays, groups
-
-
-class _HostBuffer:
-    """One host allocation (pinned under CUDA) holding a snapshot, reused while the layout stays the same."""
-
-    def __init__(self, pinned: bool):
-        self.pinned, self.layout, self.slab = pinned, None, None
-
-    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        layout = [(tuple(t.shape), t.dtype) for t in tensors]
-        sizes = [t.numel() * t.element_size() for t in tensors]
-        offsets = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
-        if layout != self.layout:
-            self.slab = None  # free the old one first
-            self.slab = torch.empty(max(1, offsets[-1]), dtype=torch.uint8, pin_memory=self.pinned)
-            self.layout = layout
-        return [self.slab[o:o + n].view(t.dtype).view(t.shape) for o, n, t in zip(offsets, sizes, tensors)]
-
-
-def _host_copy(tensors: list[torch.Tensor], buffer: _HostBuffer | None) -> list[torch.Tensor]:
-    """The tensors on the host: copied into `buffer` (queued device-to-host copies, one sync per device), or,
-    without one, CPU tensors as they are and device tensors copied."""
-    if buffer is None:
-        return [t.cpu() for t in tensors]
-    views = buffer.views(tensors)
-    for dst, src in zip(views, tensors):
-        dst.copy_(src, non_blocking=True)
-    for device in {t.device for t in tensors if t.is_cuda}:
-        torch.cuda.current_stream(device).synchronize()
-    return views
 
 
 # -- writing files (runtime/zarr_files.py) ------------------------------------------------------
@@ -302,11 +269,9 @@ class CheckpointWriter:
     blocked the caller and the seconds their writes took (`take_metrics`, and totals)."""
 
     def __init__(self, *, background: bool, threads: int = WRITER_THREADS, timeout_s: float = 600.0):
-        self.background, self.threads = background, threads
-        self.group = None
-        if background and _rank_world()[1] > 1:  # collective: every rank makes its writer at the same point
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        self._buffer = _HostBuffer(pinned=torch.cuda.is_available()) if background else None
+        self.background, self.threads, self.timeout_s = background, threads, timeout_s
+        self.group = None  # the background threads' own gloo group, made by the first save (collective)
+        self._buffer = HostBuffer(pinned=torch.cuda.is_available()) if background else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -319,7 +284,7 @@ class CheckpointWriter:
         start = time.perf_counter()
         self.wait()
         arrays, groups = _plan(model, optimizer, writes_params)
-        for a, data in zip(arrays, _host_copy([a.data for a in arrays], self._buffer)):
+        for a, data in zip(arrays, host_copy([a.data for a in arrays], self._buffer)):
             a.data = data
         rank = _rank_world()[0]
         for key, (data, attrs) in rng_arrays().items():
@@ -330,6 +295,8 @@ class CheckpointWriter:
         save = _Save(Path(path), step, arrays, [*groups, f"rng/rank_{rank}"], attrs, keep, self.threads)
         self.saves += 1
         if self.background:
+            if self.group is None and _rank_world()[1] > 1:
+                self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
             self._thread = threading.Thread(target=self._write, args=(save, self.group), daemon=True,
                                             name="longtrain-checkpoint")
             self._thread.start()
@@ -368,11 +335,14 @@ class CheckpointWriter:
         self._raise()
 
     def close(self) -> None:
-        """At teardown, on any exit path: let the save in flight finish; its failure is a warning on stderr."""
+        """At teardown, on any exit path: let the save in flight finish (its failure is a warning on stderr), then
+        free the host buffer."""
         try:
             self.wait()
         except Exception as e:
             print(f"longtrain: warning: {one_line(e)}", file=sys.stderr, flush=True)
+        if self._buffer is not None:
+            self._buffer.release()
 
     def take_metrics(self) -> dict[str, float]:
         """{checkpoint_block_s: seconds the caller was stopped by saves, checkpoint_write_s: seconds of the writes
