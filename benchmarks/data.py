@@ -1,11 +1,13 @@
-"""Data and checkpoint throughput (issue 6), on the CPU of the machine it runs on.
+"""Data and checkpoint throughput (issues 6, 25), on the machine it runs on.
 
     taskset -c 0 python benchmarks/data.py prepare --mb 256        # prepare-data MB/s, byte tokenizer, one core
     python benchmarks/data.py loader --tokens-per-rank 1048576     # loader seconds per step, 1M tokens per rank
-    python benchmarks/data.py checkpoint --preset 400m             # checkpoint save (sync, async) / load, vs dd
+    python benchmarks/data.py checkpoint --preset 400m --dir D     # save (sync, async) / load seconds, vs dd on D
     python benchmarks/data.py train-overhead --preset 125m --every 10   # step time with checkpoints vs without
 
-Inputs are random words (not zeros); outputs are checked before they are timed.
+Inputs are random words (not zeros); outputs are checked before they are timed. `checkpoint` keeps the model
+on CUDA when there is one (the snapshot is then a device-to-pinned-host copy), else on the CPU; put --dir on
+the disk checkpoints will use (the default is the system temp folder).
 """
 
 from __future__ import annotations

@@ -146,9 +146,9 @@ class RunConfig:
     keep: int = 2
     """Newest committed checkpoints kept under <dir>/checkpoints."""
     checkpoint_async: bool | None = None
-    """Write checkpoints in a background thread: the step waits only for the copy of the state to (pinned)
-    host memory, the commit marker follows once every rank's write is done, at most one save is in flight and
-    the last one is committed before the job ends; None: true on CUDA, false on CPU."""
+    """Write checkpoints in a background thread: the step waits only for the copy of this rank's state into one
+    (pinned) host buffer, kept between saves; the commit marker follows once every rank's write is done, at most
+    one save is in flight and the last one is committed before the job ends; None: true on CUDA, false on CPU."""
     resume: str = ""
     """"" (fresh start) | auto (newest valid checkpoint of dir, or fresh) | PATH of a step_* checkpoint."""
     report_every: int = 20
