@@ -133,6 +133,15 @@ def _raw_disk(folder: str, nbytes: int, block: int = 64 << 20) -> tuple[float, f
     return write, read
 
 
+def bench_dir(path: str | None) -> str | None:
+    """--dir, created if missing (a file there is refused in one line)."""
+    if path is not None:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise SystemExit(f"data.py: --dir {path} is a file; pass a folder")
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
 def bench_checkpoint(args: argparse.Namespace) -> str:
     """Synchronous and background saves, and a load from the disk (not the page cache), against the raw
     sequential speed of the same disk measured in the same run; one process. A background save is timed
@@ -158,7 +167,7 @@ def bench_checkpoint(args: argparse.Namespace) -> str:
     n = num_parameters(model)
     config = {"model": {"preset": args.preset, **preset(args.preset).__dict__}}
     ref = {k: v.clone() for k, v in model.state_dict().items()}
-    tmp = tempfile.mkdtemp(prefix="lt-bench-", dir=args.dir)
+    tmp = tempfile.mkdtemp(prefix="lt-bench-", dir=bench_dir(args.dir))
     rows, size = [], 0
     try:
         for mode in args.modes.split(","):
@@ -217,7 +226,7 @@ def bench_train_overhead(args: argparse.Namespace) -> str:
     variants = {"none": ["run.checkpoint_every=0"],
                 **{m: [f"run.checkpoint_every={args.every}", f"run.checkpoint_async={m == 'async'}"]
                    for m in args.modes.split(",")}}
-    tmp = tempfile.mkdtemp(prefix="lt-bench-", dir=args.dir)
+    tmp = tempfile.mkdtemp(prefix="lt-bench-", dir=bench_dir(args.dir))
     per_step, lines = {}, []
     try:
         for name, extra in variants.items():

@@ -265,7 +265,7 @@ def _lasp2_triton(rank: int, world: int, T: int) -> None:
     check_lasp2(rank, world, T, backend="triton", tol=1e-4)
 
 
-@pytest.mark.parametrize("sp", [2, 4])
+@pytest.mark.parametrize("sp", [2, pytest.param(4, marks=pytest.mark.slow)])  # sp 4: minutes in the interpreter
 def test_lasp2_fused_kernels(sp):
     """LASP-2 on the Triton kernels (shard states from the kernels' segment pass, no correction GEMM)
     equals single-process attention: outputs and every gradient, both layouts, decay and gate."""

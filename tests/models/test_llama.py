@@ -63,7 +63,7 @@ def _loss_and_grads(model: LinearLlama, tokens: torch.Tensor, checkpoint_layers:
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, count.mm
 
 
-@pytest.mark.parametrize("layout", ["LA", "M"])
+@pytest.mark.parametrize("layout", ["LA"])
 def test_selective_remat_equals_full_remat(layout: str) -> None:
     """parallel.remat_policy=selective keeps the widening matmuls' outputs and recomputes the rest: the same
     loss and gradients, bit for bit, as the full recompute and as no recompute (fp32, CPU)."""
