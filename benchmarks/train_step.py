@@ -5,8 +5,8 @@
 
 Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison the next row):
 - `longtrain[NAME]`: our `1b` preset (gate on) through the real `Trainer` (pp = sp = dp = 1, one micro-batch,
-  remat always, synthetic MQAR data), timing `trainer.step(i)`. `--set` pairs go to every variant,
-  `--variant` pairs to that variant only (later keys win).
+  remat always, `synthetic:zipf` data: every token a target, a loss that falls), timing `trainer.step(i)`.
+  `--set` pairs go to every variant, `--variant` pairs to that variant only (later keys win).
 - `fla-retnet`: flash-linear-attention 0.6.0's `RetNetForCausalLM` of the same shape (hidden 2048, 16 layers,
   16 heads, expand_k = expand_v = 1, SwiGLU 6144, vocab 32000, tied embeddings, fused linear cross-entropy,
   fla's other defaults), HF gradient checkpointing, fp32 master weights + bf16 autocast, fused AdamW,
@@ -96,7 +96,7 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def base_overrides(preset: str) -> list[str]:
     return [f"model.preset={preset}", "model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.dp=1",
             "parallel.microbatches=1", "parallel.remat=always", "train.batch_size=1", "run.progress=false",
-            "run.tensorboard=false", "data.source=synthetic:mqar"]
+            "run.tensorboard=false", "data.source=synthetic:zipf"]
 
 
 def literal(v: str):

@@ -122,7 +122,8 @@ class DataConfig:
     """Where the tokens come from."""
 
     source: str = "synthetic:mqar"
-    """synthetic:mqar (associative recall) | synthetic:passkey (any length) | zarr:PATH (`longtrain prepare-data`)."""
+    """synthetic:mqar (associative recall) | synthetic:passkey (any length) | synthetic:zipf (dense next-token
+    targets from one Zipf law: a loss that falls) | zarr:PATH (`longtrain prepare-data`)."""
     num_pairs: int = 4
     """MQAR key–value pairs per sequence."""
     passkey_digits: int = 5
@@ -253,8 +254,8 @@ class JobConfig:
             raise ConfigError(f"ulysses needs model.n_kv_heads={m.kv_heads} divisible by sp={sp}")
         kind, _, where = self.data.source.partition(":")
         if kind not in ("synthetic", "zarr") or not where:
-            raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar, synthetic:passkey "
-                              f"or zarr:PATH")
+            raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar, synthetic:passkey, "
+                              f"synthetic:zipf or zarr:PATH")
         if kind == "synthetic":
             from runtime.synthetic import SyntheticTask
 

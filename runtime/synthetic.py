@@ -8,6 +8,11 @@ measure recall alone.
   sequence ends, and the model must predict v after k. Chance accuracy is 1/|values|.
 - **passkey**: filler tokens with "<key> d₁ … d_n" hidden at a random place; the sequence
   ends with "<ask> d₁ … d_n" and the model must produce the digits. Chance is 1/10 per digit.
+- **zipf**: dense next-token prediction (every position is a target) on tokens drawn independently from
+  one Zipf law, P(rank r) ∝ (r + 1)^−1.1, over a fixed permutation of the vocabulary (seeded by the run's
+  seed, the same for every step). Its loss falls from ≈ ln V towards the law's entropy (`zipf_entropy`)
+  as the model learns the unigram statistics: the check that optimisation works end to end, which MQAR
+  with one sequence per step is not (its few pairs change every step).
 """
 
 from __future__ import annotations
@@ -17,7 +22,20 @@ import torch
 from runtime.errors import ConfigError
 
 IGNORE = -100
-TASKS = ("mqar", "passkey")
+TASKS = ("mqar", "passkey", "zipf")
+ZIPF_EXPONENT = 1.1
+
+
+def zipf_probabilities(vocab_size: int) -> torch.Tensor:
+    """P(rank r) ∝ (r + 1)^−ZIPF_EXPONENT, r = 0 … V−1 (float64)."""
+    p = torch.arange(1, vocab_size + 1, dtype=torch.float64) ** -ZIPF_EXPONENT
+    return p / p.sum()
+
+
+def zipf_entropy(vocab_size: int) -> float:
+    """The zipf task's lowest expected loss (nats per token): the entropy of its law."""
+    p = zipf_probabilities(vocab_size)
+    return float(-(p * p.log()).sum())
 
 
 class SyntheticTask:
@@ -35,6 +53,9 @@ class SyntheticTask:
             if seq_len < 4 * num_pairs + 1:
                 raise ConfigError(f"train.seq_len={seq_len} is too short for MQAR with {num_pairs} pairs; "
                                   f"use ≥ {4 * num_pairs + 1}")
+        elif kind == "zipf":
+            self.zipf_p = zipf_probabilities(vocab_size)
+            self.zipf_tokens = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
         else:
             if vocab_size < 16:
                 raise ConfigError(f"passkey needs a vocabulary of ≥ 16 tokens; model.vocab_size={vocab_size}")
@@ -60,6 +81,9 @@ class SyntheticTask:
             which = torch.randint(0, P, (n_q,), generator=g)
             x[where], x[where + 1] = keys[which], values[which]
             y[where] = values[which]
+        elif self.kind == "zipf":
+            x[:] = self.zipf_tokens[torch.multinomial(self.zipf_p, T + 1, replacement=True, generator=g)]
+            y = x[1:].clone()
         else:
             n = self.digits
             key_tok, ask_tok, digit0 = 11, 12, 1
