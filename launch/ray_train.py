@@ -2,16 +2,18 @@
 
 One Ray worker per rank; Ray creates the process group (gloo on CPU, nccl on GPU) and the
 job's mesh is laid over it exactly as under torchrun, sp innermost. Workers are placed PACK
-(fill a node before the next), and Ray numbers ranks node by node, so the ranks of one sp
-group — consecutive world ranks — share a node whenever a node holds a multiple of sp
-workers. A worker that dies fails the group; with `--max-failures K` Ray restarts it up to K
-times and each restart resumes from the newest committed zarr checkpoint in run.dir (which
-must be on storage every node sees). Metrics reach Ray every `run.report_every` steps.
+(fill a node before the next), and Ray Train numbers world ranks node by node (grouped by node
+id; its local and node ranks go by IP), so the ranks of one sp group — consecutive world ranks —
+share a node whenever a node holds a multiple of sp workers (tests/launch/test_ray_placement.py).
+A worker that dies fails the group; with `--max-failures K` Ray restarts it up to K times and
+each restart resumes from the newest committed zarr checkpoint in run.dir (which must be on
+storage every node sees). Metrics reach Ray every `run.report_every` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from pathlib import Path
@@ -53,7 +55,25 @@ def _worker(config: dict) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
+    if os.environ.get("LONGTRAIN_PLACEMENT_RECORD"):
+        _record_placement(os.environ["LONGTRAIN_PLACEMENT_RECORD"])
     train(cfg, on_report=report, before_step=failure_from_env(cfg.run.dir))
+
+
+def _record_placement(directory: str) -> None:
+    """Debug record (tests of placement): this worker's Ray and torch ranks and its Ray node, as
+    DIRECTORY/rank_<k>.json; written when LONGTRAIN_PLACEMENT_RECORD names the directory."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    record = {"rank": rank, "torch_rank": dist.get_rank() if dist.is_initialized() else None,
+              "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
+              "node_id": ray.get_runtime_context().get_node_id()}
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / f"rank_{rank}.json").write_text(json.dumps(record))
 
 
 def run_ray(args: argparse.Namespace) -> dict:
