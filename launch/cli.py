@@ -115,8 +115,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
         best, tried = plan.search(cfg, args.gpus, hw, top=args.top)
         print(plan.describe_search(best, tried, args.gpus, hw))
     else:
+        if args.shard:
+            cfg.parallel.shard = args.shard
         cfg.validate(args.gpus)
-        print(plan.describe(plan.plan_job(cfg, args.gpus, hw, args.shard)))
+        print(plan.describe(plan.plan_job(cfg, args.gpus, hw)))
     if args.scaling:
         print(plan.describe_scaling(plan.scaling_table(cfg, hw, [8 << k for k in range(8)]), cfg, hw))
 
@@ -187,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True, help="ranks of the job (dp·pp·sp)")
     plan.add_argument("--gpu", default="h200", help="h200, h100, a100 or a hardware file (`longtrain calibrate`)")
     plan.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
-    plan.add_argument("--shard", default="none", help="parameter/gradient/optimizer sharding over dp × sp: none "
-                                                      "(the only mode the plan models yet)")
+    plan.add_argument("--shard", choices=("none", "optimizer", "full"),
+                      help="parameter/gradient/optimizer sharding over dp × sp (default: the config's parallel.shard)")
     plan.add_argument("--search", action="store_true",
-                      help="rank every (dp, pp, sp, M, remat, window, sp_attention) that fits by predicted tokens/s")
+                      help="rank every (dp, pp, sp, M, remat, window, sp_attention, shard) that fits by predicted "
+                           "tokens/s")
     plan.add_argument("--top", type=int, default=10, help="settings --search prints")
     plan.add_argument("--scaling", action="store_true",
                       help="how each term grows from 8 to 1024 GPUs (one sequence over sp = N)")

@@ -4,7 +4,8 @@ On CUDA (fp32 parameters, bf16 autocast), for the busiest pipeline stage with P 
 T tokens per micro-batch stored (all M micro-batches of a replica under GPipe), width d, FFN width f:
 
     state        16·P                                    fp32 parameter, gradient, two AdamW moments
-                 (parallel.shard over N = dp·sp ranks: `state_bytes`, 16·P/N plus the gathered working copies)
+                 (parallel.shard over N = dp·sp ranks: `state_bytes`, 16·P/N plus the gathered working copies;
+                 exactly, per tensor: `stage_state`, rank 0's ⌈rows / N⌉-row dim-0 shards, the largest)
     stored       L·T_stored·d·4                          layer inputs kept for recomputation (fp32 stream)
                  (parallel.remat_policy=selective: + L·T_stored·(4d + 2f)·2, the widening matmuls' bf16 outputs)
                  (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·2)
@@ -17,10 +18,14 @@ ACTIVATION = 2.2 is fitted to the measured `1b` step on an H200 (44.5 GiB at 128
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
+from parallel.sharding import shard_rows
 from runtime.config import JobConfig
 from runtime.errors import ConfigError
 
@@ -90,10 +95,12 @@ def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: i
     return MemoryEstimate(state / gib, (act["stored"] + act["windows"]) / gib, act["layer"] / gib)
 
 
-SHARD_MODES = ("none",)
-"""The shard modes `stage_state` and the cost model (`longtrain plan`) predict: only "none", every rank of a stage
-holding all of its stage's state. parallel.shard=optimizer | full run (runtime.parallelize.shard_stage; their
-state per GPU: `state_bytes`) but the plan does not model them yet."""
+SHARD_MODES = ("none", "optimizer", "full")
+"""The shard modes `stage_state` and the cost model (`longtrain plan`) predict (parallel.shard): none, every rank
+of a stage holding all of its stage's state; optimizer and full, FSDP2 over the stage's N = dp·sp ranks
+(runtime.parallelize.shard_stage), each rank holding its dim-0 rows of every parameter, gradient and AdamW
+moment. Both sharded modes hold the same state between steps; they differ in what is gathered while the step
+runs (`state_bytes`, and the all-gathers `longtrain plan` times)."""
 
 
 @dataclass
@@ -110,27 +117,52 @@ class StageState:
         return self.params + self.grads + self.optimizer
 
 
-def stage_state(cfg: JobConfig, pp: int, shard: str = "none") -> list[StageState]:
-    """Per pipeline stage (cut by parameter count, `parallel.balance=params`): the bytes of the parameters this
-    rank holds (a tied embedding/head weight twice when pp > 1: both end stages keep a copy), their gradients
-    (same dtype) and AdamW's state (two moments per parameter and one fp32 step count per tensor)."""
-    if shard not in SHARD_MODES:
-        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan yet (see `longtrain presets`); "
-                          f"use one of {list(SHARD_MODES)}")
-    from models import LinearLlama
+@functools.lru_cache(maxsize=32)
+def stage_shapes(model_key: tuple, pp: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per pipeline stage, the shapes of its parameter tensors (a tied weight once per stage)."""
+    from models import LinearLlama, ModelConfig
     from parallel.pipeline import partition
     from runtime.parallelize import layer_costs_by_params
 
-    width = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    mcfg = ModelConfig(*model_key)
     out = []
-    for stage, (start, end) in enumerate(partition(layer_costs_by_params(cfg.model), pp)):
+    for stage, (start, end) in enumerate(partition(layer_costs_by_params(mcfg), pp)):
         with torch.device("meta"):
-            model = LinearLlama(cfg.model)
+            model = LinearLlama(mcfg)
         model.keep_stage(range(start, end), first=stage == 0, last=stage == pp - 1)
         tensors = {id(p): p for p in model.parameters()}.values()  # tied weights once (both ends here: pp = 1)
-        numel = sum(p.numel() for p in tensors)
-        out.append(StageState(params=numel * width, grads=numel * width, optimizer=2 * numel * width + 4 * len(tensors),
-                              tensors=len(tensors)))
+        out.append(tuple(tuple(p.shape) for p in tensors))
+    return tuple(out)
+
+
+def local_numel(shape: tuple[int, ...], replicas: int, index: int = 0) -> int:
+    """Elements shard `index` of `replicas` holds of a tensor of `shape` sharded on dim 0 the FSDP2 way
+    (`torch.chunk`: ⌈rows / N⌉ rows each, the trailing ranks fewer or none; parallel.sharding.shard_rows)."""
+    if not shape:
+        return 1
+    start, stop = shard_rows(shape[0], replicas, index)
+    return (stop - start) * math.prod(shape[1:])
+
+
+def stage_state(cfg: JobConfig, pp: int, shard: str = "none", replicas: int = 1) -> list[StageState]:
+    """Per pipeline stage (cut by parameter count, `parallel.balance=params`): the bytes of the parameters rank 0
+    of the stage holds (a tied embedding/head weight twice when pp > 1: both end stages keep a copy), their
+    gradients (same dtype) and AdamW's state (two moments per parameter and one fp32 step count per tensor).
+
+    shard=optimizer | full over `replicas` = N = dp·sp ranks (more than one): every tensor is cut on dim 0
+    into ⌈rows / N⌉-row shards, so rank 0 holds the most (a full shard of every tensor; the last ranks may
+    hold fewer rows or none) and its numbers are the stage's per-GPU maximum. Gradients and moments have the
+    local shard's size; the gathered bf16 working copies are transients (`state_bytes`, `longtrain plan`)."""
+    if shard not in SHARD_MODES:
+        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan (see `longtrain presets`); "
+                          f"use one of {list(SHARD_MODES)}")
+    n = replicas if shard != "none" else 1
+    width = torch.finfo(getattr(torch, cfg.train.dtype)).bits // 8
+    out = []
+    for shapes in stage_shapes(dataclasses.astuple(cfg.model), pp):
+        numel = sum(local_numel(s, n) for s in shapes)
+        out.append(StageState(params=numel * width, grads=numel * width, optimizer=2 * numel * width + 4 * len(shapes),
+                              tensors=len(shapes)))
     return out
 
 

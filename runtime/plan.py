@@ -1,8 +1,10 @@
 """The cost model behind `longtrain plan` (DESIGN §11): per-rank peak memory and step time of a job, before launch.
 
 Memory per rank (busiest pipeline stage): the model state exactly as the stage allocates it
-(`runtime.memory.stage_state`: parameters, gradients, AdamW state; shard mode "none" — parallel.shard=optimizer
-and full run but are not modelled here yet), the activation terms of `runtime.memory` (stored layer inputs,
+(`runtime.memory.stage_state`: parameters, gradients, AdamW state — under parallel.shard=optimizer | full rank 0's
+dim-0 shards over N = dp·sp, the largest — plus, when sharded, the gathered bf16 working copies (optimizer: the
+whole stage; full: the root and two blocks) and the fp32 gradients not yet reduce-scattered (one block, or the
+stage with several micro-batches)), the activation terms of `runtime.memory` (stored layer inputs,
 carried window states, one layer's internals, fitted on the H200), and the other transients: the loss chunk,
 softmax attention's gathered K, V, LASP-2's gathered states, the flat gradient buffer of the replica all-reduce
 (after backward).
@@ -14,7 +16,10 @@ Step time (busiest stage, one step):
     comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
     bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
-    sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward
+    sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward; sharded: one
+              reduce-scatter of the stage's fp32 gradients over dp·sp instead of the all-reduce
+    sharding  optimizer: one all-gather of each block's bf16 parameters per micro-batch; full: two (forward, and
+              again in backward); the root's once per micro-batch; (N−1)/N of the bytes each (no overlap credited)
 
 r is the number of recomputed forwards: 1 for `parallel.remat=always`, (M−1)/M for `except_last`, plus one
 with `train.window`. B_link is the node's collective bandwidth for a group inside one node and the inter-node
@@ -125,7 +130,8 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def _geometry(model_key: tuple, pp: int, dtype: str) -> tuple:
-    """(GEMM weights per layer, stage layer ranges, stage states, total parameters) of a model config."""
+    """(GEMM weights per layer, stage layer ranges, unsharded stage states, total parameters, parameters per
+    layer) of a model config."""
     import torch
 
     from models import LinearLlama, ModelConfig, num_parameters
@@ -140,7 +146,8 @@ def _geometry(model_key: tuple, pp: int, dtype: str) -> tuple:
     ranges = partition(layer_costs_by_params(mcfg), pp)
     job = JobConfig(model=mcfg)
     job.train.dtype = dtype
-    return gemm, ranges, stage_state(job, pp), num_parameters(model)
+    blocks = [num_parameters(block) for block in model.layers.values()]
+    return gemm, ranges, stage_state(job, pp), num_parameters(model), blocks
 
 
 def _link_gbps(hw: Hardware, stride: int, size: int, world: int) -> float:
@@ -161,18 +168,22 @@ def recompute_passes(cfg: JobConfig) -> float:
     return r + (1.0 if cfg.train.window else 0.0)
 
 
-def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> Plan:
-    """Predict `cfg` on `world` ranks of `hw` (cfg must validate for `world`)."""
+def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None) -> Plan:
+    """Predict `cfg` on `world` ranks of `hw` (cfg must validate for `world`); `shard` overrides parallel.shard."""
     from parallel.layout import num_shards
     from runtime.mesh import resolve_dims
     from runtime.metrics import flops_per_token
 
-    if shard not in SHARD_MODES:
-        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan yet (see `longtrain presets`); "
-                          f"use one of {list(SHARD_MODES)}")
     m, t, par = cfg.model, cfg.train, cfg.parallel
+    shard = par.shard if shard is None else shard
+    if shard not in SHARD_MODES:
+        raise ConfigError(f"shard mode {shard!r} is not modelled by the plan (see `longtrain presets`); "
+                          f"use one of {list(SHARD_MODES)}")
     dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
-    gemm, ranges, states, n_params = _geometry(dataclasses.astuple(m), pp, t.dtype)
+    replicas = dp * sp
+    sharded = shard != "none" and (replicas > 1 or par.offload_optimizer)  # runtime.parallelize.sharded
+    gemm, ranges, whole, n_params, blocks = _geometry(dataclasses.astuple(m), pp, t.dtype)
+    states = stage_state(cfg, pp, shard, replicas) if sharded else whole  # rank 0's shards: the largest
     kinds = m.layer_kinds()
     width = 8 if t.dtype == "float64" else 4
     M = par.microbatches
@@ -187,6 +198,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
     pp_gbps = _link_gbps(hw, sp, pp, world)
     dp_gbps = _link_gbps(hw, sp * pp, dp, world)
     alpha = hw.latency_us * 1e-6
+    shard_gbps = sp_gbps if dp == 1 else dp_gbps  # the stage's dp × sp ranks, flattened
+    compute_width = 2 if t.dtype == "float32" else width  # bf16 working copies on CUDA
     n_local = num_shards(sp, par.layout) // sp
 
     stages = []
@@ -201,10 +214,10 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
             if kinds[i] in "LD":
                 # Gated DeltaNet (D): the UT transform and its extra sweeps, taken as DELTA_COST linear layers until a
                 # hardware file measures it; LASP-2 exchanges [P | M] (K·(K+V)) instead of [M | log A] (K·V + 1)
-                cost, width = (DELTA_COST, 2 * m.head_dim) if kinds[i] == "D" else (1.0, m.head_dim + 1)
+                cost, state_width = (DELTA_COST, 2 * m.head_dim) if kinds[i] == "D" else (1.0, m.head_dim + 1)
                 c["linear_attention"] += cost * tokens * hkv_scale * (1 / la_rate + r / hw.la_forward_tokens_per_s)
                 if sp > 1:
-                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * width * 4
+                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * state_width * 4
                     k["lasp2"] += passes * _collective(hw, state, sp_gbps)
                     if m.short_conv > 1:
                         halo = n_local * mb_rows * (m.short_conv - 1) * 3 * m.dim * 2
@@ -229,18 +242,29 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
         if pp > 1:
             act = mb_rows * local * m.dim * 4
             k["pipeline_p2p"] += 2 * _collective(hw, act, pp_gbps)  # the sends no other work hides
+        if sharded and replicas > 1:
+            gathers = 2 if shard == "full" else 1  # per block and micro-batch: forward (and backward when full)
+            root = whole[s].params // width - sum(blocks[start:end])
+            k["fsdp_allgather"] = M * (sum(gathers * _collective(hw, (replicas - 1) / replicas * b * compute_width,
+                                                                 shard_gbps) for b in blocks[start:end]) +
+                                       _collective(hw, (replicas - 1) / replicas * root * compute_width, shard_gbps))
         stages.append((c, k))
     busiest = max(range(pp), key=lambda s: sum(stages[s][0].values()) + sum(stages[s][1].values()))
     compute, comm = dict(stages[busiest][0]), dict(stages[busiest][1])
     stage_s = sum(compute.values()) + sum(comm.values())
     bubble = (pp - 1) / M * stage_s
 
-    state = max(states, key=lambda st: st.total)
-    grad_bytes = state.params  # gradients in the parameters' dtype
+    heaviest = max(range(pp), key=lambda s: states[s].total)
+    state = states[heaviest]
+    grad_bytes = whole[heaviest].params  # the stage's gradients in the parameters' dtype
     sync = 0.0
-    for size, gbps in ((sp, sp_gbps), (dp, dp_gbps)):
-        if size > 1:
-            sync += _collective(hw, 2 * (size - 1) / size * grad_bytes, gbps)
+    if sharded:  # one reduce-scatter of the fp32 gradients per step (accumulated over micro-batches unsharded)
+        if replicas > 1:
+            sync += _collective(hw, (replicas - 1) / replicas * grad_bytes, shard_gbps)
+    else:
+        for size, gbps in ((sp, sp_gbps), (dp, dp_gbps)):
+            if size > 1:
+                sync += _collective(hw, 2 * (size - 1) / size * grad_bytes, gbps)
     if pp > 1 and m.tie_embeddings:
         sync += _collective(hw, m.vocab_size * m.dim * width, _link_gbps(hw, sp * (pp - 1), 2, world))
     comm["gradient_sync"] = sync
@@ -257,21 +281,34 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str = "none") -> P
                "ulysses": t.seq_len * (m.n_heads + 2 * m.kv_heads) / sp}[par.sp_attention]
         transient["attention_kv"] = mb_rows * per * m.head_dim * 2 * 2  # the gathered tensors and their gradients
     if ("L" in kinds or "D" in kinds) and sp > 1:
-        width = 2 * m.head_dim if "D" in kinds else m.head_dim + 1
-        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * width * 4 * 2
+        state_width = 2 * m.head_dim if "D" in kinds else m.head_dim + 1
+        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * state_width * 4 * 2
     largest = max(transient, key=transient.get)
-    flat = grad_bytes if (sp > 1 or dp > 1) else 0.0
+    flat = grad_bytes if (sp > 1 or dp > 1) and not sharded else 0.0
+    gathered = unsharded_grads = 0.0
+    if sharded:  # runtime.memory.state_bytes: bf16 working copies, fp32 gradients before their reduce-scatter
+        stage_params = whole[heaviest].params // width
+        start, end = ranges[heaviest]
+        block = max(blocks[start:end], default=0)
+        root = stage_params - sum(blocks[start:end])
+        gathered = compute_width * (stage_params if shard == "optimizer" else root + 2 * block)
+        unsharded_grads = width * (stage_params if M > 1 else block)
     during_step = act["stored"] + act["windows"] + transient[largest]
-    peak = state.total + max(during_step, flat)
+    on_device = 0 if sharded and par.offload_optimizer else state.total
+    peak = on_device + gathered + unsharded_grads + max(during_step, flat)
     memory = {"parameters": state.params / GIB, "gradients": state.grads / GIB, "optimizer": state.optimizer / GIB,
+              "gathered_parameters": gathered / GIB, "unsharded_gradients": unsharded_grads / GIB,
               "stored_activations": act["stored"] / GIB, "window_states": act["windows"] / GIB,
               **{f"transient_{k}": v / GIB for k, v in transient.items()}, "gradient_buffer": flat / GIB}
     tps = t.batch_size * t.seq_len / step
     mfu = tps * flops_per_token(m, t.seq_len, n_params) / (hw.peak_tflops * 1e12 * world)
     notes = [f"largest transient: {largest.replace('_', ' ')}"]
+    if sharded and par.offload_optimizer:
+        notes.append("parameters, gradients and optimizer state offloaded to CPU memory (not in the peak)")
     if flat > during_step:
         notes.append("the peak is the gradient all-reduce's flat buffer, after backward")
-    return Plan(cfg=cfg, hardware=hw, world=world, dp=dp, pp=pp, sp=sp, shard=shard, memory=memory,
+    return Plan(cfg=cfg, hardware=hw, world=world, dp=dp, pp=pp, sp=sp, shard=shard if sharded else "none",
+                memory=memory,
                 peak_gib=peak / GIB, compute=compute, comm=comm, bubble_s=bubble, step_s=step, tokens_per_s=tps,
                 mfu=mfu, notes=notes)
 
@@ -300,21 +337,23 @@ def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[lis
             if set(kinds) == {"L"} and pp == 1 and sp == 1:
                 windows += [w for w in (t.seq_len >> k for k in range(1, 6)) if w >= 4096 and t.seq_len % w == 0]
             methods = list(SOFTMAX_METHODS) if "A" in kinds and sp > 1 else [cfg.parallel.sp_attention]
+            shards = SHARD_MODES if dp * sp > 1 else ("none",)  # one rank per stage: nothing to shard
             for M in micro:
                 for remat in REMAT_MODES:
                     for window in windows:
                         for method in methods:
-                            for shard in SHARD_MODES:
+                            for shard in shards:
                                 c = copy.deepcopy(cfg)
                                 c.parallel.dp, c.parallel.pp, c.parallel.sp = dp, pp, sp
                                 c.parallel.microbatches, c.parallel.remat = M, remat
                                 c.parallel.sp_attention, c.train.window = method, window
+                                c.parallel.shard = shard
                                 try:
                                     c.validate(world)
                                 except ConfigError:
                                     continue
                                 tried += 1
-                                p = plan_job(c, world, hw, shard)
+                                p = plan_job(c, world, hw)
                                 if p.fits:
                                     fitting.append(p)
     fitting.sort(key=lambda p: -p.tokens_per_s)
@@ -349,8 +388,12 @@ def scaling_table(cfg: JobConfig, hw: Hardware, gpus: list[int]) -> list[dict]:
 
 
 # -- text -------------------------------------------------------------------------------------------------------
-SHARD_NOTE = ("shard mode none: parameters, gradients and AdamW state are replicated over dp × sp "
-              "(parallel.shard=optimizer|full, DESIGN §10, run but are not modelled here yet)")
+SHARD_NOTES = {
+    "none": "shard none: parameters, gradients and AdamW state replicated over dp × sp",
+    "optimizer": "shard optimizer: rank 0's dim-0 shards over dp × sp (the largest), the stage's bf16 parameters "
+                 "gathered from forward to backward",
+    "full": "shard full: rank 0's dim-0 shards over dp × sp (the largest), bf16 parameters re-gathered per block in "
+            "forward and backward"}
 
 
 def describe(p: Plan) -> str:
@@ -361,7 +404,7 @@ def describe(p: Plan) -> str:
     lines = [f"plan: {m.preset} (layout {m.layout}), {p.world} × {hw.name} ({nodes} node(s) of {hw.gpus_per_node}) "
              f"= dp {p.dp} × pp {p.pp} × sp {p.sp}; batch {t.batch_size} × {t.seq_len:,} tokens, "
              f"M={par.microbatches}, remat={par.remat}, window={t.window}, sp_attention={par.sp_attention}",
-             f"memory per rank (GiB, busiest stage) — {SHARD_NOTE}"]
+             f"memory per rank (GiB, busiest stage) — {SHARD_NOTES[p.shard]}"]
     for key, value in p.memory.items():
         if value or key in ("parameters", "gradients", "optimizer"):
             lines.append(f"  {key.replace('_', ' '):<28}{value:10.2f}")
@@ -385,14 +428,14 @@ def describe_search(plans: list[Plan], tried: int, world: int, hw: Hardware) -> 
         return (f"search: none of the {tried} settings tried fits {world} × {hw.name} ({hw.memory_gib:.0f} GiB); "
                 f"try more GPUs, a shorter train.seq_len or a smaller batch")
     head = f"{'rank':>4} {'dp':>3} {'pp':>3} {'sp':>3} {'M':>3} {'remat':>11} {'window':>8} {'sp_attn':>9} " \
-           f"{'shard':>5} {'tokens/s':>12} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9}"
+           f"{'shard':>9} {'tokens/s':>12} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9}"
     lines = [f"search: {len(plans)} best of the settings that fit ({tried} tried) on {world} × {hw.name}", head]
     for i, p in enumerate(plans, 1):
         par = p.cfg.parallel
         lines.append(f"{i:>4} {p.dp:>3} {p.pp:>3} {p.sp:>3} {par.microbatches:>3} {par.remat:>11} "
-                     f"{p.cfg.train.window:>8} {par.sp_attention:>9} {p.shard:>5} {p.tokens_per_s:>12,.0f} "
+                     f"{p.cfg.train.window:>8} {par.sp_attention:>9} {p.shard:>9} {p.tokens_per_s:>12,.0f} "
                      f"{p.tokens_per_s / p.world:>10,.0f} {p.mfu:>6.1%} {p.peak_gib:>9.1f}")
-    lines.append(SHARD_NOTE)
+    lines.append("shard (parallel.shard, DESIGN §10): " + "; ".join(SHARD_NOTES.values()))
     return "\n".join(lines)
 
 

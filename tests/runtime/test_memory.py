@@ -55,3 +55,24 @@ def test_sharded_state_per_gpu() -> None:
     assert 16 * n / 8 < full < 1.2 * 16 * n / 8
     assert full < memory.state_bytes(n, 8, "optimizer", block, root) < 16 * n / 3
     assert memory.state_bytes(n, 8, "full", block, root, microbatches=4) > full + 3.5 * n
+
+
+@pytest.mark.parametrize("shard,microbatches", [("optimizer", 1), ("full", 1), ("full", 2)])
+def test_plan_state_agrees_with_state_bytes(shard: str, microbatches: int) -> None:
+    """`longtrain plan`'s sharded state (rank 0's shards, the gathered bf16 copies, the gradients before their
+    reduce-scatter) is `state_bytes`' estimate up to the chunk padding."""
+    from runtime import plan
+
+    cfg = load_config(None, ["model.preset=1b", "parallel.pp=1", "parallel.sp=1", "parallel.dp=8",
+                             f"parallel.shard={shard}", f"parallel.microbatches={microbatches}", "train.batch_size=16"])
+    p = plan.plan_job(cfg, 8, plan.load_hardware("h200"))
+    with torch.device("meta"):
+        model = LinearLlama(cfg.model)
+    n = num_parameters(model)
+    block = max(num_parameters(b) for b in model.layers.values())
+    root = n - sum(num_parameters(b) for b in model.layers.values())
+    want = memory.state_bytes(n, 8, shard, block, root, microbatches) / 2**30
+    got = sum(p.memory[k] for k in ("parameters", "gradients", "optimizer", "gathered_parameters",
+                                     "unsharded_gradients"))
+    assert got == pytest.approx(want, rel=1e-3)
+    assert p.comm["fsdp_allgather"] > 0 and "gradient_buffer" not in {k for k, v in p.memory.items() if v}

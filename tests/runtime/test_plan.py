@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_distributed
 
 from launch.cli import main
 from models import PRESETS, LinearLlama
@@ -26,9 +27,15 @@ BASE = ["model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.microbatc
         "train.batch_size=1"]
 
 
-def allocated(cfg, pp: int) -> list[tuple[int, int, int]]:
-    """(parameter, gradient, AdamW state) bytes of every stage, built as runtime.parallelize builds it, with a
-    gradient on every parameter and one optimizer step taken (on meta: sizes without memory)."""
+def fsdp_local(p: torch.Tensor, replicas: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s shard of `p` as FSDP2's fully_shard cuts it: torch.chunk on dim 0 (⌈rows / N⌉ rows each; the
+    trailing ranks get fewer or, past the last chunk, none)."""
+    chunks = p.detach().chunk(replicas, dim=0)
+    return chunks[rank] if rank < len(chunks) else p.detach().new_empty((0, *p.shape[1:]))
+
+
+def stage_parameters(cfg, pp: int) -> list[list[torch.Tensor]]:
+    """Every stage's parameters, built as runtime.parallelize builds them (on meta: sizes without memory)."""
     out = []
     for stage, (start, end) in enumerate(partition(layer_costs_by_params(cfg.model), pp)):
         with torch.device("meta"):
@@ -37,30 +44,47 @@ def allocated(cfg, pp: int) -> list[tuple[int, int, int]]:
         model.to_empty(device="meta")
         model.tie_weights()
         model.to(getattr(torch, cfg.train.dtype))
-        params = list(model.parameters())
+        out.append(list(model.parameters()))
+    return out
+
+
+def allocated(stages: list[list[torch.Tensor]], replicas: int = 1) -> list[tuple[int, int, int]]:
+    """(parameter, gradient, AdamW state) bytes of every stage on rank 0 of `replicas` dim-0 shards, with a
+    gradient on every parameter and one optimizer step taken."""
+    out = []
+    for whole in stages:
+        params = [torch.nn.Parameter(fsdp_local(p, replicas, 0)) for p in whole] if replicas > 1 else whole
         for p in params:
             p.grad = torch.zeros_like(p)
         opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2]},
-                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}])
+                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], foreach=True)
         opt.step()
         out.append((sum(p.nbytes for p in params), sum(p.grad.nbytes for p in params),
                     sum(t.nbytes for s in opt.state.values() for t in s.values())))
     return out
 
 
-@pytest.mark.parametrize("shard", SHARD_MODES)
 @pytest.mark.parametrize("pp", [1, 2])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_state_accounting_equals_allocated_tensors(name: str, pp: int, shard: str) -> None:
+def test_state_accounting_equals_allocated_tensors(name: str, pp: int) -> None:
+    """Every shard mode at N = dp·sp ∈ {1, 2, 8} (N = 1: nothing is sharded): rank 0's dim-0 shards, the largest."""
     cfg = load_config(None, [f"model.preset={name}"])
-    expected = allocated(cfg, pp)
-    got = [(s.params, s.grads, s.optimizer) for s in stage_state(cfg, pp, shard)]
-    assert got == expected
-    p = plan.plan_job(load_config(None, [f"model.preset={name}", f"parallel.pp={pp}", "parallel.sp=1",
-                                         "parallel.microbatches=1", "train.batch_size=2"]), pp * 2,
-                      plan.load_hardware("h200"), shard)
-    busiest = max(expected, key=sum)
-    assert [round(p.memory[k] * plan.GIB) for k in ("parameters", "gradients", "optimizer")] == list(busiest)
+    stages = stage_parameters(cfg, pp)
+    expected = {n: allocated(stages, n) for n in (1, 2, 8)}  # optimizer and full hold the same state
+    for n in (2, 8):  # no other rank holds more (sizes only)
+        for params in stages:
+            held = [sum(fsdp_local(p, n, rank).numel() for p in params) for rank in range(n)]
+            assert max(held) == held[0]
+    for shard in SHARD_MODES:
+        for replicas in [1] if shard == "none" else [1, 2, 8]:
+            got = [(s.params, s.grads, s.optimizer) for s in stage_state(cfg, pp, shard, replicas)]
+            assert got == expected[replicas], (shard, replicas)
+            p = plan.plan_job(load_config(None, [f"model.preset={name}", f"parallel.pp={pp}", "parallel.sp=1",
+                                                 f"parallel.dp={replicas}", f"parallel.shard={shard}",
+                                                 "parallel.microbatches=1", "train.batch_size=8"]),
+                              pp * replicas, plan.load_hardware("h200"))
+            busiest = max(expected[replicas], key=sum)
+            assert [round(p.memory[k] * plan.GIB) for k in ("parameters", "gradients", "optimizer")] == list(busiest)
 
 
 def test_float64_and_a_real_trainer_allocate_what_the_plan_counts() -> None:
@@ -88,8 +112,41 @@ def test_float64_and_a_real_trainer_allocate_what_the_plan_counts() -> None:
         torch.set_num_threads(threads)
 
 
+def _check_sharded_state(rank: int, world: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from runtime.mesh import build_mesh
+    from runtime.trainer import Trainer
+
+    cfg = load_config(None, [f"parallel.dp={world}", "parallel.pp=1", "parallel.sp=1", "parallel.shard=full",
+                             "parallel.microbatches=1", "train.batch_size=2", "train.seq_len=32", "data.num_pairs=4"])
+    trainer = Trainer(cfg, build_mesh(world, 1, 1))
+    try:
+        trainer.forward_backward(*trainer.data.batch(0))
+        params = list({id(p): p for p in trainer.model.parameters()}.values())
+        assert all(isinstance(p, DTensor) for p in params)
+        grads = sum(p.grad.to_local().nbytes for p in params)
+        trainer.optimizer.step()
+        state = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes
+                    for s in trainer.optimizer.state.values() for t in s.values())
+        (want,) = stage_state(cfg, 1, "full", world)
+        got = (sum(p.to_local().nbytes for p in params), grads, state)
+        if rank == 0:  # rank 0 holds the most
+            assert got == (want.params, want.grads, want.optimizer), (got, want)
+        else:
+            assert sum(got) <= want.total
+    finally:
+        trainer.close()
+
+
+def test_fully_sharded_trainer_allocates_what_the_plan_counts() -> None:
+    """FSDP2 over two gloo ranks (the tiny preset, parallel.shard=full): rank 0's local parameter, gradient and
+    AdamW bytes after one backward and optimizer step equal stage_state's prediction."""
+    run_distributed(_check_sharded_state, 2)
+
+
 def test_unknown_shard_mode_is_refused() -> None:
-    with pytest.raises(ConfigError, match="is not modelled by the plan yet"):
+    with pytest.raises(ConfigError, match="is not modelled by the plan"):
         stage_state(load_config(), 1, "zero3")
 
 
@@ -122,13 +179,17 @@ def test_plan_command(capsys) -> None:
     args = ["plan", "--config", config, "--gpus", "16", "--gpu", "h100", "--set", "train.seq_len=262144"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "parallel.shard=optimizer|full, DESIGN §10, run but are not modelled" in out
-    assert "pipeline bubble" in out and "lasp2" in out
-    assert main([*args, "--search", "--top", "3", "--scaling", "--inter-node-gbit", "400"]) == 0
+    assert "shard none: parameters, gradients and AdamW state replicated" in out
+    assert "pipeline bubble" in out and "lasp2" in out and "fsdp allgather" not in out
+    assert main([*args, "--set", "parallel.shard=full"]) == 0
     out = capsys.readouterr().out
-    ranked = [float(line.split()[9].replace(",", "")) for line in out.splitlines()
-              if line[:4].strip().isdigit() and " none " in line]
-    assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
+    assert "shard full: rank 0's dim-0 shards" in out and "fsdp allgather" in out and "gathered parameters" in out
+    assert main([*args, "--search", "--top", "30", "--scaling", "--inter-node-gbit", "400"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit() and len(line.split()) == 13]
+    ranked = [float(r[9].replace(",", "")) for r in rows]
+    assert len(ranked) == 30 and ranked == sorted(ranked, reverse=True)
+    assert {r[8] for r in rows} == set(SHARD_MODES)
     assert "1024" in out and "communication above 10%" in out
 
 
