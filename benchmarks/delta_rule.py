@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._timing import do_bench_ms, peak_fwd_fb  # noqa: E402
 from kernels.delta_rule import delta_rule_chunked  # noqa: E402
 from kernels.delta_rule.triton import DEFAULT_CONFIG, DeltaConfig, delta_rule_triton, with_config  # noqa: E402
 
@@ -107,9 +108,7 @@ def switch_off_fla_hopper_guard() -> bool:
 
 
 def bench_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    return do_bench_ms(fn, warmup=10, rep=50)
 
 
 def errors(call, c: Case) -> float:
@@ -141,13 +140,7 @@ def measure(call, c: Case) -> dict:
         def fb():
             torch.autograd.grad(call(*xs), xs, c.do)
 
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fb()
-        torch.cuda.synchronize()
-        res["peak"] = torch.cuda.max_memory_allocated() / 2**30
-        res["fwd"], res["fb"] = bench_ms(fwd), bench_ms(fb)
+        peak_fwd_fb(fwd, fb, res, bench_ms)
     except torch.OutOfMemoryError:
         res["note"] = "OOM"
     except Exception as exc:  # a library refusing a configuration: report, keep going

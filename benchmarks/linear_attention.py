@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._timing import do_bench_ms, peak_fwd_fb  # noqa: E402
 from kernels.reference import linear_attention_chunked  # noqa: E402
 from kernels.triton import DEFAULT_CONFIG, TritonConfig, linear_attention_triton, with_config  # noqa: E402
 
@@ -70,11 +71,7 @@ def floor_ms(B: int, T: int, C: int = 64) -> float:
     return 1e3 * max(flops / PEAK_FLOPS, nbytes / PEAK_BW)
 
 
-def bench_ms(fn: Callable[[], object]) -> float:
-    """`triton.testing.do_bench` median (warm-up, L2 cleared before every run, launches queued ahead)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+bench_ms = do_bench_ms  # warm-up 25 ms, 100 ms of runs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,14 +156,7 @@ def measure(c: Case, call, gated: bool, check: Callable[[torch.Tensor], float] |
             out = call(c, xs)
             torch.autograd.grad(out, xs, c.do)
 
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fb()
-        torch.cuda.synchronize()
-        res["peak"] = torch.cuda.max_memory_allocated() / 2**30
-        res["fwd"] = bench_ms(fwd)
-        res["fb"] = bench_ms(fb)
+        peak_fwd_fb(fwd, fb, res, bench_ms)
     except torch.OutOfMemoryError:
         res["note"] = "OOM"
     except Exception as exc:  # a library refusing a configuration: report, keep going
