@@ -321,7 +321,8 @@ def _coerce(value, annotation, where: str):
     elif annotation is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+    fix = {bool: "true or false", int: "a whole number", float: "a number"}.get(annotation, "a string")
+    raise ConfigError(f"{where}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}; use {fix}")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
