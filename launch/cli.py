@@ -233,5 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `longtrain` console script: main(), then the exit that a finished in-process rank needs."""
+    from launch.local import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -26,6 +26,7 @@ from pathlib import Path
 from runtime.errors import ConfigError
 
 GRACE_S = 5.0  # after a rank fails: how long the others may take to record their own error
+_closed_a_group = False  # this process ran a rank and closed its process group: it must end with os._exit
 
 
 class RankFailed(RuntimeError):
@@ -79,6 +80,8 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
             traceback.print_exception(e)
     finally:
         if dist.is_initialized():
+            global _closed_a_group
+            _closed_a_group = True
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 — a broken group after a peer's failure
@@ -86,6 +89,16 @@ def run_rank(fn: Callable, args: tuple, rank: int, log_dir: str | Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def exit_process(code: int) -> None:
+    """End a command-line process with `code`. One that ran a rank in-process (a one-rank `train`) leaves
+    with os._exit after flushing, for the reason in the module docstring; any other exits normally."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _closed_a_group:
+        os._exit(code)
+    sys.exit(code)
 
 
 def _message(e: BaseException) -> str:
