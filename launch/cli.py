@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         if args.shard:
             cfg.parallel.shard = args.shard
-        cfg.validate(args.gpus)
+        cfg.validate(args.gpus, cuda=True)
         print(plan.describe(plan.plan_job(cfg, args.gpus, hw)))
     if args.scaling:
         print(plan.describe_scaling(plan.scaling_table(cfg, hw, [8 << k for k in range(8)]), cfg, hw))

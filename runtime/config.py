@@ -28,7 +28,15 @@ from parallel.pipeline import REMAT_MODES, REMAT_POLICIES
 from runtime.errors import ConfigError
 
 BALANCE = ("params", "time")
-SHARD_MODES = ("none", "optimizer", "full")
+SHARD_MODES = ("auto", "none", "optimizer", "full")
+
+
+def resolve_shard(shard: str, replicas: int, cuda: bool, window_over_stages: bool = False) -> str:
+    """parallel.shard=auto as what it means for this job: full on CUDA when a stage has dp · sp > 1 ranks
+    (and train.window is not streamed over pipeline stages, which does not shard yet), none otherwise."""
+    if shard != "auto":
+        return shard
+    return "full" if cuda and replicas > 1 and not window_over_stages else "none"
 
 
 @dataclass
@@ -62,8 +70,9 @@ class ParallelConfig:
     are wide enough (cost model in the module; see README)."""
     timeout_s: float = 600.0
     """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
-    shard: str = "none"
-    """Model state over the dp × sp ranks of each pipeline stage (FSDP2, DESIGN §10): none (replicated) |
+    shard: str = "auto"
+    """Model state over the dp × sp ranks of each pipeline stage (FSDP2, DESIGN §10): auto (full on CUDA when
+    dp · sp > 1, else none; resolved by validate) | none (replicated) |
     optimizer (parameters gathered once per step and kept through backward; gradients, optimizer state and
     fp32 master weights sharded between steps: ZeRO-1/2-like) | full (parameters also re-gathered per block in
     forward and backward: ZeRO-3). No effect when dp · sp = 1 (unless offload_optimizer)."""
@@ -183,8 +192,9 @@ class JobConfig:
         return cls(model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
                    train=TrainConfig(**d["train"]), data=DataConfig(**d["data"]), run=RunConfig(**d["run"]))
 
-    def validate(self, world_size: int) -> None:
-        """Check everything that can be checked before processes start."""
+    def validate(self, world_size: int, cuda: bool | None = None) -> None:
+        """Check everything that can be checked before processes start, and resolve parallel.shard=auto for
+        `cuda` (None: whether this process sees a CUDA device; `longtrain plan` plans for GPUs: True)."""
         par, train, m = self.parallel, self.train, self.model
         try:
             m.validate()
@@ -206,6 +216,11 @@ class JobConfig:
                              ("balance", BALANCE), ("sp_attention", SOFTMAX_METHODS), ("shard", SHARD_MODES)):
             if getattr(par, key) not in allowed:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)!r} is unknown; use one of {list(allowed)}")
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        par.shard = resolve_shard(par.shard, dp * sp, cuda, bool(train.window) and par.pp > 1)
         if train.dtype not in ("float32", "float64"):
             raise ConfigError(f"train.dtype={train.dtype!r} is unknown; use float32 or float64")
         if train.steps < 1:

@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.config import JobConfig, read_toml
+from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
 from runtime.memory import SHARD_MODES, activation_bytes, stage_state
 
@@ -175,11 +175,11 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     from runtime.metrics import flops_per_token
 
     m, t, par = cfg.model, cfg.train, cfg.parallel
-    shard = par.shard if shard is None else shard
+    dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
+    shard = resolve_shard(par.shard if shard is None else shard, dp * sp, True, bool(t.window) and pp > 1)
     if shard not in SHARD_MODES:
         raise ConfigError(f"shard mode {shard!r} is not modelled by the plan (see `longtrain presets`); "
                           f"use one of {list(SHARD_MODES)}")
-    dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
     replicas = dp * sp
     sharded = shard != "none" and (replicas > 1 or par.offload_optimizer)  # runtime.parallelize.sharded
     gemm, ranges, whole, n_params, blocks = _geometry(dataclasses.astuple(m), pp, t.dtype)

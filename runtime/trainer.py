@@ -26,7 +26,7 @@ from parallel.offload import ActivationOffloader
 from parallel.pipeline import GPipe
 from runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume
 from runtime.checkpoint_writer import CheckpointWriter
-from runtime.config import JobConfig
+from runtime.config import JobConfig, resolve_shard
 from runtime.errors import ConfigError, TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
@@ -72,6 +72,8 @@ class Trainer:
         self.cfg, self.mesh, self.device = cfg, mesh, mesh.device
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
         check_attention_backend(cfg, self.device)
+        cfg.parallel.shard = resolve_shard(cfg.parallel.shard, self.dp * self.sp, self.device.type == "cuda",
+                                           bool(cfg.train.window) and self.pp > 1)  # a cfg that skipped validate
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
         self.sharded = sharded(cfg, mesh)

@@ -232,3 +232,28 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
     arr[16, 0] = arr[16, 0] + 1.0  # rows 16..31: rank 1's chunk
     with pytest.raises(ConfigError, match="embed.weight does not match its digest.*chunk c/1/0"):
         verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(("world", "sp", "cuda", "window", "want"), [
+    (4, 2, True, 0, "full"),      # dp 2 × sp 2 on GPUs: sharded by default
+    (2, 2, True, 0, "full"),      # sp alone is a sharding axis
+    (1, 1, True, 0, "none"),      # one rank per stage: nothing to shard
+    (4, 2, False, 0, "none"),     # CPU: replicated unless asked
+    (4, 1, True, 8, "none"),      # windows streamed over 2 stages do not shard yet (pp 2 × dp 2)
+])
+def test_auto_shard_resolves_per_job(world, sp, cuda, window, want) -> None:
+    pp = 2 if window else 1
+    cfg = load_config(None, [f"parallel.pp={pp}", f"parallel.sp={sp}", "parallel.microbatches=2",
+                             "train.batch_size=8", "train.seq_len=32", f"train.window={window}"])
+    assert cfg.parallel.shard == "auto"
+    cfg.validate(world, cuda=cuda)
+    assert cfg.parallel.shard == want
+
+
+def test_plan_reads_auto_as_the_gpu_job_would() -> None:
+    from runtime.plan import load_hardware, plan_job
+
+    cfg = load_config(None, ["parallel.pp=1", "parallel.sp=4", "train.batch_size=2", "train.seq_len=64"])
+    hw = load_hardware("h200")
+    assert plan_job(cfg, 8, hw).peak_gib == plan_job(cfg, 8, hw, shard="full").peak_gib
+    assert plan_job(cfg, 8, hw).peak_gib < plan_job(cfg, 8, hw, shard="none").peak_gib
