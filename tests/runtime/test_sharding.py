@@ -257,3 +257,33 @@ def test_plan_reads_auto_as_the_gpu_job_would() -> None:
     hw = load_hardware("h200")
     assert plan_job(cfg, 8, hw).peak_gib == plan_job(cfg, 8, hw, shard="full").peak_gib
     assert plan_job(cfg, 8, hw).peak_gib < plan_job(cfg, 8, hw, shard="none").peak_gib
+
+
+def test_sharded_job_from_the_command_line_and_torchrun(tmp_path) -> None:
+    """`longtrain train --nproc 2` and torchrun run the same shard=full job (sp 2) to the same losses and the
+    same checkpoint, every rank writing its own chunks."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import zarr
+
+    job = ["parallel.pp=1", "parallel.sp=2", "parallel.shard=full", "model.gate=true", "train.batch_size=4",
+           "train.seq_len=32", "train.steps=3", "run.checkpoint_every=3", "run.progress=false",
+           "run.tensorboard=false", "run.log_every=1", "train.eval_batches=0"]
+    commands = {"local": ["-m", "launch.cli", "train", "--nproc", "2", "--set", *job],
+                "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                             "launch.train", "--set", *job]}
+    for name, argv in commands.items():
+        proc = subprocess.run([sys.executable, *argv, f"run.dir={tmp_path / name}"], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    assert _losses(tmp_path / "local") == _losses(tmp_path / "torchrun")
+    a, b = (zarr.open_group(str(tmp_path / name / "checkpoints/step_00000003"), mode="r") for name in commands)
+    embed = a["model/embed.weight"]
+    assert embed.chunks[0] == embed.shape[0] // 2  # one dim-0 chunk per rank: each rank wrote its own
+    for group in ("model", "optim"):
+        arrays = dict(a[group].arrays()) if group == "model" else \
+            {f"{p}/{n}": arr for p, g in a[group].groups() for n, arr in g.arrays()}
+        assert arrays and all(np.array_equal(arr[...], b[f"{group}/{n}"][...]) for n, arr in arrays.items())
