@@ -125,7 +125,7 @@ class LinearAttention(nn.Module):
         B, T, d = x.shape
         weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.g.weight] if self.g is not None else [])
         qkvg = F.linear(x, torch.cat(weights))  # q, k, v and the gate logits in one GEMM
-        qkv, g = qkvg[..., : 3 * d], qkvg[..., 3 * d :]
+        qkv, g = qkvg.split([3 * d, qkvg.shape[-1] - 3 * d], dim=-1)  # backward: one cat, not two zero-fills
         state, halo = carry if carry is not None else (None, None)
         tail = None
         if self.conv is not None:
@@ -163,7 +163,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * freqs  # [T, D/2]
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    x1, x2 = x.float().split(half, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
