@@ -47,14 +47,14 @@ class GatedDeltaNet(nn.Module):
         qkv, g_out, b, a = self.in_proj(x).split([3 * W, W, H, H], dim=-1)
         state, halo = carry if carry is not None else (None, None)
         tail = None
-        if self.conv is not None:
+        if self.conv is not None:  # q, k, v come out of the convolution as three contiguous tensors
             if halo is not None:
-                qkv, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype))
+                parts, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype), split=[W] * 3)
             else:
-                qkv = self.conv(qkv, self.sp)
+                parts = self.conv(qkv, self.sp, split=[W] * 3)
         else:
-            qkv = F.silu(qkv)
-        q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(W, dim=-1))
+            parts = F.silu(qkv).split(W, dim=-1)
+        q, k, v = (t.reshape(B, T, H, Dh) for t in parts)
         ft = torch.promote_types(x.dtype, torch.float32)  # norms and gates in fp32 at least
         q = F.normalize(q.to(ft), dim=-1, eps=1e-6).to(v.dtype)
         k = F.normalize(k.to(ft), dim=-1, eps=1e-6).to(v.dtype)

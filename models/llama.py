@@ -72,21 +72,32 @@ class ShortConv(nn.Module):
         self.width, self.backend = width, backend
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
-    def forward(self, x: torch.Tensor, sp: SequenceParallel, halo: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, sp: SequenceParallel, halo: torch.Tensor | None = None,
+                split: list[int] | None = None):
         """y = silu(conv(x)); with `halo` (streaming: the w−1 inputs before this window, [B, w−1, D]) →
-        (y, the last w−1 inputs of the window — of the whole window under sp, the same on every rank)."""
+        (y, the last w−1 inputs of the window — of the whole window under sp, the same on every rank).
+        With `split` (channel counts summing to D) y is a tuple of those parts, each a tensor of its own
+        (one launch per part; the Triton kernel writes each contiguous, so the kernels downstream read them
+        without copying them apart)."""
         keep = self.width - 1
         weight = self.weight.to(x.dtype)
+        sizes = split or [x.shape[-1]]
+        # split, not slicing: backward joins the parts' gradients in one cat (a slice would zero-fill all of x)
+        xs, weights = x.split(sizes, dim=-1), weight.split(sizes, dim=0)
         if sp.world == 1:
-            y = short_conv(x, weight, halo, backend=self.backend)
+            halos = [None] * len(sizes) if halo is None else halo.split(sizes, dim=-1)
+            ys = [short_conv(*args, backend=self.backend) for args in zip(xs, weights, halos)]
+            y = ys[0] if split is None else tuple(ys)
             if halo is None:
                 return y
             tail = x[:, -keep:] if x.shape[1] >= keep else torch.cat([halo, x], dim=1)[:, -keep:]
             return y, tail.clone()  # a copy: a view would keep all of x alive while it is carried
         n_local = len(shard_ids(sp.rank, sp.world, sp.layout))
-        xs = stack_local_shards(x, n_local)
-        halos, last = previous_tokens(xs, keep, sp.group, sp.layout, first=halo, return_last=True)
-        y = unstack_local_shards(short_conv(xs, weight, halos, backend=self.backend), n_local)
+        stacked = stack_local_shards(x, n_local)
+        halos, last = previous_tokens(stacked, keep, sp.group, sp.layout, first=halo, return_last=True)
+        ys = [unstack_local_shards(short_conv(*args, backend=self.backend), n_local)
+              for args in zip(stacked.split(sizes, dim=-1), weights, halos.split(sizes, dim=-1))]
+        y = ys[0] if split is None else tuple(ys)
         return y if halo is None else (y, last)
 
 
@@ -127,13 +138,13 @@ class LinearAttention(nn.Module):
         qkvg = F.linear(x, torch.cat(weights))  # q, k, v and the gate logits in one GEMM
         qkv, g = qkvg.split([3 * d, qkvg.shape[-1] - 3 * d], dim=-1)  # backward: one cat, not two zero-fills
         state, halo = carry if carry is not None else (None, None)
-        tail = None
-        if self.conv is not None:
+        tail, parts = None, qkv.chunk(3, dim=-1)
+        if self.conv is not None:  # q, k, v come out of the convolution as three contiguous tensors
             if halo is not None:
-                qkv, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype))
+                parts, tail = self.conv(qkv, self.sp, halo.to(qkv.dtype), split=[d] * 3)
             else:
-                qkv = self.conv(qkv, self.sp)
-        q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
+                parts = self.conv(qkv, self.sp, split=[d] * 3)
+        q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim) for t in parts)
         gate = F.logsigmoid(g.float()) / 16 if self.g is not None else None
         if self.sp.world > 1:
             o = lasp2_linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, group=self.sp.group,

@@ -55,13 +55,14 @@ class Mamba2(nn.Module):
         H, P, N, G = self.heads, self.head_dim, self.state, self.groups
         z, xbc, dt = self.in_proj(u).split([self.inner, self.inner + 2 * G * N, H], dim=-1)
         state, halo = carry if carry is not None else (None, None)
-        tail = None
-        if self.conv is not None:
+        tail, split = None, [self.inner, G * N, G * N]
+        if self.conv is not None:  # x, B, C come out of the convolution as three contiguous tensors
             if halo is not None:
-                xbc, tail = self.conv(xbc, self.sp, halo.to(xbc.dtype))
+                (x, b, c), tail = self.conv(xbc, self.sp, halo.to(xbc.dtype), split=split)
             else:
-                xbc = self.conv(xbc, self.sp)
-        x, b, c = xbc.split([self.inner, G * N, G * N], dim=-1)
+                x, b, c = self.conv(xbc, self.sp, split=split)
+        else:
+            x, b, c = xbc.split(split, dim=-1)
         x = x.reshape(Bsz, T, H, P)
         delta = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H] fp32
         gate = delta * -torch.exp(self.A_log.float())  # log a_t = Δ_t A_h ≤ 0

@@ -94,3 +94,42 @@ def test_selective_remat_keeps_only_widening_matmuls() -> None:
     assert _keep_widening_matmuls(None, mm, wide, square) == CheckpointPolicy.MUST_SAVE
     assert _keep_widening_matmuls(None, mm, torch.empty(4, 24), torch.empty(24, 8)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert _keep_widening_matmuls(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_short_conv_split_gives_the_parts_of_the_whole() -> None:
+    """ShortConv(split=[...]) equals the whole convolution cut into parts — outputs, carried tail and every
+    gradient — each part its own tensor (on the Triton kernel a contiguous one: tests/kernels/test_conv.py),
+    so q, k and v reach the attention kernels without a copy; its backward joins the parts in one cat."""
+    from models.llama import ShortConv
+    from parallel.context import SINGLE
+
+    g = torch.Generator().manual_seed(3)
+    conv = ShortConv(12, 4, "torch").double()
+    conv.weight.data = torch.randn(12, 1, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 9, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    halo = torch.randn(2, 3, 12, generator=g, dtype=torch.float64)
+    whole, tail = conv(x, SINGLE, halo)
+    w = torch.randn_like(whole)
+    want = torch.autograd.grad((whole * w).sum(), [x, conv.weight])
+    parts, tail_split = conv(x, SINGLE, halo, split=[4, 6, 2])
+    for part, ref in zip(parts, whole.split([4, 6, 2], dim=-1)):
+        assert torch.allclose(part, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(tail_split, tail)
+    loss = sum((p * c).sum() for p, c in zip(parts, w.split([4, 6, 2], dim=-1)))
+    got = torch.autograd.grad(loss, [x, conv.weight])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    nodes = {type(f).__name__ for f in _walk(parts[0].grad_fn)}
+    assert any(n.startswith("SplitWithSizesBackward") for n in nodes)  # one cat of the parts' gradients
+    assert not any(n.startswith("SliceBackward") for n in nodes), nodes  # a slice would zero-fill all of x
+
+
+def _walk(fn, depth: int = 8) -> list:
+    """The autograd nodes within `depth` steps of fn."""
+    out, frontier = [], [(fn, 0)]
+    while frontier:
+        f, d = frontier.pop()
+        if f is not None and d <= depth:
+            out.append(f)
+            frontier += [(n, d + 1) for n, _ in f.next_functions]
+    return out
