@@ -11,7 +11,16 @@ Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison t
   16 heads, expand_k = expand_v = 1, SwiGLU 6144, vocab 32000, tied embeddings, fused linear cross-entropy,
   fla's other defaults), HF gradient checkpointing, fp32 master weights + bf16 autocast, fused AdamW,
   random token ids as inputs and labels. One warm-up step at the smallest length (Triton autotuning,
-  minutes) runs before anything is timed.
+  minutes) runs before anything is timed. `--fla-model` (default: from the preset's layout) picks the anchor:
+  `retnet` for L layers; `gated_deltanet` (`fla-gdn`, for `gdn-1b`: GatedDeltaNetForCausalLM, head dim 128,
+  16 heads, expand_v 1, output gate, short conv 4, SwiGLU 6144, fla's softmax attention (8 KV heads) at the
+  preset's A positions; its Hopper guard of issue #640 is switched off to time it, as benchmarks/delta_rule.py
+  does, and said so); `mamba2` (`fla-mamba2`, for `mamba2-1b`: Mamba2ForCausalLM, state 128, head dim 64,
+  expand 2, 1 group, conv 4; fla's Mamba-2 blocks have no MLP, so its layer count is chosen to match our
+  parameter count: 37 layers, 1.002 × ours). fla's softmax layers need the flash-attn package: where it is
+  missing, compare the pure layouts (`--preset gdn-1b --set model.layout=D`: 1006.6M parameters on both
+  sides). fla's Mamba-2 runs mamba_ssm's kernels when that package is installed, else its naive PyTorch path;
+  the output says which.
 Per row: W warm-up steps (the first one's loss must be finite), then N timed steps with
 `torch.cuda.synchronize()` around each; ms/step = the median; tokens/s = T / median; peak =
 `torch.cuda.max_memory_allocated` since a reset before the row's first step; MFU (ours) =
@@ -72,7 +81,7 @@ from runtime.metrics import flops_per_token, peak_flops  # noqa: E402
 PROTO = "@@train_step "  # prefix of the worker's JSON lines on stdout
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_step.json"
 DEFAULT_SEQ_LENS = "32K,128K,256K,512K,1M"
-FLA_LABEL = "fla-retnet"
+FLA_MODELS = {"retnet": "fla-retnet", "gated_deltanet": "fla-gdn", "mamba2": "fla-mamba2"}  # --fla-model → label
 MISSING = "—"
 
 
@@ -105,6 +114,53 @@ def literal(v: str):
         return json.loads(v)
     except ValueError:
         return v
+
+
+def fla_model_for(layout_kinds: str) -> str:
+    """The fla anchor of a layout: its recurrent letter (L, D or M; softmax A layers ride along)."""
+    recurrent = set(layout_kinds) - {"A"}
+    if len(recurrent) != 1:
+        raise SystemExit(f"no fla anchor for a layout of {sorted(recurrent)}; pick one with --fla-model")
+    return {"L": "retnet", "D": "gated_deltanet", "M": "mamba2"}[recurrent.pop()]
+
+
+def fla_fields(m, kind: str) -> dict:
+    """Fields of fla's config of `kind` with our model config m's shape (before the Mamba-2 layer count)."""
+    common = dict(hidden_size=m.dim, num_hidden_layers=m.n_layers, vocab_size=m.vocab_size,
+                  tie_word_embeddings=m.tie_embeddings, fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
+    if kind == "retnet":
+        return dict(common, num_heads=m.n_heads, expand_k=1.0, expand_v=1.0, intermediate_size=m.ffn_dim)
+    if kind == "gated_deltanet":
+        softmax = [i for i, k in enumerate(m.layer_kinds()) if k == "A"]
+        attn = dict(layers=softmax, num_heads=m.n_heads, num_kv_heads=m.kv_heads, rope_theta=m.rope_theta) \
+            if softmax else None
+        return dict(common, num_heads=m.n_heads, head_dim=m.head_dim, expand_v=1.0, use_gate=True,
+                    use_short_conv=m.short_conv > 1, conv_size=max(m.short_conv, 2), intermediate_size=m.ffn_dim,
+                    norm_eps=m.norm_eps, attn=attn)
+    if kind == "mamba2":
+        return dict(common, state_size=m.ssm_state, head_dim=m.ssm_head_dim, expand=m.ssm_expand,
+                    n_groups=m.ssm_groups, conv_kernel=m.short_conv, norm_eps=m.norm_eps)
+    raise SystemExit(f"--fla-model {kind!r}: use one of {sorted(FLA_MODELS)}")
+
+
+def fla_classes(kind: str):
+    """(config class, model class) of fla's `kind`."""
+    import fla.models as fm
+
+    name = {"retnet": "RetNet", "gated_deltanet": "GatedDeltaNet", "mamba2": "Mamba2"}[kind]
+    return getattr(fm, f"{name}Config"), getattr(fm, f"{name}ForCausalLM")
+
+
+def fla_layers_matching(kind: str, fields: dict, n_params: int) -> int:
+    """fla Mamba-2 layers whose model has about n_params parameters (its blocks carry no MLP): counted on
+    the meta device from a 1- and a 2-layer build."""
+    config, model = fla_classes(kind)
+    counts = []
+    for layers in (1, 2):
+        with torch.device("meta"):
+            counts.append(sum(p.numel() for p in model(config(**{**fields, "num_hidden_layers": layers})).parameters()))
+    per_layer = counts[1] - counts[0]
+    return max(1, round((n_params - (counts[0] - per_layer)) / per_layer))
 
 
 # -- worker side: one process per impl (and variant), rows in increasing T ------------------------------------
@@ -256,9 +312,10 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
 
 
 def fla_worker(job: dict, device: torch.device) -> None:
-    Ts = job["seq_lens"]
+    Ts, kind = job["seq_lens"], job["fla_model"]
+    label = FLA_MODELS[kind]
     try:
-        from fla.models import RetNetConfig, RetNetForCausalLM
+        config_class, model_class = fla_classes(kind)
     except ImportError as e:
         print(f"train_step: fla is not importable ({one_line(e)})", file=sys.stderr, flush=True)
         for T in Ts:
@@ -272,17 +329,30 @@ def fla_worker(job: dict, device: torch.device) -> None:
     from runtime.trainer import cfg_param_count
 
     n_ours, m = cfg_param_count(ours), ours.model
-    fields = dict(hidden_size=m.dim, num_hidden_layers=m.n_layers, num_heads=m.n_heads, expand_k=1.0, expand_v=1.0,
-                  intermediate_size=m.ffn_dim, vocab_size=m.vocab_size, tie_word_embeddings=m.tie_embeddings,
-                  fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
+    fields = fla_fields(m, kind)
     fields.update({k: literal(v) for k, v in (p.split("=", 1) for p in job["fla_set"])})
+    if kind == "mamba2" and not any(p.startswith("num_hidden_layers=") for p in job["fla_set"]):
+        fields["num_hidden_layers"] = fla_layers_matching(kind, fields, n_ours)
+    if kind == "mamba2":
+        import fla.layers.mamba2 as fla_mamba2
+
+        if not fla_mamba2.is_fast_path_available:
+            emit("note", text="fla-mamba2 ran its naive PyTorch path: fla 0.6.0's Mamba-2 kernels come from "
+                              "mamba_ssm, which is not installed (it builds CUDA extensions from source)")
+    if kind == "gated_deltanet":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from delta_rule import switch_off_fla_hopper_guard
+
+        if switch_off_fla_hopper_guard():
+            emit("note", text="fla's Hopper guard (issue #640, Triton 3.4–3.7.0) was switched off to time "
+                              "fla-gdn; its gradients there are the wrong ones the guard protects against")
     peak = peak_flops(device)
     state: dict = {}
     gen = torch.Generator(device=device).manual_seed(0)
 
     def build() -> None:
         torch.manual_seed(0)
-        model = RetNetForCausalLM(RetNetConfig(**fields)).to(device)  # fp32 master weights
+        model = model_class(config_class(**fields)).to(device)  # fp32 master weights
         model.gradient_checkpointing_enable()
         model.train()
         state["model"] = model
@@ -306,7 +376,7 @@ def fla_worker(job: dict, device: torch.device) -> None:
         start = time.perf_counter()
         build()
         built = time.perf_counter()
-        print(f"train_step: {FLA_LABEL} {state['n'] / 1e6:.1f}M params, built in {built - start:.1f} s; "
+        print(f"train_step: {label} {state['n'] / 1e6:.1f}M params, built in {built - start:.1f} s; "
               f"warm-up step at T={Ts[0]} (Triton autotuning, minutes) …", file=sys.stderr, flush=True)
         loss = step(Ts[0])
         torch.cuda.synchronize()
@@ -322,7 +392,7 @@ def fla_worker(job: dict, device: torch.device) -> None:
         free_memory()
         emit("row", seq_len=Ts[0], status=failed)
         return
-    print(f"train_step: {FLA_LABEL} warm-up step at T={Ts[0]} took {secs:.1f} s (loss {loss:.3f})",
+    print(f"train_step: {label} warm-up step at T={Ts[0]} took {secs:.1f} s (loss {loss:.3f})",
           file=sys.stderr, flush=True)
     emit("warmup", seq_len=Ts[0], seconds=secs)
 
@@ -447,6 +517,10 @@ def run_impl(impl: str, job: dict, args: argparse.Namespace, results: Results, e
                 elif kind == "start":
                     current, what = ev["seq_len"], ev["what"]
                     deadline = time.monotonic() + (args.warmup_timeout if what == "warmup" else args.row_timeout)
+                elif kind == "note":
+                    notes = results.meta.setdefault("notes", [])
+                    if ev["text"] not in notes:
+                        notes.append(ev["text"])
                 elif kind == "warmup":
                     extra.update(fla_warmup_s=ev["seconds"], fla_warmup_seq_len=ev["seq_len"])
                     current, what = None, "row"
@@ -510,8 +584,10 @@ def main() -> None:
                     help="config override for every longtrain variant (repeatable), e.g. train.window=8192")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
                     help="a named longtrain variant (repeatable); default one variant 'default'")
+    ap.add_argument("--fla-model", choices=sorted(FLA_MODELS), default=None,
+                    help="fla's anchor model (default: from the preset's layout: L retnet, D gated_deltanet, M mamba2)")
     ap.add_argument("--fla-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra RetNetConfig field (repeatable), e.g. expand_v=2.0")
+                    help="extra field of the fla model's config (repeatable), e.g. expand_v=2.0")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per row (at least 1: the loss check)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row")
     ap.add_argument("--steps-check", type=int, default=0,
@@ -541,8 +617,10 @@ def main() -> None:
             load_config(None, base + pairs)
         except ConfigError as e:
             raise SystemExit(f"train_step: variant {name!r}: {e}") from None
+    fla_model = args.fla_model or fla_model_for(load_config(None, base).model.layer_kinds())
+    fla_label = FLA_MODELS[fla_model]
     common = dict(seq_lens=seq_lens, warmup=args.warmup, steps=args.steps, steps_check=args.steps_check,
-                  fla_set=args.fla_set, profile=str(args.profile) if args.profile else None)
+                  fla_set=args.fla_set, fla_model=fla_model, profile=str(args.profile) if args.profile else None)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=version("triton"), fla=version("fla-core"),
                 git_commit=git_commit(), command=shlex.join([sys.executable, *sys.argv]),
@@ -558,7 +636,7 @@ def main() -> None:
                 run_impl(f"longtrain[{name}]", job, args, results, env)
         if args.only in (None, "fla"):
             job = dict(common, impl="fla", variant="", overrides=base, steps_check=0)
-            run_impl(FLA_LABEL, job, args, results, env)
+            run_impl(fla_label, job, args, results, env)
     except KeyboardInterrupt:
         print("train_step: interrupted; the table has the rows finished so far", file=sys.stderr)
 
@@ -568,9 +646,11 @@ def main() -> None:
     print(render(results.rows))
     for r in results.rows:
         if r.get("fla_warmup_s") is not None:
-            print(f"\n{FLA_LABEL}: one warm-up step (Triton autotuning) at T={r['fla_warmup_seq_len']} took "
+            print(f"\n{fla_label}: one warm-up step (Triton autotuning) at T={r['fla_warmup_seq_len']} took "
                   f"{r['fla_warmup_s']:.1f} s before anything was timed")
             break
+    for note in results.meta.get("notes", []):
+        print(f"\nnote: {note}")
     for r in results.rows:
         if r.get("losses"):
             first, last = r["losses"][0], r["losses"][-1]
