@@ -22,8 +22,10 @@ Inputs follow the models: q, k, v in --dtype, β and the gate fp32 (models/gated
 attention (Linear-Llama's retnet decay); --state adds an initial and a final state (a conv halo): windowed training.
 The conv's channels are 3 · heads · head_dim (q, k, v), its width --width. The delta rule takes its chunk from
 DeltaConfig.chunk here; the model passes ModelConfig.chunk_size (64), which overrides it.
---sweep tabulates every combination of the values given, then, per kernel, the configurations with the fewest spill
-bytes (ties: fewest registers) and the configurations with no spill in any kernel (or the fewest spill bytes).
+--set / --sweep also take maxnreg=N (0: none), a compile option that no launcher passes today: what ptxas makes of
+a kernel under a register cap (a launch would pass maxnreg=N). --sweep tabulates every combination of the values
+given, then, per kernel, the configurations with the fewest spill bytes (ties: fewest registers) and the
+configurations with no spill in any kernel (or the fewest spill bytes).
 
 Indicative only: the H200 runs Triton 3.6, which assembles sm_90 with its bundled CUDA 12 ptxas; the installed
 Triton (3.9 here) generates the PTX. --ptxas auto (default) assembles as Triton 3.6 would choose, with the bundled
@@ -61,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 OPS = ("delta_rule", "linear_attention", "conv")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMEM_LIMIT = {80: 166912, 90: 232448, 100: 232448}  # bytes of shared memory one block may opt in to
+#: compile options that no launcher passes today: --set / --sweep may add them to every launch (what-if)
+LAUNCH_OPTIONS = {"maxnreg": int}
 COLUMNS = ("kernel", "regs", "spill st", "spill ld", "stack", "smem", "warps", "stages", "notes")
 
 
@@ -218,10 +222,13 @@ def default_config(op: str):
     return common.DEFAULT_CONFIG
 
 
-def capture(op: str, shape: Shape, cfg, target: GPUTarget) -> list[Launch]:
-    """Every distinct kernel specialization that the op's forward and backward launch."""
+def capture(op: str, shape: Shape, cfg, target: GPUTarget, opts: dict | None = None) -> list[Launch]:
+    """Every distinct kernel specialization that the op's forward and backward launch (with opts added)."""
     with capturing(target) as launches:
         RUNNERS[op](shape, cfg)
+    for la in launches if opts else []:
+        la.options = {**la.options, **opts}
+        la.spec += json.dumps(opts, sort_keys=True)
     return launches
 
 
@@ -303,10 +310,12 @@ def compile_all(launches: list[Launch], target: GPUTarget, jobs: int = 1) -> lis
 
 
 def parse_value(cfg, field: str, text: str):
-    """text as the type of cfg's field (bool: true/false/1/0)."""
+    """text as the type of cfg's field (bool: true/false/1/0) or of a LAUNCH_OPTIONS entry."""
+    if field in LAUNCH_OPTIONS:
+        return LAUNCH_OPTIONS[field](text)
     if field not in {f.name for f in dataclasses.fields(cfg)}:
         names = ", ".join(f.name for f in dataclasses.fields(cfg))
-        raise SystemExit(f"{type(cfg).__name__} has no field {field!r}; fields: {names}")
+        raise SystemExit(f"{type(cfg).__name__} has no field {field!r}; fields: {names}, {', '.join(LAUNCH_OPTIONS)}")
     cur = getattr(cfg, field)
     if isinstance(cur, bool):
         if text.lower() not in ("true", "false", "1", "0"):
@@ -315,18 +324,19 @@ def parse_value(cfg, field: str, text: str):
     return type(cur)(text)
 
 
-def configs(base, sets: list[str], sweeps: list[str]) -> list[tuple[dict, object]]:
-    """(swept values, config) of every combination: base with --set fields replaced, then each --sweep point."""
-    fixed = {}
-    for item in sets:
-        k, _, v = item.partition("=")
-        fixed[k] = parse_value(base, k, v)
-    base = dataclasses.replace(base, **fixed)
-    axes = []
-    for item in sweeps:
-        k, _, vals = item.partition("=")
-        axes.append([(k, parse_value(base, k, v)) for v in vals.split(",") if v])
-    return [(dict(combo), dataclasses.replace(base, **dict(combo))) for combo in itertools.product(*axes)]
+def configs(base, sets: list[str], sweeps: list[str]) -> list[tuple[dict, object, dict]]:
+    """(swept values, config, launch options) of every combination: base with the --set fields replaced, then each
+    --sweep point's (a launch option of 0 is left out)."""
+    fixed = {k: parse_value(base, k, v) for k, _, v in (item.partition("=") for item in sets)}
+    axes = [[(k, parse_value(base, k, v)) for v in vals.split(",") if v]
+            for k, _, vals in (item.partition("=") for item in sweeps)]
+    out = []
+    for combo in itertools.product(*axes):
+        kw = {**fixed, **dict(combo)}
+        opts = {k: v for k, v in kw.items() if k in LAUNCH_OPTIONS and v}
+        out.append((dict(combo), dataclasses.replace(base, **{k: v for k, v in kw.items() if k not in LAUNCH_OPTIONS}),
+                    opts))
+    return out
 
 
 def role_params(per_config: list[list[Launch]]) -> dict[str, list[str]]:
@@ -429,17 +439,18 @@ def main(argv: list[str] | None = None) -> None:
     keys = [s.partition("=")[0] for s in a.sweep]
     points = configs(default_config(a.op), a.set, a.sweep)
     wanted = [k for k in a.kernels.split(",") if k]
-    per_config = [[la for la in capture(a.op, shape, cfg, target) if not wanted or any(k in la.name for k in wanted)]
-                  for _, cfg in points]
+    keep = lambda la: not wanted or any(k in la.name for k in wanted)  # noqa: E731
+    per_config = [[la for la in capture(a.op, shape, cfg, target, opts) if keep(la)] for _, cfg, opts in points]
     roles = role_params(per_config)
     unique = list({la.spec: la for launches in per_config for la in launches}.values())
     print(f"{a.op} on sm_{a.arch}: triton {triton.__version__}, ptxas {ptxas}; {shape}")
-    print(f"config: {points[0][1] if not a.sweep else f'{len(points)} points'}", flush=True)
+    print(f"config: {points[0][1] if not a.sweep else f'{len(points)} points'}{'; ' if a.set else ''}{' '.join(a.set)}",
+          flush=True)
     t0 = time.perf_counter()
     compiled = dict(zip((la.spec for la in unique), compile_all(unique, target, a.jobs)))
     print(f"{len(unique)} kernel specializations compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = [{**compiled[la.spec], "kernel": label(la, roles), "config": swept}
-            for (swept, _), launches in zip(points, per_config) for la in launches]
+            for (swept, _, _), launches in zip(points, per_config) for la in launches]
     print("\n".join(table(rows, keys)))
     if a.sweep:
         print("\n".join(summary(rows, keys)))
