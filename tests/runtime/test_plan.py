@@ -177,11 +177,11 @@ def test_terms_follow_the_split() -> None:
 def test_plan_command(capsys) -> None:
     config = str(Path(__file__).parents[2] / "configs" / "1b.toml")
     args = ["plan", "--config", config, "--gpus", "16", "--gpu", "h100", "--set", "train.seq_len=262144"]
-    assert main(args) == 0
+    assert main([*args, "--set", "parallel.shard=none"]) == 0
     out = capsys.readouterr().out
     assert "shard none: parameters, gradients and AdamW state replicated" in out
     assert "pipeline bubble" in out and "lasp2" in out and "fsdp allgather" not in out
-    assert main([*args, "--set", "parallel.shard=full"]) == 0
+    assert main(args) == 0  # the default, parallel.shard=auto: full on GPUs with dp·sp > 1
     out = capsys.readouterr().out
     assert "shard full: rank 0's dim-0 shards" in out and "fsdp allgather" in out and "gathered parameters" in out
     assert main([*args, "--search", "--top", "30", "--scaling", "--inter-node-gbit", "400"]) == 0
