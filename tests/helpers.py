@@ -103,6 +103,16 @@ def _train(rank: int, world: int, overrides: list[str]) -> None:
     train(load_config(None, overrides))
 
 
+def _train_each(rank: int, world: int, runs: list[list[str]]) -> None:
+    for overrides in runs:
+        _train(rank, world, overrides)
+
+
+def run_trainings(world: int, runs: list[list[str]]) -> None:
+    """Several training jobs one after another in one spawn of `world` ranks (one process start-up)."""
+    run_distributed(_train_each, world, runs)
+
+
 def run_overrides(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> list[str]:
     """A zarr-data run: world 4 is pp 2 × sp 2, world 1 one process; a checkpoint every 10 steps."""
     dims = ["parallel.pp=2", "parallel.sp=2"] if world == 4 else ["parallel.pp=1", "parallel.sp=1"]
@@ -114,6 +124,11 @@ def run_overrides(world: int, store: str, run_dir, steps: int, extra: list[str] 
 
 def run_training(world: int, store: str, run_dir, steps: int, extra: list[str] = ()) -> None:
     run_distributed(_train, world, run_overrides(world, store, run_dir, steps, extra))
+
+
+def run_many(world: int, store: str, jobs: list[tuple]) -> None:
+    """`run_training` for each (run_dir, steps, extra) in one spawn."""
+    run_trainings(world, [run_overrides(world, store, *job) for job in jobs])
 
 
 LASP2_CASES = [(layout, decay, gate, False) for layout in ("contiguous", "zigzag")

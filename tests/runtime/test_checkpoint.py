@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
-from helpers import one_line_error, run_overrides, run_training
+from helpers import one_line_error, run_many, run_overrides, run_training
 
 from launch.cli import main
 from runtime.config import load_config
@@ -32,8 +32,7 @@ def test_resume_is_exact(world: int, store: str, tmp_path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     every = 10 if world == 1 else 3  # world 4 (pp 2 × sp 2) costs ~10× a step: fewer of them
     steps, every_step = [f"run.checkpoint_every={every}"], f"step_{2 * every:08d}"
-    run_training(world, store, straight, 2 * every, steps)
-    run_training(world, store, resumed, every, steps)
+    run_many(world, store, [(straight, 2 * every, steps), (resumed, every, steps)])  # one process start-up
     assert [p.name for p in sorted((resumed / "checkpoints").iterdir())] == [f"step_{every:08d}"]
     run_training(world, store, resumed, 2 * every, [*steps, "run.resume=auto"])
     assert _losses(straight) == _losses(resumed)  # the metrics file continues from the resumed step
