@@ -31,12 +31,15 @@ BALANCE = ("params", "time")
 SHARD_MODES = ("auto", "none", "optimizer", "full")
 
 
-def resolve_shard(shard: str, replicas: int, cuda: bool, window_over_stages: bool = False) -> str:
-    """parallel.shard=auto as what it means for this job: full on CUDA when a stage has dp · sp > 1 ranks
-    (and train.window is not streamed over pipeline stages, which does not shard yet), none otherwise."""
+def resolve_shard(shard: str, replicas: int, cuda: bool, window_over_stages: bool = False,
+                  offload_optimizer: bool = False) -> str:
+    """parallel.shard=auto as what it means for this job: full on CUDA when a stage has dp · sp > 1 ranks, and
+    wherever the optimizer state is offloaded (it offloads sharded state) — unless train.window streams over
+    pipeline stages, which does not shard yet; none otherwise."""
     if shard != "auto":
         return shard
-    return "full" if cuda and replicas > 1 and not window_over_stages else "none"
+    wanted = offload_optimizer or (cuda and replicas > 1)
+    return "full" if wanted and not window_over_stages else "none"
 
 
 @dataclass
@@ -72,7 +75,7 @@ class ParallelConfig:
     """Seconds any collective or P2P may wait for a peer before the job fails (a stopped or dead rank)."""
     shard: str = "auto"
     """Model state over the dp × sp ranks of each pipeline stage (FSDP2, DESIGN §10): auto (full on CUDA when
-    dp · sp > 1, else none; resolved by validate) | none (replicated) |
+    dp · sp > 1 or with offload_optimizer, else none; resolved by validate) | none (replicated) |
     optimizer (parameters gathered once per step and kept through backward; gradients, optimizer state and
     fp32 master weights sharded between steps: ZeRO-1/2-like) | full (parameters also re-gathered per block in
     forward and backward: ZeRO-3). No effect when dp · sp = 1 (unless offload_optimizer)."""
@@ -220,7 +223,7 @@ class JobConfig:
             import torch
 
             cuda = torch.cuda.is_available()
-        par.shard = resolve_shard(par.shard, dp * sp, cuda, bool(train.window) and par.pp > 1)
+        par.shard = resolve_shard(par.shard, dp * sp, cuda, bool(train.window) and par.pp > 1, par.offload_optimizer)
         if train.dtype not in ("float32", "float64"):
             raise ConfigError(f"train.dtype={train.dtype!r} is unknown; use float32 or float64")
         if train.steps < 1:

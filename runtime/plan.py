@@ -176,7 +176,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
 
     m, t, par = cfg.model, cfg.train, cfg.parallel
     dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
-    shard = resolve_shard(par.shard if shard is None else shard, dp * sp, True, bool(t.window) and pp > 1)
+    shard = resolve_shard(par.shard if shard is None else shard, dp * sp, True, bool(t.window) and pp > 1,
+                          par.offload_optimizer)
     if shard not in SHARD_MODES:
         raise ConfigError(f"shard mode {shard!r} is not modelled by the plan (see `longtrain presets`); "
                           f"use one of {list(SHARD_MODES)}")

@@ -73,7 +73,8 @@ class Trainer:
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
         check_attention_backend(cfg, self.device)
         cfg.parallel.shard = resolve_shard(cfg.parallel.shard, self.dp * self.sp, self.device.type == "cuda",
-                                           bool(cfg.train.window) and self.pp > 1)  # a cfg that skipped validate
+                                           bool(cfg.train.window) and self.pp > 1,
+                                           cfg.parallel.offload_optimizer)  # a cfg that skipped validate
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
         self.sharded = sharded(cfg, mesh)

@@ -26,7 +26,8 @@ BAD = {
     "config file": (["--config", "nope.toml"], "config file 'nope.toml' does not exist"),
     "override form": (["--set", "train.lr"], "is not of the form section.key=value"),
     "shard mode": (["--set", "parallel.shard=zero3"], "parallel.shard='zero3' is unknown"),
-    "offload unsharded": (["--set", "parallel.offload_optimizer=true"], "set parallel.shard=optimizer"),
+    "offload unsharded": (["--set", "parallel.offload_optimizer=true", "parallel.shard=none"],
+                          "set parallel.shard=optimizer"),
 }
 
 

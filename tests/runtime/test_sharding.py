@@ -238,17 +238,19 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
         verify_checkpoint(ckpt)
 
 
-@pytest.mark.parametrize(("world", "sp", "cuda", "window", "want"), [
-    (4, 2, True, 0, "full"),      # dp 2 × sp 2 on GPUs: sharded by default
-    (2, 2, True, 0, "full"),      # sp alone is a sharding axis
-    (1, 1, True, 0, "none"),      # one rank per stage: nothing to shard
-    (4, 2, False, 0, "none"),     # CPU: replicated unless asked
-    (4, 1, True, 8, "none"),      # windows streamed over 2 stages do not shard yet (pp 2 × dp 2)
+@pytest.mark.parametrize(("world", "sp", "cuda", "window", "offload", "want"), [
+    (4, 2, True, 0, False, "full"),   # dp 2 × sp 2 on GPUs: sharded by default
+    (2, 2, True, 0, False, "full"),   # sp alone is a sharding axis
+    (1, 1, True, 0, False, "none"),   # one rank per stage: nothing to shard
+    (1, 1, True, 0, True, "full"),    # ... unless the optimizer state is offloaded (world 1, CPU AdamW)
+    (4, 2, False, 0, False, "none"),  # CPU: replicated unless asked
+    (4, 1, True, 8, False, "none"),   # windows streamed over 2 stages do not shard yet (pp 2 × dp 2)
 ])
-def test_auto_shard_resolves_per_job(world, sp, cuda, window, want) -> None:
+def test_auto_shard_resolves_per_job(world, sp, cuda, window, offload, want) -> None:
     pp = 2 if window else 1
     cfg = load_config(None, [f"parallel.pp={pp}", f"parallel.sp={sp}", "parallel.microbatches=2",
-                             "train.batch_size=8", "train.seq_len=32", f"train.window={window}"])
+                             "train.batch_size=8", "train.seq_len=32", f"train.window={window}",
+                             f"parallel.offload_optimizer={offload}"])
     assert cfg.parallel.shard == "auto"
     cfg.validate(world, cuda=cuda)
     assert cfg.parallel.shard == want
