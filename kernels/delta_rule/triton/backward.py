@@ -258,27 +258,16 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
         g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
         if DECAY == 0:
-            D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
             Gam = tl.where(mt, 1.0, 0.0)
             kg = Gam
             gamma = 1.0
         else:
-            D = _decay_matrix(g, offs_c, False)
             Gam = tl.where(mt, tl.exp2(g), 0.0)
             kg = tl.where(mt, tl.exp2(g_last - g), 0.0)
             gamma = tl.exp2(g_last)
         bg = b * Gam
         st = i_bh * NC + i_c
         tb = tt + st * (C * C)
-        kk = tl.zeros([C, C], dtype=tl.float32)
-        qk = tl.zeros([C, C], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
-            bk = tl.load(pk, mask=mk, other=0.0)
-            kk = tl.dot(bk, tl.trans(bk), kk, input_precision=PREC)
-            if NEED_DG:
-                pk, mk = _tok_tile(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
-                qk = tl.dot(tl.load(pk, mask=mk, other=0.0), tl.trans(bk), qk, input_precision=PREC)
         # pass 1: [C, C] accumulators; dV = diag(β) Tᵀ dU and dβ's share v·(Tᵀ dU) on the way
         dP = tl.zeros([C, C], dtype=tl.float32)
         dT = tl.zeros([C, C], dtype=tl.float32)
@@ -310,19 +299,32 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             db += tl.sum(dBv * bv.to(tl.float32), 1)
         Tt = tl.load(tb + cc)
         dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC)
-        dA = tl.where(offs_c[:, None] > offs_c[None, :], dA, 0.0)
-        Y = dA * kk * D  # dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
-        db += tl.sum(Y, 1)
+        if DECAY == 0:
+            D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
+        else:
+            D = _decay_matrix(g, offs_c, False)
+        dAD = tl.where(offs_c[:, None] > offs_c[None, :], dA * D, 0.0)
         dPD = dP * D * scale
+        tl.debug_barrier()  # every thread is done with the previous chunk's scratch
+        tl.store(scratch + cc, dPD)
+        tl.store(scratch + C * C + cc, dAD * b[:, None])  # R
+        tl.debug_barrier()
+        kk = tl.zeros([C, C], dtype=tl.float32)
+        qk = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+            bk = tl.load(pk, mask=mk, other=0.0)
+            kk = tl.dot(bk, tl.trans(bk), kk, input_precision=PREC)
+            if NEED_DG:
+                pk, mk = _tok_tile(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
+                qk = tl.dot(tl.load(pk, mask=mk, other=0.0), tl.trans(bk), qk, input_precision=PREC)
+        Y = dAD * kk  # dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
+        db += tl.sum(Y, 1)
         dg = tl.zeros([C], dtype=tl.float32)
         if NEED_DG:
             M = qk * dPD
             E = Y * b[:, None]
             dg += tl.sum(M, 1) - tl.sum(M, 0) + tl.sum(E, 1) - tl.sum(E, 0)
-        tl.debug_barrier()  # every thread is done with the previous chunk's scratch
-        tl.store(scratch + cc, dPD)
-        tl.store(scratch + C * C + cc, dA * D * b[:, None])  # R
-        tl.debug_barrier()
         # pass 2: dq, dk per block of K columns
         kdBk = tl.zeros([C], dtype=tl.float32)
         nj = tl.zeros([C], dtype=tl.float32)
