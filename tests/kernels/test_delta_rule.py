@@ -183,10 +183,8 @@ def test_triton_decay_kinds(decay, gate, init, final, kb):
 @GRAD_PATHS
 @pytest.mark.parametrize("K,V,C", [(32, 16, 32), (24, 40, 16)], ids=["K>V,C32", "odd-dims"])
 def test_triton_head_dims_and_chunks(K, V, C, kb):
-    """K ≠ V, head dims that are not powers of two (masked tiles), and chunks of 32. The K-blocked path on seed 5:
-    at seed 4, K 32, dλ (a sum that cancels) is at fp32 rounding level near 1e-5 on both paths (7.7e-6, 1.3e-5);
-    on seeds 5–11 the K-blocked path's dλ error is at most the other's."""
-    x = _inputs(1, 50, 1, K, V, seed=5 if kb else 4)
+    """K ≠ V, head dims that are not powers of two (masked tiles), and chunks of 32."""
+    x = _inputs(1, 50, 1, K, V, seed=4)
     _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=SEGMENTED_KB if kb else SEGMENTED)
 
 

@@ -19,6 +19,14 @@ e^{±G}: the inter-chunk output q_i·dq_i^inter, the intra-chunk M = scale (Q K�
 the state's K̃ as −n_j with n_j = k_j·dK̃_j, the W operand β_iΓ_i k_i·(Tᵀ dW)_i, A as Σ_j (dA ⊙ A)_ij − Σ_l (dA ⊙ A)_li,
 and, at the chunk's last token, γ⟨S, dS_out⟩ + Σ_j n_j), d log a_t = Σ_{i ≥ t in its chunk} ∂L/∂G_i: every path
 to later chunks goes through S_out, so the suffix sums stay inside one chunk.
+
+`_grad_kernel` holds all of K: the [C, K] fp32 accumulators and the T it solves again spill at chunk 64. The opt-in
+`_grad_kb_kernel` (DeltaConfig.grad_block_k > 0) computes the same quantities with K in blocks: Tᵀ comes from the
+backward's `_prep_kernel` (a transient [B·H, NC, C, C] fp32 buffer); a V pass accumulates only [C, C] tiles, dP and
+dT = dU (diag(β) V − diag(βΓ) K S)ᵀ (dT's W share without ever holding dW), and writes dV; then dA, R, dP ⊙ D
+(to a per-program [2, C, C] scratch, read back in both orientations), K Kᵀ, Q Kᵀ and the [C, C] shares of dβ and
+∂L/∂G; then per block of K columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and
+its shares of dβ (Γ_i k_i·(Tᵀ dW)_i) and ∂L/∂G.
 """
 
 from __future__ import annotations
@@ -240,9 +248,10 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
                     n_tiles, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
     """`_grad_kernel`'s results with K in blocks of BK and Tᵀ read from tt (persistent; a [2, C, C] fp32 scratch per
-    program holds dP ⊙ D and R, read back in both orientations). Per chunk: K Kᵀ, Q Kᵀ over K blocks; a V loop
-    with [C, C] accumulators only (dP, dT = dU (diag(β) V − diag(βΓ) K S)ᵀ) that also writes dV; dA, R and the
-    per-row sums; then per K block a V loop for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dq, dk."""
+    program holds dP ⊙ D and Rᵀ, read back in both orientations). Per chunk: a V loop with [C, C] accumulators only
+    (dP, dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ) that also writes dV; dAᵀ = −T dTᵀ T (dA's transpose: no `tl.trans`
+    of a dot's result, see `_transposed`), Rᵀ, K Kᵀ, Q Kᵀ over K blocks and the per-row sums; then per K block a
+    V loop for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dq, dk."""
     offs_c = tl.arange(0, C)
     cc = offs_c[:, None] * C + offs_c[None, :]
     cct = offs_c[None, :] * C + offs_c[:, None]
@@ -270,7 +279,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         tb = tt + st * (C * C)
         # pass 1: [C, C] accumulators; dV = diag(β) Tᵀ dU and dβ's share v·(Tᵀ dU) on the way
         dP = tl.zeros([C, C], dtype=tl.float32)
-        dT = tl.zeros([C, C], dtype=tl.float32)
+        dTt = tl.zeros([C, C], dtype=tl.float32)
         db = tl.zeros([C], dtype=tl.float32)
         Tc = tl.load(tb + cc).to(dv.dtype.element_ty)
         for i_v in range(0, tl.cdiv(V, BV)):
@@ -291,23 +300,25 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
                 ps, ms = _state_rows(h, st, K, V, i_k * BK, v0, BK, BV)
                 bh = tl.load(ps, mask=ms, other=0.0)
                 KS = tl.dot((bk * bg[:, None]).to(bh.dtype), bh, KS, input_precision=PREC)
-            # dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ with dW = −dU Sᵀ
-            dT = tl.dot(bdu, tl.trans((bv * b[:, None] - KS).to(bdu.dtype)), dT, input_precision=PREC)
+            # dTᵀ of dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ with dW = −dU Sᵀ
+            dTt = tl.dot((bv * b[:, None] - KS).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
             dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
             pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
             tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
             db += tl.sum(dBv * bv.to(tl.float32), 1)
-        Tt = tl.load(tb + cc)
-        dA = -tl.dot(tl.dot(Tt, dT, input_precision=PREC), Tt, input_precision=PREC)
+        Tn = tl.load(tb + cct)  # T
+        dAt = -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
         if DECAY == 0:
             D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
+            Dt = tl.where(offs_c[:, None] <= offs_c[None, :], 1.0, 0.0)
         else:
             D = _decay_matrix(g, offs_c, False)
-        dAD = tl.where(offs_c[:, None] > offs_c[None, :], dA * D, 0.0)
+            Dt = tl.exp2(tl.where(offs_c[:, None] <= offs_c[None, :], g[None, :] - g[:, None], float("-inf")))
+        dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt * Dt, 0.0)  # (dA ⊙ D)ᵀ, dA strictly lower
         dPD = dP * D * scale
         tl.debug_barrier()  # every thread is done with the previous chunk's scratch
         tl.store(scratch + cc, dPD)
-        tl.store(scratch + C * C + cc, dAD * b[:, None])  # R
+        tl.store(scratch + C * C + cc, dADt * b[None, :])  # Rᵀ
         tl.debug_barrier()
         kk = tl.zeros([C, C], dtype=tl.float32)
         qk = tl.zeros([C, C], dtype=tl.float32)
@@ -318,13 +329,13 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             if NEED_DG:
                 pk, mk = _tok_tile(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
                 qk = tl.dot(tl.load(pk, mask=mk, other=0.0), tl.trans(bk), qk, input_precision=PREC)
-        Y = dAD * kk  # dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
-        db += tl.sum(Y, 1)
+        Yt = dADt * kk  # Yᵀ: dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
+        db += tl.sum(Yt, 0)
         dg = tl.zeros([C], dtype=tl.float32)
         if NEED_DG:
             M = qk * dPD
-            E = Y * b[:, None]
-            dg += tl.sum(M, 1) - tl.sum(M, 0) + tl.sum(E, 1) - tl.sum(E, 0)
+            Et = Yt * b[None, :]
+            dg += tl.sum(M, 1) - tl.sum(M, 0) + tl.sum(Et, 0) - tl.sum(Et, 1)
         # pass 2: dq, dk per block of K columns
         kdBk = tl.zeros([C], dtype=tl.float32)
         nj = tl.zeros([C], dtype=tl.float32)
@@ -367,7 +378,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             kdBk += tl.sum(dBk * bk.to(tl.float32), 1)
             gk = dKs + dBk * bg[:, None]
             gk = tl.dot(tl.load(scratch + cct).to(bq.dtype), bq, gk, input_precision=PREC)
-            Rs = tl.load(scratch + C * C + cc) + tl.load(scratch + C * C + cct)  # R + Rᵀ
+            Rs = tl.load(scratch + C * C + cc) + tl.load(scratch + C * C + cct)  # Rᵀ + R
             gk = tl.dot(Rs.to(bk.dtype), bk, gk, input_precision=PREC)
             pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
             tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
