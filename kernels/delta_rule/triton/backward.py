@@ -309,13 +309,12 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         Tn = tl.load(tb + cct)  # T
         dAt = -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
         if DECAY == 0:
-            D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
-            Dt = tl.where(offs_c[:, None] <= offs_c[None, :], 1.0, 0.0)
+            dPD = tl.where(offs_c[:, None] >= offs_c[None, :], dP * scale, 0.0)
+            dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt, 0.0)
         else:
-            D = _decay_matrix(g, offs_c, False)
-            Dt = tl.exp2(tl.where(offs_c[:, None] <= offs_c[None, :], g[None, :] - g[:, None], float("-inf")))
-        dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt * Dt, 0.0)  # (dA ⊙ D)ᵀ, dA strictly lower
-        dPD = dP * D * scale
+            dPD = dP * _decay_matrix(g, offs_c, False) * scale
+            # (dA ⊙ D)ᵀ, dA strictly lower
+            dADt = dAt * tl.exp2(tl.where(offs_c[:, None] < offs_c[None, :], g[None, :] - g[:, None], float("-inf")))
         tl.debug_barrier()  # every thread is done with the previous chunk's scratch
         tl.store(scratch + cc, dPD)
         tl.store(scratch + C * C + cc, dADt * b[None, :])  # Rᵀ
