@@ -23,10 +23,11 @@ to later chunks goes through S_out, so the suffix sums stay inside one chunk.
 `_grad_kernel` holds all of K: the [C, K] fp32 accumulators and the T it solves again spill at chunk 64. The opt-in
 `_grad_kb_kernel` (DeltaConfig.grad_block_k > 0) computes the same quantities with K in blocks: Tᵀ comes from the
 backward's `_prep_kernel` (a transient [B·H, NC, C, C] fp32 buffer); a V pass accumulates only [C, C] tiles, dP and
-dT = dU (diag(β) V − diag(βΓ) K S)ᵀ (dT's W share without ever holding dW), and writes dV; then dA, R, dP ⊙ D
-(to a per-program [2, C, C] scratch, read back in both orientations), K Kᵀ, Q Kᵀ and the [C, C] shares of dβ and
-∂L/∂G; then per block of K columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and
-its shares of dβ (Γ_i k_i·(Tᵀ dW)_i) and ∂L/∂G.
+dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ (dT's W share without ever holding dW), and writes dV; then dAᵀ = −T dTᵀ T,
+Rᵀ, dP ⊙ D (to a per-program [2, C, C] scratch, read back in both orientations), K Kᵀ, Q Kᵀ and the [C, C] shares
+of dβ and ∂L/∂G (transposed forms: no `tl.trans` of a dot's result, see `_transposed`); then per block of K
+columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and its shares of dβ
+(Γ_i k_i·(Tᵀ dW)_i) and ∂L/∂G.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Forward: UT transform (W, u) → if the sequence has several segments, each segment's affine map (P_s, M_s) and the
 scan S_in(s+1) = P_s S_in(s) + M_s → outputs, every segment starting from S_in(s). Saved for backward: the inputs,
 the gate cumsum and, per segment, S_in(s) and P_s (fp32) — no per-chunk or per-token intermediate.
-Backward: W, u again → each segment's Δ_s (the gradient its outputs send to its entering state) and the reverse
-scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states entering every chunk and U (forward sweep) → dS_out of every
-chunk and dU (reverse sweep) → the chunk-parallel gradient kernel. The per-chunk states of that step are the
-backward's only transient of state size.
+Backward: W, u again (and every chunk's Tᵀ when DeltaConfig.grad_block_k > 0) → each segment's Δ_s (the gradient
+its outputs send to its entering state) and the reverse scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states
+entering every chunk and U (forward sweep) → dS_out of every chunk and dU (reverse sweep) → the chunk-parallel
+gradient kernel. The per-chunk states of that step (and the per-chunk Tᵀ) are the backward's only transients of
+state size.
 """
 
 from __future__ import annotations
