@@ -55,14 +55,15 @@ class _ShardedDeltaTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_final):
-        p, (q, k, v, beta, G, lam, s_in, P), do, w, u = restore_context(ctx, do)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt = restore_context(ctx, do)
         delta = bwd_sweep(p, DELTA, q, k, w, do, G, lam, None)
         d_local = entering_grad(p, P, delta)
         d_out, d_initial = ctx.exchange.backward(_shard_major(d_local, ctx.n_local), d_final)
         ds_out = boundary_states(p, P, delta, _row_major(d_out), True)
         del delta
         need_dg = ctx.gate_dtype is not None or ctx.lam_dtype is not None
-        dq, dk, dv, dbeta, dloga, _ = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, False, need_dg)
+        dq, dk, dv, dbeta, dloga, _ = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, False, need_dg,
+                                                    tt)
         dgate, dlam = decay_grads(p, dloga, ctx.gate_dtype, ctx.lam_dtype)
         return dq, dk, dv, dbeta, dlam, dgate, d_initial, None, None, None, None, None
 

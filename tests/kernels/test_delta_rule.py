@@ -148,9 +148,12 @@ triton = pytest.importorskip("triton")
 from kernels.delta_rule.triton import delta_rule_triton, with_config  # noqa: E402
 
 # two-chunk segments (segment maps, scans) with column blocks of 16 and 3 persistent gradient programs; and one
-# segment with whole-V tiles
+# segment with whole-V tiles. *_KB: the K-blocked gradient kernel (grad_block_k 16: two K blocks at K = 24 or 32)
 SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3)
 WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64)
+SEGMENTED_KB = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16)
+WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16)
+GRAD_PATHS = pytest.mark.parametrize("kb", [False, True], ids=["grad", "grad-kb"])
 
 
 @pytest.fixture(autouse=True)
@@ -159,27 +162,30 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
 
 
-@pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, SEGMENTED), (257, WHOLE)],
-                         ids=["1-seg", "7-whole", "64-seg", "100-seg", "257-whole"])
+@pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, SEGMENTED), (257, WHOLE),
+                                   (7, WHOLE_KB), (100, SEGMENTED_KB)],
+                         ids=["1-seg", "7-whole", "64-seg", "100-seg", "257-whole", "7-whole-kb", "100-seg-kb"])
 def test_triton_matches_recurrence(T, cfg):
     """Outputs, final state, gradients of q, k, v, β, gate, λ and the initial state; tails shorter than a chunk."""
     x = _inputs(1, T, 1 if T > 200 else 2, 16, 32, seed=T)
     _compare(delta_rule_triton, x, 1e-5, chunk_size=16, config=cfg)
 
 
+@GRAD_PATHS
 @pytest.mark.parametrize("decay,gate,init,final", [(False, False, False, False), (True, False, False, True),
                                                     (False, True, True, False)], ids=["plain", "decay", "gate"])
-def test_triton_decay_kinds(decay, gate, init, final):
+def test_triton_decay_kinds(decay, gate, init, final, kb):
     """No decay, a constant per-head decay, a per-token gate; with and without initial and final states."""
     x = _inputs(2, 45, 1, 16, 16, decay=decay, gate=gate, init=init, seed=3)
-    _compare(delta_rule_triton, x, 1e-5, final=final, chunk_size=16, config=SEGMENTED)
+    _compare(delta_rule_triton, x, 1e-5, final=final, chunk_size=16, config=SEGMENTED_KB if kb else SEGMENTED)
 
 
+@GRAD_PATHS
 @pytest.mark.parametrize("K,V,C", [(32, 16, 32), (24, 40, 16)], ids=["K>V,C32", "odd-dims"])
-def test_triton_head_dims_and_chunks(K, V, C):
+def test_triton_head_dims_and_chunks(K, V, C, kb):
     """K ≠ V, head dims that are not powers of two (masked tiles), and chunks of 32."""
     x = _inputs(1, 50, 1, K, V, seed=4)
-    _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=SEGMENTED)
+    _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=SEGMENTED_KB if kb else SEGMENTED)
 
 
 def test_triton_final_state_gradient_only():
@@ -193,10 +199,12 @@ def test_triton_final_state_gradient_only():
         assert _err(grads[n], grads_r[n], floor=1.0) < 1e-5, n
 
 
-def test_triton_half_precision():
+@GRAD_PATHS
+def test_triton_half_precision(kb):
     """fp16 inputs (bf16 dots do not run in the interpreter), fp32 state: errors at the input precision."""
     x = _inputs(1, 80, 2, 16, 16, dtype=torch.float16, seed=8)
-    errs = _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=SEGMENTED, ref=delta_rule_chunked)
+    errs = _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=SEGMENTED_KB if kb else SEGMENTED,
+                    ref=delta_rule_chunked)
     assert errs["o"] > 0
 
 
@@ -274,8 +282,9 @@ def test_gpu_head_dims_and_fp16(K, V, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("cfg", [with_config(seg_chunks=8), with_config(seg_chunks=100000), with_config(chunk=32)],
-                         ids=["short-segments", "one-segment", "chunk32"])
+@pytest.mark.parametrize("cfg", [with_config(seg_chunks=8), with_config(seg_chunks=100000), with_config(chunk=32),
+                                 with_config(grad_block_k=32, grad_bv=32), with_config(grad_block_k=64, chunk=32)],
+                         ids=["short-segments", "one-segment", "chunk32", "grad-kb32", "grad-kb64-chunk32"])
 def test_gpu_configs(cfg):
     _gpu_compare(1, 20000, 16, 128, 128, torch.bfloat16, 1e-2, seed=9, config=cfg)
 

@@ -19,6 +19,15 @@ e^{±G}: the inter-chunk output q_i·dq_i^inter, the intra-chunk M = scale (Q K�
 the state's K̃ as −n_j with n_j = k_j·dK̃_j, the W operand β_iΓ_i k_i·(Tᵀ dW)_i, A as Σ_j (dA ⊙ A)_ij − Σ_l (dA ⊙ A)_li,
 and, at the chunk's last token, γ⟨S, dS_out⟩ + Σ_j n_j), d log a_t = Σ_{i ≥ t in its chunk} ∂L/∂G_i: every path
 to later chunks goes through S_out, so the suffix sums stay inside one chunk.
+
+`_grad_kernel` holds all of K: the [C, K] fp32 accumulators and the T it solves again spill at chunk 64. The opt-in
+`_grad_kb_kernel` (DeltaConfig.grad_block_k > 0) computes the same quantities with K in blocks: Tᵀ comes from the
+backward's `_prep_kernel` (a transient [B·H, NC, C, C] fp32 buffer); a V pass accumulates only [C, C] tiles, dP and
+dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ (dT's W share without ever holding dW), and writes dV; then dAᵀ = −T dTᵀ T,
+Rᵀ, dP ⊙ D (to a per-program [2, C, C] scratch, read back in both orientations), K Kᵀ, Q Kᵀ and the [C, C] shares
+of dβ and ∂L/∂G (transposed forms: no `tl.trans` of a dot's result, see `_transposed`); then per block of K
+columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and its shares of dβ
+(Γ_i k_i·(Tᵀ dW)_i) and ∂L/∂G.
 """
 
 from __future__ import annotations
@@ -27,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_rule.triton.common import _state_tile, _tok_tile, _ut_transform, state_dtype
-from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start
+from kernels.delta_rule.triton.common import _decay_matrix, _state_tile, _tok_tile, _ut_transform, state_dtype
+from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start, _pow2
 
 DELTA, FULL = 0, 1
 
@@ -227,6 +236,162 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
         tl.store(dbeta + hb + rows.to(tl.int64) * H, db.to(dbeta.dtype.element_ty), mask=mt)
 
 
+@triton.jit
+def _state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """(pointers, mask) of rows [k0, k0 + BK) and columns [n0, n0 + BN) of the [K, N] matrix number `index`."""
+    r = k0 + tl.arange(0, BK)
+    c = n0 + tl.arange(0, BN)
+    return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
+
+
+@triton.jit
+def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv, dbeta, dloga, scratch, T, H, NC,
+                    n_tiles, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """`_grad_kernel`'s results with K in blocks of BK and Tᵀ read from tt (persistent; a [2, C, C] fp32 scratch per
+    program holds dP ⊙ D and Rᵀ, read back in both orientations). Per chunk: a V loop with [C, C] accumulators only
+    (dP, dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ) that also writes dV; dAᵀ = −T dTᵀ T (dA's transpose: no `tl.trans`
+    of a dot's result, see `_transposed`), Rᵀ, K Kᵀ, Q Kᵀ over K blocks and the per-row sums; then per K block a
+    V loop for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dq, dk."""
+    offs_c = tl.arange(0, C)
+    cc = offs_c[:, None] * C + offs_c[None, :]
+    cct = offs_c[None, :] * C + offs_c[:, None]
+    scratch += tl.program_id(0).to(tl.int64) * (2 * C * C)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_c = tile % NC
+        i_bh = (tile // NC).to(tl.int64)
+        t0 = i_c * C
+        rows = t0 + offs_c
+        mt = rows < T
+        hb = _head_start(i_bh, T, H, 1)
+        lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
+        b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
+        g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
+        if DECAY == 0:
+            Gam = tl.where(mt, 1.0, 0.0)
+            kg = Gam
+            gamma = 1.0
+        else:
+            Gam = tl.where(mt, tl.exp2(g), 0.0)
+            kg = tl.where(mt, tl.exp2(g_last - g), 0.0)
+            gamma = tl.exp2(g_last)
+        bg = b * Gam
+        st = i_bh * NC + i_c
+        tb = tt + st * (C * C)
+        # pass 1: [C, C] accumulators; dV = diag(β) Tᵀ dU and dβ's share v·(Tᵀ dU) on the way
+        dP = tl.zeros([C, C], dtype=tl.float32)
+        dTt = tl.zeros([C, C], dtype=tl.float32)
+        db = tl.zeros([C], dtype=tl.float32)
+        Tc = tl.load(tb + cc).to(dv.dtype.element_ty)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            v0 = i_v * BV
+            pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
+            bdo = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
+            bu = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
+            bdu = tl.load(pv, mask=mv, other=0.0)
+            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
+            bv = tl.load(pv, mask=mv, other=0.0)
+            dP = tl.dot(bdo, tl.trans(bu.to(bdo.dtype)), dP, input_precision=PREC)
+            KS = tl.zeros([C, BV], dtype=tl.float32)  # diag(βΓ) K S, S's rows in blocks of BK
+            for i_k in range(0, tl.cdiv(K, BK)):
+                pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+                bk = tl.load(pk, mask=mk, other=0.0)
+                ps, ms = _state_rows(h, st, K, V, i_k * BK, v0, BK, BV)
+                bh = tl.load(ps, mask=ms, other=0.0)
+                KS = tl.dot((bk * bg[:, None]).to(bh.dtype), bh, KS, input_precision=PREC)
+            # dTᵀ of dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ with dW = −dU Sᵀ
+            dTt = tl.dot((bv * b[:, None] - KS).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
+            dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
+            pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
+            tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+            db += tl.sum(dBv * bv.to(tl.float32), 1)
+        Tn = tl.load(tb + cct)  # T
+        dAt = -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
+        if DECAY == 0:
+            dPD = tl.where(offs_c[:, None] >= offs_c[None, :], dP * scale, 0.0)
+            dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt, 0.0)
+        else:
+            dPD = dP * _decay_matrix(g, offs_c, False) * scale
+            # (dA ⊙ D)ᵀ, dA strictly lower
+            dADt = dAt * tl.exp2(tl.where(offs_c[:, None] < offs_c[None, :], g[None, :] - g[:, None], float("-inf")))
+        tl.debug_barrier()  # every thread is done with the previous chunk's scratch
+        tl.store(scratch + cc, dPD)
+        tl.store(scratch + C * C + cc, dADt * b[None, :])  # Rᵀ
+        tl.debug_barrier()
+        kk = tl.zeros([C, C], dtype=tl.float32)
+        qk = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+            bk = tl.load(pk, mask=mk, other=0.0)
+            kk = tl.dot(bk, tl.trans(bk), kk, input_precision=PREC)
+            if NEED_DG:
+                pk, mk = _tok_tile(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
+                qk = tl.dot(tl.load(pk, mask=mk, other=0.0), tl.trans(bk), qk, input_precision=PREC)
+        Yt = dADt * kk  # Yᵀ: dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ
+        db += tl.sum(Yt, 0)
+        dg = tl.zeros([C], dtype=tl.float32)
+        if NEED_DG:
+            M = qk * dPD
+            Et = Yt * b[None, :]
+            dg += tl.sum(M, 1) - tl.sum(M, 0) + tl.sum(Et, 0) - tl.sum(Et, 1)
+        # pass 2: dq, dk per block of K columns
+        kdBk = tl.zeros([C], dtype=tl.float32)
+        nj = tl.zeros([C], dtype=tl.float32)
+        sds = tl.zeros([BK], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            k0 = i_k * BK
+            dQi = tl.zeros([C, BK], dtype=tl.float32)
+            dKs = tl.zeros([C, BK], dtype=tl.float32)
+            dWm = tl.zeros([C, BK], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(V, BV)):
+                v0 = i_v * BV
+                pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
+                bdo = tl.load(pv, mask=mv, other=0.0)
+                pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
+                bu = tl.load(pv, mask=mv, other=0.0)
+                pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
+                bdu = tl.load(pv, mask=mv, other=0.0)
+                ps, ms = _state_rows(h, st, K, V, k0, v0, BK, BV)
+                bh = tl.load(ps, mask=ms, other=0.0)
+                ps, ms = _state_rows(dh, st, K, V, k0, v0, BK, BV)
+                bdh = tl.load(ps, mask=ms, other=0.0)
+                dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
+                dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
+                dWm = tl.dot(bdu, tl.trans(bh), dWm, input_precision=PREC)
+                if NEED_DG:
+                    sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
+            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, k0, C, BK)
+            bk = tl.load(pk, mask=mk, other=0.0)
+            pq, mq = _tok_tile(q, i_bh, T, H, K, t0, k0, C, BK)
+            bq = tl.load(pq, mask=mq, other=0.0)
+            dq_inter = dQi * (Gam * scale)[:, None]
+            gq = tl.dot(tl.load(scratch + cc).to(bk.dtype), bk, dq_inter, input_precision=PREC)
+            pq, mq = _tok_tile(dq, i_bh, T, H, K, t0, k0, C, BK)
+            tl.store(pq, gq.to(dq.dtype.element_ty), mask=mq)
+            if NEED_DG:
+                dg += tl.sum(bq.to(tl.float32) * dq_inter, 1)
+            dKs = dKs * kg[:, None]  # the state's K̃ = diag(γ/Γ) K
+            nj += tl.sum(bk.to(tl.float32) * dKs, 1)
+            dBk = -tl.dot(tl.load(tb + cc), dWm, input_precision=PREC)  # Tᵀ dW, W = T diag(βΓ) K
+            kdBk += tl.sum(dBk * bk.to(tl.float32), 1)
+            gk = dKs + dBk * bg[:, None]
+            gk = tl.dot(tl.load(scratch + cct).to(bq.dtype), bq, gk, input_precision=PREC)
+            Rs = tl.load(scratch + C * C + cc) + tl.load(scratch + C * C + cct)  # Rᵀ + R
+            gk = tl.dot(Rs.to(bk.dtype), bk, gk, input_precision=PREC)
+            pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
+            tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
+        db += Gam * kdBk
+        tl.store(dbeta + hb + rows.to(tl.int64) * H, db.to(dbeta.dtype.element_ty), mask=mt)
+        if NEED_DG:
+            dg += bg * kdBk - nj
+            n_valid = tl.minimum(T - t0, C)
+            dg += tl.where(offs_c == n_valid - 1, gamma * tl.sum(sds, 0) + tl.sum(nj, 0), 0.0)
+            dg = tl.where(mt, dg, 0.0)
+            tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
+
+
 def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor,
               G: torch.Tensor, lam: torch.Tensor, ds_out: torch.Tensor | None, need_ds0: bool = False) -> tuple:
     """DELTA → Δ [B·H, NS, K, V] fp32 (ds_out ignored); FULL → (dS_out of every chunk [B·H, NC, K, V],
@@ -250,20 +415,41 @@ def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Ten
     return end if mode == DELTA else (dh, du, end)
 
 
-def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool) -> tuple:
-    """(dq, dk, dv, dβ, d log a [B·H, T] fp32 or None) from the chunk states and the sweeps' U, dU."""
+def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
+    """The transient [B·H, NC, C, C] fp32 buffer through which the backward's `_prep_kernel` hands every chunk's Tᵀ
+    to `_grad_kb_kernel` (None for `_grad_kernel`, grad_block_k 0). fp32: Tᵀ enters dA = −Tᵀ dT Tᵀ and Tᵀ dW as
+    `_grad_kernel`'s solved fp32 T does; 16-bit would round T's entries (up to O(C) in size) before those products."""
+    if p.cfg.grad_block_k <= 0:
+        return None
+    return _empty((p.B * p.H, p.NC, p.C, p.C), torch.float32, like.device)
+
+
+def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool,
+                tt: torch.Tensor | None = None) -> tuple:
+    """(dq, dk, dv, dβ, d log a [B·H, T] fp32 or None) from the chunk states and the sweeps' U, dU; tt: every
+    chunk's Tᵀ (`t_buffer`, filled by `forward.prepare`), needed when cfg.grad_block_k > 0."""
     B, T, H, K, V = p.B, p.T, p.H, p.K, p.V
-    dev = q.device
+    dev, cfg = q.device, p.cfg
     dq = _empty((B, T, H, K), q.dtype, dev)
     dk = _empty((B, T, H, K), q.dtype, dev)
     dv = _empty((B, T, H, V), q.dtype, dev)
     dbeta = _empty((B, T, H), beta.dtype, dev)
     dloga = _empty((B * H, T), torch.float32, dev) if need_dg else None
     n_tiles = p.NC * B * H
-    n_prog = min(n_tiles, max(1, p.cfg.grad_programs))
+    n_prog = min(n_tiles, max(1, cfg.grad_programs))
+    bv = min(p.Vp, cfg.grad_bv)
+    if cfg.grad_block_k > 0:
+        if tt is None:
+            raise ValueError("grad_block_k > 0 needs every chunk's Tᵀ (t_buffer, filled by forward.prepare)")
+        scratch = torch.empty(n_prog, 2, p.C, p.C, dtype=torch.float32, device=dev)
+        _grad_kb_kernel[(n_prog,)](
+            q, k, v, beta, G, lam, do, un, du, h, dh, tt, dq, dk, dv, dbeta, _arg(dloga, dq), scratch, T, H, p.NC,
+            n_tiles, p.scale, K=K, V=V, C=p.C, BK=min(p.Kp, _pow2(cfg.grad_block_k)), BV=bv, DECAY=p.decay,
+            NEED_DG=need_dg, PREC=p.prec, num_warps=cfg.grad_warps, num_stages=cfg.num_stages)
+        return dq, dk, dv, dbeta, dloga
     scratch = torch.empty(n_prog, p.C, p.C, dtype=torch.float32, device=dev)
     _grad_kernel[(n_prog,)](
         q, k, v, beta, G, lam, do, un, du, h, dh, dq, dk, dv, dbeta, _arg(dloga, dq), scratch, T, H, p.NC, n_tiles,
-        p.scale, K=K, V=V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp, BV=min(p.Vp, p.cfg.grad_bv), DECAY=p.decay,
-        NEED_DG=need_dg, PREC=p.prec, num_warps=p.cfg.grad_warps, num_stages=p.cfg.num_stages)
+        p.scale, K=K, V=V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp, BV=bv, DECAY=p.decay,
+        NEED_DG=need_dg, PREC=p.prec, num_warps=cfg.grad_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dbeta, dloga

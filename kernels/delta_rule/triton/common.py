@@ -30,7 +30,10 @@ class DeltaConfig:
     chunk: C (a power of two in [16, 64]); seg_chunks: chunks per segment, 0 = enough segments for about
     `target_programs` (b, h, segment) programs; prep_bn: column block of W and u; sweep_bv: V-block (state
     columns) of the chunk sweeps; grad_bv: V-block of the gradient kernel's loops; grad_programs: its persistent
-    programs (each walks chunks and owns a [C, C] fp32 scratch); scan_bn: column block of the segment scans.
+    programs (each walks chunks and owns a [C, C] fp32 scratch); grad_block_k: 0 = `_grad_kernel` (all of K at
+    once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
+    backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer); scan_bn: column block of the
+    segment scans.
     """
 
     chunk: int = 64
@@ -43,6 +46,7 @@ class DeltaConfig:
     grad_bv: int = 64
     grad_warps: int = 8
     grad_programs: int = 1024
+    grad_block_k: int = 0
     scan_bn: int = 32
     scan_warps: int = 8
     num_stages: int = 2

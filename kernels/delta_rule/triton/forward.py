@@ -26,10 +26,11 @@ OUT, STATES, SUM_M, SUM_P = 0, 1, 2, 3
 
 
 @triton.jit
-def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, T, H,
+def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, t_out, T, H,
                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
-                 BN: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
-    """W and u of one chunk, in column blocks of BN (rows past T are written nowhere; their inputs load as 0)."""
+                 BN: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_T: tl.constexpr):
+    """W and u of one chunk, in column blocks of BN (rows past T are written nowhere; their inputs load as 0);
+    STORE_T: also Tᵀ (fp32, whole [C, C] tile) into t_out [B·H, NC, C, C]."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, C)
@@ -49,6 +50,9 @@ def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, T, H,
     b = tl.load(beta + r64 * H, mask=mt, other=0.0).to(tl.float32)
     g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
     Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC)
+    if STORE_T:
+        t_out += (i_bh * tl.num_programs(0) + i_c) * (C * C)
+        tl.store(t_out + offs_c[None, :] * C + offs_c[:, None], Tm)
     Tc = Tm.to(bk.dtype)
     if DECAY == 0:
         bg = b
@@ -177,14 +181,16 @@ def _scan_kernel(P, X, out, init, NS, K: tl.constexpr, N: tl.constexpr, BK: tl.c
 
 
 def prepare(p: Plan, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, G: torch.Tensor,
-            lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [B, T, H, K] and u [B, T, H, V] of every chunk (the UT transform), in `state_dtype(k)`."""
+            lam: torch.Tensor, t_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [B, T, H, K] and u [B, T, H, V] of every chunk (the UT transform), in `state_dtype(k)`; with t_out
+    ([B·H, NC, C, C] fp32), every chunk's Tᵀ too."""
     dt = state_dtype(k)
     w = _empty(tuple(k.shape), dt, k.device)
     u = _empty(tuple(v.shape), dt, k.device)
     _prep_kernel[(p.NC, p.B * p.H)](
-        k, v, beta, G, lam, w, u, p.T, p.H, K=p.K, V=p.V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp,
-        BN=min(p.Kp, p.Vp, p.cfg.prep_bn), DECAY=p.decay, PREC=p.prec, num_warps=p.cfg.prep_warps)
+        k, v, beta, G, lam, w, u, _arg(t_out, w), p.T, p.H, K=p.K, V=p.V, C=p.C, LOG2C=p.C.bit_length() - 1,
+        BK=p.Kp, BN=min(p.Kp, p.Vp, p.cfg.prep_bn), DECAY=p.decay, PREC=p.prec, STORE_T=t_out is not None,
+        num_warps=p.cfg.prep_warps)
     return w, u
 
 

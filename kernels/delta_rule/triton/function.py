@@ -3,10 +3,11 @@
 Forward: UT transform (W, u) → if the sequence has several segments, each segment's affine map (P_s, M_s) and the
 scan S_in(s+1) = P_s S_in(s) + M_s → outputs, every segment starting from S_in(s). Saved for backward: the inputs,
 the gate cumsum and, per segment, S_in(s) and P_s (fp32) — no per-chunk or per-token intermediate.
-Backward: W, u again → each segment's Δ_s (the gradient its outputs send to its entering state) and the reverse
-scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states entering every chunk and U (forward sweep) → dS_out of every
-chunk and dU (reverse sweep) → the chunk-parallel gradient kernel. The per-chunk states of that step are the
-backward's only transient of state size.
+Backward: W, u again (and every chunk's Tᵀ when DeltaConfig.grad_block_k > 0) → each segment's Δ_s (the gradient
+its outputs send to its entering state) and the reverse scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states
+entering every chunk and U (forward sweep) → dS_out of every chunk and dU (reverse sweep) → the chunk-parallel
+gradient kernel. The per-chunk states of that step (and the per-chunk Tᵀ) are the backward's only transients of
+state size.
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def boundary_states(p: Plan, P, X, init: torch.Tensor | None, reverse: bool) -> 
     return None if init is None else init.view(p.B * p.H, 1, p.K, p.V)
 
 
-def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0: bool, need_dg: bool):
+def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0: bool, need_dg: bool,
+                  tt: torch.Tensor | None = None):
     """(dq, dk, dv, dβ, d log a [B·H, T] or None, dS_init [B·H, K, V] or None) given the segments' entering states
-    and leaving gradients."""
+    and leaving gradients (tt: every chunk's Tᵀ from `restore_context`, for grad_block_k > 0)."""
     h, un = fwd.sweep(p, fwd.STATES, q, k, w, u, G, lam, s_in)
     dh, du, ds0 = bwd.bwd_sweep(p, bwd.FULL, q, k, w, do, G, lam, ds_out, need_ds0)
-    dq, dk, dv, dbeta, dloga = bwd.chunk_grads(p, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg)
+    dq, dk, dv, dbeta, dloga = bwd.chunk_grads(p, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg, tt)
     return dq, dk, dv, dbeta, dloga, ds0
 
 
@@ -89,13 +91,15 @@ def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
 
 
 def restore_context(ctx, do: torch.Tensor | None) -> tuple:
-    """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed)."""
+    """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed, every chunk's Tᵀ from the same
+    UT transform when cfg.grad_block_k > 0, else None)."""
     saved = ctx.saved_tensors
     q, k, v, beta, G, lam = saved[:6]
     p: Plan = ctx.plan
     do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
-    w, u = fwd.prepare(p, k, v, beta, G, lam)
-    return p, saved, do.to(q.dtype).contiguous(), w, u
+    tt = bwd.t_buffer(p, q)
+    w, u = fwd.prepare(p, k, v, beta, G, lam, tt)
+    return p, saved, do.to(q.dtype).contiguous(), w, u, tt
 
 
 class _DeltaRuleTriton(torch.autograd.Function):
@@ -117,14 +121,14 @@ class _DeltaRuleTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        p, (q, k, v, beta, G, lam, s_in, P), do, w, u = restore_context(ctx, do)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt = restore_context(ctx, do)
         delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None) if p.NS > 1 else None
         ds_out = boundary_states(p, P, delta, dfinal, True)
         del delta
         need_ds0 = ctx.has_init and ctx.needs_input_grad[6]
         need_dg = ctx.gate_dtype is not None or ctx.lam_dtype is not None
         dq, dk, dv, dbeta, dloga, ds0 = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0,
-                                                      need_dg)
+                                                      need_dg, tt)
         dgate, dlam = decay_grads(p, dloga, ctx.gate_dtype, ctx.lam_dtype)
         if ds0 is not None:
             ds0 = ds0.view(p.B, p.H, p.K, p.V)
