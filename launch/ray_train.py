@@ -83,7 +83,7 @@ def run_ray(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--num-workers {workers} must be ≥ 1")
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures {args.max_failures} must be ≥ 0")
-    cfg.validate(workers)
+    cfg.validate(workers, cuda=args.gpus_per_worker > 0)  # the workers' devices, not the driver's
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
     prepare_run_dir(cfg.run.dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     cfg.run.overwrite = False
