@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_rule.triton.common import _decay_matrix, _state_tile, _tok_tile, _ut_transform, state_dtype
+from kernels.delta_rule.triton.common import (
+    _decay_matrix,
+    _load_state,
+    _load_tok,
+    _tok_tile,
+    _ut_transform,
+    state_dtype,
+)
 from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start, _pow2
 
 DELTA, FULL = 0, 1
@@ -151,18 +158,12 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
         st = i_bh * NC + i_c
         for i_v in range(0, tl.cdiv(V, BV)):
             v0 = i_v * BV
-            pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
-            bdo = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
-            bu = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
-            bdu = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
-            bv = tl.load(pv, mask=mv, other=0.0)
-            ps, ms = _state_tile(h, st, K, V, v0, BK, BV)
-            bh = tl.load(ps, mask=ms, other=0.0)
-            ps, ms = _state_tile(dh, st, K, V, v0, BK, BV)
-            bdh = tl.load(ps, mask=ms, other=0.0)
+            bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
+            bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
+            bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+            bv = _load_tok(v, i_bh, T, H, V, t0, v0, C, BV)
+            bh = _load_state(h, st, K, V, v0, BK, BV)
+            bdh = _load_state(dh, st, K, V, v0, BK, BV)
             dP = tl.dot(bdo, tl.trans(bu.to(bdo.dtype)), dP, input_precision=PREC)
             dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
             dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
@@ -170,10 +171,8 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
             dTv = tl.dot(bdu, tl.trans((bv * b[:, None]).to(bdu.dtype)), dTv, input_precision=PREC)
             if NEED_DG:
                 sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
-        pk, mk = _tok_tile(q, i_bh, T, H, K, t0, 0, C, BK)
-        bq = tl.load(pk, mask=mk, other=0.0)
-        pk, mk = _tok_tile(k, i_bh, T, H, K, t0, 0, C, BK)
-        bk = tl.load(pk, mask=mk, other=0.0)
+        bq = _load_tok(q, i_bh, T, H, K, t0, 0, C, BK)
+        bk = _load_tok(k, i_bh, T, H, K, t0, 0, C, BK)
         g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
         Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC)
         Tt = _transposed(scratch, Tm, C)
@@ -225,10 +224,8 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
         Tc = Tt.to(dv.dtype.element_ty)
         for i_v in range(0, tl.cdiv(V, BV)):  # dV = diag(β) Tᵀ dU, and dβ's share v·(Tᵀ dU)
             v0 = i_v * BV
-            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
-            bdu = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
-            bv = tl.load(pv, mask=mv, other=0.0)
+            bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+            bv = _load_tok(v, i_bh, T, H, V, t0, v0, C, BV)
             dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
             pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
             tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
@@ -242,6 +239,13 @@ def _state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.con
     r = k0 + tl.arange(0, BK)
     c = n0 + tl.arange(0, BN)
     return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
+
+
+@triton.jit
+def _load_state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """The `_state_rows` tile, loaded (zeros outside the matrix)."""
+    p, m = _state_rows(ptr, index, K, N, k0, n0, BK, BN)
+    return tl.load(p, mask=m, other=0.0)
 
 
 @triton.jit
@@ -285,21 +289,15 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         Tc = tl.load(tb + cc).to(dv.dtype.element_ty)
         for i_v in range(0, tl.cdiv(V, BV)):
             v0 = i_v * BV
-            pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
-            bdo = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
-            bu = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
-            bdu = tl.load(pv, mask=mv, other=0.0)
-            pv, mv = _tok_tile(v, i_bh, T, H, V, t0, v0, C, BV)
-            bv = tl.load(pv, mask=mv, other=0.0)
+            bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
+            bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
+            bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+            bv = _load_tok(v, i_bh, T, H, V, t0, v0, C, BV)
             dP = tl.dot(bdo, tl.trans(bu.to(bdo.dtype)), dP, input_precision=PREC)
             KS = tl.zeros([C, BV], dtype=tl.float32)  # diag(βΓ) K S, S's rows in blocks of BK
             for i_k in range(0, tl.cdiv(K, BK)):
-                pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
-                bk = tl.load(pk, mask=mk, other=0.0)
-                ps, ms = _state_rows(h, st, K, V, i_k * BK, v0, BK, BV)
-                bh = tl.load(ps, mask=ms, other=0.0)
+                bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+                bh = _load_state_rows(h, st, K, V, i_k * BK, v0, BK, BV)
                 KS = tl.dot((bk * bg[:, None]).to(bh.dtype), bh, KS, input_precision=PREC)
             # dTᵀ of dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ with dW = −dU Sᵀ
             dTt = tl.dot((bv * b[:, None] - KS).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
@@ -323,8 +321,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         kk = tl.zeros([C, C], dtype=tl.float32)
         qk = tl.zeros([C, C], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
-            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
-            bk = tl.load(pk, mask=mk, other=0.0)
+            bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
             kk = tl.dot(bk, tl.trans(bk), kk, input_precision=PREC)
             if NEED_DG:
                 pk, mk = _tok_tile(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
@@ -347,25 +344,18 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             dWm = tl.zeros([C, BK], dtype=tl.float32)
             for i_v in range(0, tl.cdiv(V, BV)):
                 v0 = i_v * BV
-                pv, mv = _tok_tile(do, i_bh, T, H, V, t0, v0, C, BV)
-                bdo = tl.load(pv, mask=mv, other=0.0)
-                pv, mv = _tok_tile(un, i_bh, T, H, V, t0, v0, C, BV)
-                bu = tl.load(pv, mask=mv, other=0.0)
-                pv, mv = _tok_tile(du, i_bh, T, H, V, t0, v0, C, BV)
-                bdu = tl.load(pv, mask=mv, other=0.0)
-                ps, ms = _state_rows(h, st, K, V, k0, v0, BK, BV)
-                bh = tl.load(ps, mask=ms, other=0.0)
-                ps, ms = _state_rows(dh, st, K, V, k0, v0, BK, BV)
-                bdh = tl.load(ps, mask=ms, other=0.0)
+                bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
+                bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
+                bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+                bh = _load_state_rows(h, st, K, V, k0, v0, BK, BV)
+                bdh = _load_state_rows(dh, st, K, V, k0, v0, BK, BV)
                 dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
                 dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
                 dWm = tl.dot(bdu, tl.trans(bh), dWm, input_precision=PREC)
                 if NEED_DG:
                     sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
-            pk, mk = _tok_tile(k, i_bh, T, H, K, t0, k0, C, BK)
-            bk = tl.load(pk, mask=mk, other=0.0)
-            pq, mq = _tok_tile(q, i_bh, T, H, K, t0, k0, C, BK)
-            bq = tl.load(pq, mask=mq, other=0.0)
+            bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
+            bq = _load_tok(q, i_bh, T, H, K, t0, k0, C, BK)
             dq_inter = dQi * (Gam * scale)[:, None]
             gq = tl.dot(tl.load(scratch + cc).to(bk.dtype), bk, dq_inter, input_precision=PREC)
             pq, mq = _tok_tile(dq, i_bh, T, H, K, t0, k0, C, BK)

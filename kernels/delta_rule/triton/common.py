@@ -79,6 +79,20 @@ def _state_tile(ptr, index, K: tl.constexpr, N: tl.constexpr, n0, BK: tl.constex
 
 
 @triton.jit
+def _load_tok(ptr, i_bh, T, H, D: tl.constexpr, t0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """The `_tok_tile` tile, loaded (zeros outside the tensor)."""
+    p, m = _tok_tile(ptr, i_bh, T, H, D, t0, c0, BR, BC)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _load_state(ptr, index, K: tl.constexpr, N: tl.constexpr, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """The `_state_tile` tile, loaded (zeros outside the matrix)."""
+    p, m = _state_tile(ptr, index, K, N, n0, BK, BN)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
 def _decay_matrix(g, offs_c, STRICT: tl.constexpr):
     """[i ≥ j] 2^{g_i − g_j} ([i > j] if STRICT); the masked exponent is −inf, so nothing overflows."""
     if STRICT:
