@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True, help="ranks of the job (dp·pp·sp)")
     plan.add_argument("--gpu", default="h200", help="h200, h100, a100 or a hardware file (`longtrain calibrate`)")
     plan.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE")
-    plan.add_argument("--shard", choices=("none", "optimizer", "full"),
+    plan.add_argument("--shard", choices=("auto", "none", "optimizer", "full"),
                       help="parameter/gradient/optimizer sharding over dp × sp (default: the config's parallel.shard)")
     plan.add_argument("--search", action="store_true",
                       help="rank every (dp, pp, sp, M, remat, window, sp_attention, shard) that fits by predicted "
