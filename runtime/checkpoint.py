@@ -64,6 +64,7 @@ __all__ = ["MARKER", "UntrustedCheckpoint", "Verified", "array_digest", "check_r
            "export_safetensors", "list_checkpoints", "load_checkpoint", "resolve_resume", "save_checkpoint",
            "verify_checkpoint", "verify_path"]
 
+READ_THREADS = 16  # arrays read, verified and (optimizer state) moved to the device at a time, per rank
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -191,7 +192,22 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         for k in RNG_KEYS:
             if k in RNG_REQUIRED or f"{prefix}/{k}" in listed:
                 wanted[prefix, k] = (f"{prefix}/{k}",)
-    read_all = dict(zip(wanted, parallel_map(lambda args: read(*args), wanted.values())))  # in threads
+    parameters = dict(model.named_parameters())
+    on_device = any(optimizer.defaults.get(k) for k in ("fused", "capturable"))
+
+    def read_one(item: tuple[tuple, tuple]):
+        """Read and verify one array; optimizer state becomes its tensor here, in the reader threads (the
+        host-to-device copies overlap the other threads' reads; nothing the model holds is modified)."""
+        (name, key), args = item
+        data, attrs = read(*args)
+        if key is None or name == prefix:
+            return data, attrs
+        p = parameters[name]
+        if key == "step":  # AdamW keeps it on the parameter's device when fused or capturable, as its own loader
+            return torch.from_numpy(data).to(p.device if on_device else "cpu", torch.float32), attrs
+        return _state_like(p, data), attrs
+
+    read_all = dict(zip(wanted, parallel_map(read_one, wanted.items(), threads=READ_THREADS)))  # in threads
     params = {name: data for (name, key), (data, _) in read_all.items() if key is None}
     states = {name: {} for name in params}
     for (name, key), (data, _) in read_all.items():
@@ -205,12 +221,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     with torch.no_grad():
         for name, p in model.named_parameters():
             copy_tensor(local(p), torch.from_numpy(params[name]))
-    # AdamW keeps `step` on the parameter's device when fused or capturable (as its own load_state_dict does)
-    on_device = any(optimizer.defaults.get(k) for k in ("fused", "capturable"))
     for name, p in model.named_parameters():
         if states[name]:
-            optimizer.state[p] = {key: torch.from_numpy(value).to(p.device if on_device else "cpu", torch.float32)
-                                  if key == "step" else _state_like(p, value) for key, value in states[name].items()}
+            optimizer.state[p] = states[name]
     if rng is not None:
         set_rng_state(rng)
     return attrs

@@ -273,10 +273,25 @@ class CheckpointWriter:
         self.group = None  # the background threads' own gloo group, made by the first save (collective)
         self._buffer = HostBuffer(pinned=torch.cuda.is_available()) if background else None
         self._thread: threading.Thread | None = None
+        self._preparing: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self.saves, self.block_s, self.write_s = 0, 0.0, 0.0  # totals
         self._new = {"checkpoint_block_s": 0.0, "checkpoint_write_s": 0.0}  # since the last take_metrics
+
+    def prepare(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, writes_params: bool) -> None:
+        """Background saves: allocate, pin and fault in the snapshot buffer now, in a thread while training goes
+        on, so that the first save stops training for the copy only (on one H200 the 1b preset's 10.5 GiB took
+        3.4 s to allocate and pin inside the first save). Call it once the optimizer has its state (after the
+        first step); a save waits for it. Without a background writer it does nothing."""
+        if not self.background or self._preparing is not None:
+            return
+        arrays, _ = _plan(model, optimizer, writes_params)
+        shapes = [torch.empty_like(a.data, device="meta") for a in arrays]
+
+        self._preparing = threading.Thread(target=self._buffer.reserve, args=(shapes, True), daemon=True,
+                                           name="longtrain-checkpoint-buffer")
+        self._preparing.start()
 
     def save(self, path: str | Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              config: dict, cursor: dict, writes_params: bool, keep: int | None = None) -> None:
@@ -329,6 +344,8 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Until the save in flight (if any) is committed; raises its error. Every rank calls it at the same point."""
+        if self._preparing is not None:
+            self._preparing.join()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -17,7 +17,10 @@ class HostBuffer:
     def __init__(self, pinned: bool):
         self.pinned, self.layout, self.slab, self._registered = pinned, None, None, None
 
-    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def reserve(self, tensors: list[torch.Tensor], fault_in: bool = False) -> list[int]:
+        """Allocate (and pin) the slab for tensors of these shapes and dtypes unless it already fits them; returns
+        each one's byte offset (the tensors may be on the meta device: only shapes and dtypes are read). Pinning
+        faults the pages in; `fault_in` touches them when unpinned (else the first copy pays it)."""
         layout = [(tuple(t.shape), t.dtype) for t in tensors]
         sizes = [t.numel() * t.element_size() for t in tensors]
         offsets = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
@@ -30,8 +33,16 @@ class HostBuffer:
                         self._registered = self.slab.data_ptr()
                 except Exception:  # no cudart: pageable memory
                     pass
+            if fault_in and self._registered is None:
+                self.slab[::4096].fill_(0)
             self.layout = layout
-        return [self.slab[o:o + n].view(t.dtype).view(t.shape) for o, n, t in zip(offsets, sizes, tensors)]
+        return offsets
+
+    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the slab shaped as `tensors` (reserved first)."""
+        offsets = self.reserve(tensors)
+        return [self.slab[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                for o, t in zip(offsets, tensors)]
 
     def release(self) -> None:
         if self._registered is not None:

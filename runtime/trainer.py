@@ -170,12 +170,21 @@ class Trainer:
                     f"or allow skipping with --set train.skip_nonfinite=N")
         return StepResult(float(loss), float(norm), lr, time.perf_counter() - start, skipped=not finite)
 
+    @property
+    def writes_params(self) -> bool:
+        """Whether this rank's checkpoints hold its stage's replicated state (the stage's dp = 0, sp = 0 rank)."""
+        return self.mesh.coord("dp") == 0 and self.mesh.coord("sp") == 0
+
+    def prepare_saves(self) -> None:
+        """Background saves: reserve the host snapshot buffer now, while training goes on (after the first step,
+        once the optimizer has its state), so that the first save stops training for the copy only."""
+        self.checkpoints.prepare(model=self.model, optimizer=self.optimizer, writes_params=self.writes_params)
+
     def save(self, path, step: int) -> None:
         """Checkpoint after `step` steps (collective). When asynchronous it returns once the state is copied to
         host memory, and the write goes on in the background; `self.checkpoints.wait()` waits for its commit."""
-        writes = self.mesh.coord("dp") == 0 and self.mesh.coord("sp") == 0
         self.checkpoints.save(path, step=step, model=self.model, optimizer=self.optimizer, config=self.cfg.to_dict(),
-                              cursor=self.data.cursor(step), writes_params=writes, keep=self.cfg.run.keep)
+                              cursor=self.data.cursor(step), writes_params=self.writes_params, keep=self.cfg.run.keep)
 
     def restore(self, path) -> int:
         """Load a checkpoint; returns the number of steps it holds (the learning rate follows from it)."""
@@ -292,6 +301,8 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
             if before_step is not None:
                 before_step(step, mesh.rank)
             res = trainer.step(step)
+            if ckpt_every and step == start_step:
+                trainer.prepare_saves()
             losses.append(res.loss)
             window.append(res.seconds)
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):

@@ -84,6 +84,26 @@ def test_async_save_equals_sync_save(tmp_path, monkeypatch) -> None:
     assert w.take_metrics() == {"checkpoint_block_s": 0.0, "checkpoint_write_s": 0.0}
 
 
+def test_prepared_buffer_is_the_one_the_first_save_fills(tmp_path) -> None:
+    """`prepare` reserves the snapshot buffer in a thread; the first save copies into that same allocation (its
+    layout is the save's) and writes what a synchronous save writes."""
+    model, optimizer, config = _state()
+    w = CheckpointWriter(background=True)
+    w.prepare(model=model, optimizer=optimizer, writes_params=True)
+    w.wait()
+    slab = w._buffer.slab
+    assert slab is not None and slab.numel() >= sum(p.numel() * 4 * 3 for p in model.parameters())
+    _save(w, tmp_path / "async/step_00000001", 1, model, optimizer, config)
+    w.wait()
+    assert w._buffer.slab is slab
+    _save(CheckpointWriter(background=False), tmp_path / "sync/step_00000001", 1, model, optimizer, config)
+    a, b = _files(tmp_path / "sync/step_00000001"), _files(tmp_path / "async/step_00000001")
+    assert [name for name in a if a[name] != b.get(name)] == []
+    sync_only = CheckpointWriter(background=False)
+    sync_only.prepare(model=model, optimizer=optimizer, writes_params=True)  # nothing to reserve
+    assert sync_only._buffer is None
+
+
 def test_array_metadata_is_what_zarr_writes(tmp_path) -> None:
     for dtype, shape, chunks in (("float32", (10, 4), (4, 4)), ("uint8", (7,), (7,)), ("uint32", (3,), (3,)),
                                  ("float64", (), ()), ("int64", (2, 3), (2, 3)), ("bool", (5,), (5,))):
