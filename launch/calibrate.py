@@ -1,12 +1,20 @@
 """`longtrain calibrate`: measure the cost model's constants on this machine into a `[hardware]` TOML file.
 
     GEMM TFLOP/s         forward + backward of the model's projection shapes (x W1, · W2), bf16 autocast on CUDA
-    attention TFLOP/s    causal SDPA with grouped-query heads, forward + backward
+    attention TFLOP/s    causal SDPA with grouped-query heads, forward + backward (CUDA: also on cuDNN)
+    host link GB/s       CUDA: copies between the device and pinned host memory (parallel.offload)
     kernel tokens/s      `kernels.linear_attention` forward, and forward + backward with and without a gate,
                          reported at the reference geometry H·K·V = 16·128·128 (`runtime.plan.REFERENCE_HKV`)
     copy GB/s            a large device copy (bytes read + written)
     collectives          all-gather of 1 MiB and 256 MiB per rank over every local GPU (nccl): bus bandwidth and
-                         latency; with fewer than two GPUs they are taken from `--base` and the file says so
+                         latency; on a CPU between two local processes (gloo, 1 and 64 MiB); with one GPU they
+                         are taken from `--base` and the file says so
+    host overheads       CPU only (CUDA queues its kernels asynchronously, the host time hides behind them): the
+                         Trainer's step of a small model at 2 and 6 layers, in a fresh process, minus what the
+                         plan's compute terms predict for it; the difference per layer is `layer_overhead_ms`
+                         (Python and op dispatch per layer, forward + backward), the rest `step_overhead_ms`;
+                         that process's peak resident memory is `process_gib` (the runtime itself: a CPU rank's
+                         measured memory is its resident set, not the model's tensors alone)
 
 The inter-node bandwidth is a parameter (`--inter-node-gbit`, per GPU); the file's `source` line records the
 device, the versions and what was copied. `longtrain plan --gpu FILE` reads it.
@@ -78,7 +86,8 @@ def measure_compute(device: torch.device, quick: bool = False) -> dict:
     def attention() -> None:
         F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True).float().sum().backward()
 
-    attn = 2.0 * s["seq"] ** 2 * s["heads"] * s["hd"] * 3.5 / _timed(attention, device, s["reps"])
+    attn_flops = 2.0 * s["seq"] ** 2 * s["heads"] * s["hd"] * 3.5
+    attn = attn_flops / _timed(attention, device, s["reps"])
     H, D, T = s["la_heads"], s["la_dim"], s["la_tokens"]
     lq, lk, lv = (torch.randn(1, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     gate = torch.full((1, T, H), -0.01, device=device, requires_grad=True)
@@ -96,12 +105,24 @@ def measure_compute(device: torch.device, quick: bool = False) -> dict:
     n = s["copy_mib"] << 20
     src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
     copy = 2 * n / _timed(lambda: dst.copy_(src), device, s["reps"])
-    return dict(gemm_tflops=gemm / 1e12, attention_tflops=attn / 1e12, la_tokens_per_s=la(False, True),
-                la_gate_tokens_per_s=la(True, True), la_forward_tokens_per_s=la(False, False), copy_gbps=copy / 1e9)
+    out = dict(gemm_tflops=gemm / 1e12, attention_tflops=attn / 1e12, la_tokens_per_s=la(False, True),
+               la_gate_tokens_per_s=la(True, True), la_forward_tokens_per_s=la(False, False), copy_gbps=copy / 1e9)
+    if cuda:  # cuDNN's attention (where torch's SDPA offers it), and copies to and from pinned host memory
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out["attention_cudnn_tflops"] = attn_flops / _timed(attention, device, s["reps"]) / 1e12
+        except RuntimeError:  # no cuDNN attention here: the plan uses attention_tflops
+            pass
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        out["host_link_gbps"] = 2 * n / _timed(lambda: (src.copy_(host, non_blocking=True),
+                                                      host.copy_(dst, non_blocking=True)), device, s["reps"]) / 1e9
+    return out
 
 
-def _allgather_rank(out: str) -> None:
-    """One rank of the collective measurement (spawned, nccl): rank 0 writes the medians to `out`."""
+def _allgather_rank(out: str, sizes_mib: tuple[int, int]) -> None:
+    """One rank of the collective measurement (spawned; nccl, gloo on a CPU): rank 0 writes the medians to `out`."""
     import torch.distributed as dist
 
     from runtime.mesh import init_distributed
@@ -109,7 +130,7 @@ def _allgather_rank(out: str) -> None:
     device = init_distributed()
     world = dist.get_world_size()
     result = {}
-    for mib in (1, 256):
+    for mib in sizes_mib:
         x = torch.ones(mib << 18, device=device)  # mib MiB of fp32
         parts = [torch.empty_like(x) for _ in range(world)]
         result[mib] = _timed(lambda x=x, parts=parts: dist.all_gather(parts, x), device, 10)
@@ -117,17 +138,64 @@ def _allgather_rank(out: str) -> None:
         Path(out).write_text(json.dumps(result))
 
 
-def measure_collectives(gpus: int) -> dict:
-    """Bus bandwidth (GB/s) and latency (µs) of an all-gather over `gpus` local GPUs."""
+def measure_collectives(ranks: int, big_mib: int = 256) -> dict:
+    """Bus bandwidth (GB/s) and latency (µs) of an all-gather over `ranks` local GPUs (or CPU processes)."""
     from launch.local import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "allgather.json")
-        spawn(_allgather_rank, gpus, out, log_dir=Path(tmp) / "logs")
+        spawn(_allgather_rank, ranks, out, (1, big_mib), log_dir=Path(tmp) / "logs")
         t = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
-    big, small = (256 << 20) * (gpus - 1), (1 << 20) * (gpus - 1)
-    gbps = big / t[256] / 1e9
+    big, small = (big_mib << 20) * (ranks - 1), (1 << 20) * (ranks - 1)
+    gbps = big / t[big_mib] / 1e9
     return dict(intra_node_gbps=gbps, latency_us=max(1.0, 1e6 * (t[1] - small / (gbps * 1e9))))
+
+
+HOST_PROBE = ["model.preset=tiny", "train.batch_size=2", "train.seq_len=64", "parallel.pp=1", "parallel.sp=1",
+              "parallel.remat=never", "run.progress=false", "run.tensorboard=false", "data.source=synthetic:zipf"]
+HOST_PROBE_LAYERS = (2, 6)
+
+
+def _host_rank(out: str, reps: int) -> None:
+    """One rank (spawned, world 1): median seconds of the Trainer's step of HOST_PROBE at each depth of
+    HOST_PROBE_LAYERS, and the process's peak resident memory, into `out`."""
+    import resource
+
+    from runtime.config import load_config
+    from runtime.mesh import build_mesh
+    from runtime.trainer import Trainer
+
+    mesh, result = build_mesh(1, 1, 1), {}
+    for layers in HOST_PROBE_LAYERS:
+        torch.manual_seed(0)
+        trainer = Trainer(load_config(None, [*HOST_PROBE, f"model.n_layers={layers}"]), mesh)
+        try:
+            times = [trainer.step(i).seconds for i in range(reps + 1)][1:]  # the first step warms up
+        finally:
+            trainer.close()
+        result[layers] = statistics.median(times)
+    result["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    Path(out).write_text(json.dumps(result))
+
+
+def measure_host_overheads(hw: Hardware, reps: int) -> dict:
+    """`layer_overhead_ms`, `step_overhead_ms` and `process_gib` of a CPU (module docstring): the measured steps
+    minus what `runtime.plan` predicts for them from `hw`'s compute and copy rates."""
+    from launch.local import spawn
+    from runtime.config import load_config
+    from runtime.plan import plan_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "host.json")
+        spawn(_host_rank, 1, out, reps, log_dir=Path(tmp) / "logs")
+        measured = json.loads(Path(out).read_text())
+    bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0)
+    rest = {n: measured[str(n)] - plan_job(load_config(None, [*HOST_PROBE, f"model.n_layers={n}"]), 1, bare).step_s
+            for n in HOST_PROBE_LAYERS}
+    (a, b) = HOST_PROBE_LAYERS
+    layer = max(0.0, (rest[b] - rest[a]) / (b - a))
+    return dict(layer_overhead_ms=1e3 * layer, step_overhead_ms=1e3 * max(0.0, rest[a] - a * layer),
+                process_gib=measured["rss_gib"])
 
 
 def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: float = 400.0,
@@ -141,6 +209,8 @@ def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: floa
     copied = []
     if gpus >= 2:
         measured.update(measure_collectives(gpus))
+    elif device.type == "cpu":
+        measured.update(measure_collectives(2, big_mib=16 if quick else 64))
     else:
         measured.update(intra_node_gbps=reference.intra_node_gbps, latency_us=reference.latency_us)
         copied.append(f"collectives from {reference.name} (fewer than two GPUs here)")
@@ -156,8 +226,16 @@ def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: floa
     source = f"longtrain calibrate on {label}, torch {torch.__version__}, {date}" + (
         "; quick shapes" if quick else "") + "".join(f"; {c}" for c in copied)
     kind = re.search(r"\b[A-Z]\d{2,4}\b", label) if device.type == "cuda" else None  # "NVIDIA H100 80GB" → h100
-    return Hardware(name=name or (kind.group(0).lower() if kind else device.type), memory_gib=memory, peak_tflops=peak,
-                    inter_node_gbps=inter_node_gbit / 8, gpus_per_node=max(gpus, 1), source=source, **measured)
+    per_node = max(gpus, 1) if device.type == "cuda" else os.cpu_count() or 1  # CPU: local processes per node
+    hw = Hardware(name=name or (kind.group(0).lower() if kind else device.type), memory_gib=memory, peak_tflops=peak,
+                  inter_node_gbps=inter_node_gbit / 8, gpus_per_node=per_node, source=source,
+                  autocast_bf16=device.type == "cuda", **measured)
+    if device.type == "cpu":
+        hw = dataclasses.replace(hw, **measure_host_overheads(hw, reps=3 if quick else 8))
+    elif reference.host_optimizer_ns:  # parallel.offload_optimizer's host step: not measured here
+        hw = dataclasses.replace(hw, host_optimizer_ns=reference.host_optimizer_ns,
+                                 source=f"{hw.source}; host optimizer step from {reference.name}")
+    return hw
 
 
 def to_toml(hw: Hardware) -> str:
@@ -165,7 +243,7 @@ def to_toml(hw: Hardware) -> str:
              "[hardware]"]
     for f in dataclasses.fields(Hardware):
         value = getattr(hw, f.name)
-        if isinstance(value, str):
+        if isinstance(value, (str, bool)):
             lines.append(f"{f.name} = {json.dumps(value)}")
         elif isinstance(value, float):
             lines.append(f"{f.name} = {value:.6g}" if math.isfinite(value) else f"{f.name} = 0.0")

@@ -1,19 +1,26 @@
 """Peak memory per rank of a training step, estimated before any process starts (DESIGN §9).
 
-On CUDA (fp32 parameters, bf16 autocast), for the busiest pipeline stage with P parameters, L layers,
-T tokens per micro-batch stored (all M micro-batches of a replica under GPipe), width d, FFN width f:
+On CUDA (fp32 parameters, bf16 autocast: c = 2 bytes; without autocast c is the parameters' width), for the
+busiest pipeline stage with P parameters, L layers, T tokens per micro-batch stored (all M micro-batches of a
+replica under GPipe), width d, FFN width f, widening width w (q/k/v/gate and gate/up outputs, `widening_width`):
 
     state        16·P                                    fp32 parameter, gradient, two AdamW moments
                  (parallel.shard over N = dp·sp ranks: `state_bytes`, 16·P/N plus the gathered working copies;
                  exactly, per tensor: `stage_state`, rank 0's ⌈rows / N⌉-row dim-0 shards, the largest)
-    stored       L·T_stored·d·4                          layer inputs kept for recomputation (fp32 stream)
-                 (parallel.remat_policy=selective: + L·T_stored·(4d + 2f)·2, the widening matmuls' bf16 outputs)
-                 (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·2)
-    transient    ACTIVATION·T_layer·(4d + 3f)·2          one layer's internals, recomputed, and its backward
+    stored       L·T_stored·d·c                          layer inputs kept for recomputation (the residual stream)
+                 (parallel.remat_policy=selective: + L·T_stored·w·c, the widening matmuls' outputs)
+                 (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·c)
+    transient    ACTIVATION·T_layer·(4d + 3f)·c          one layer's internals, recomputed, and its backward
+                 (selective: less the kept widening outputs, T_layer·w·c)
+                 + LOSS_RESIDUE·min(loss_chunk, T)·vocab  what of the chunked loss is still live in backward
     windows      W·L·H·K·V·4                             carried states of a streamed sequence
+    absent       −(gradients not yet allocated when the activations peak, at the start of backward: all but the
+                 root's and the first block's) — none with several micro-batches or windows, which accumulate
 
-ACTIVATION = 2.2 is fitted to the measured `1b` step on an H200 (44.5 GiB at 128K tokens with remat always,
-32.4 GiB at 1M with 64K windows; benchmarks/RESULTS.md); the estimate is within ±15 % of those.
+peak = state + max(0, stored + windows + transient − absent). ACTIVATION = 2.07 and LOSS_RESIDUE = 6.5 are
+fitted to the `1b` step on an H200 (17.9 / 34.0 GiB at 32K / 128K tokens, remat always; benchmarks/RESULTS.md,
+2026-12-02); with them the estimate is within 3 % of all ten measured peaks (full and selective recomputation,
+32K–4M tokens, windows of 16K and 64K: tests/runtime/test_memory.py).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from parallel.sharding import shard_rows
 from runtime.config import JobConfig
 from runtime.errors import ConfigError
 
-ACTIVATION = 2.2  # bytes of live internals per token and layer, in units of (4d + 3f)·2 (fitted, see above)
+ACTIVATION = 2.07  # live internals per token and layer, in units of (4d + 3f)·compute bytes (fitted, see above)
+LOSS_RESIDUE = 6.5  # bytes per token and vocabulary entry of a loss chunk still live in backward (fitted, above)
 MARGIN = 0.15  # the estimate's stated accuracy
 
 
@@ -38,10 +46,11 @@ class MemoryEstimate:
     state_gib: float
     stored_gib: float
     transient_gib: float
+    absent_gib: float = 0.0  # gradients in state_gib not yet allocated when the activations peak
 
     @property
     def total_gib(self) -> float:
-        return self.state_gib + self.stored_gib + self.transient_gib
+        return self.state_gib + max(0.0, self.stored_gib + self.transient_gib - self.absent_gib)
 
 
 def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: int = 0, root_params: int = 0,
@@ -61,26 +70,52 @@ def state_bytes(n_params_stage: int, replicas: int, shard: str, block_params: in
     return (0.0 if offload else 16.0 * n_params_stage / replicas) + 2.0 * gathered + 4.0 * accumulate
 
 
-def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int) -> dict[str, float]:
+def widening_width(cfg: JobConfig, kind: str) -> int:
+    """Output width of the matmuls of one block that widen the stream (what `parallel.remat_policy=selective`
+    keeps, `models.llama._keep_widening_matmuls`): q/k/v(/gate) as one GEMM in a linear layer, SwiGLU's gate/up
+    in every block; Mamba-2 / Gated DeltaNet in-projections taken as 4d."""
+    m = cfg.model
+    mixer = {"L": 3 * m.dim + (m.n_heads if m.gate else 0), "A": 0}.get(kind, 4 * m.dim)
+    return mixer + 2 * m.ffn_dim
+
+
+def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: int = 2) -> dict[str, float]:
     """The activation terms of the estimate, in bytes per rank of the busiest stage: `stored` (layer inputs, or
     every layer's internals without re-materialization), `windows` (carried states of a streamed sequence) and
-    `layer` (one layer's internals, recomputed, and its backward: the fitted transient)."""
+    `layer` (one layer's internals, recomputed, and its backward, with the loss's residue: the fitted
+    transient). `compute_bytes`: the width of the residual stream and of the layers' internals (2 under bf16
+    autocast on CUDA; the parameters' width without autocast, as on a CPU)."""
     m, t, par = cfg.model, cfg.train, cfg.parallel
     layers = -(-m.n_layers // pp)
     rows = t.batch_size // dp
     local = t.seq_len // sp
-    per_token_layer = ACTIVATION * (4 * m.dim + 3 * m.ffn_dim) * 2
+    per_token_layer = ACTIVATION * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
     window = t.window or local
+    kept = layers * rows * min(window, local)  # token-layers whose input (or internals) stay for backward
     layer_tokens = min(window, local) * rows // par.microbatches
+    widest = max(widening_width(cfg, k) for k in m.layer_kinds())
+    layer = per_token_layer * layer_tokens
     if par.remat == "never":
-        stored = layers * rows * min(window, local) * per_token_layer
+        stored = kept * per_token_layer
     else:
-        stored = layers * rows * min(window, local) * m.dim * 4
-        if par.remat_policy == "selective":  # q/k/v/gate and gate/up outputs, bf16
-            stored += layers * rows * min(window, local) * (4 * m.dim + 2 * m.ffn_dim) * 2
+        stored = kept * m.dim * compute_bytes
+        if par.remat_policy == "selective":  # the widening matmuls' outputs, kept; not recomputed in backward
+            stored += kept * widest * compute_bytes
+            layer -= layer_tokens * widest * compute_bytes
     n_windows = -(-local // window) if t.window else 0
     windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
-    return dict(stored=float(stored), windows=float(windows), layer=float(per_token_layer * layer_tokens))
+    loss_tokens = min(t.loss_chunk, rows * local // par.microbatches) if t.loss_chunk else rows * local
+    layer += LOSS_RESIDUE * loss_tokens * m.vocab_size
+    return dict(stored=float(stored), windows=float(windows), layer=float(layer))
+
+
+def gradients_absent(cfg: JobConfig, grads: float, grads_first_block: float) -> float:
+    """Bytes of the stage's gradients not yet allocated when its activations peak (the start of backward: only
+    the root's and the first block's exist) — none missing when several micro-batches or windows accumulate
+    them (after the first backward every gradient is live)."""
+    if cfg.parallel.microbatches > 1 or cfg.train.window and cfg.train.window < cfg.train.seq_len:
+        return 0.0
+    return max(0.0, grads - grads_first_block)
 
 
 def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: int, block_params: int = 0,
@@ -91,8 +126,11 @@ def estimate_memory(cfg: JobConfig, n_params_stage: int, dp: int, pp: int, sp: i
     par = cfg.parallel
     state = state_bytes(n_params_stage, dp * sp, par.shard, block_params, root_params, par.microbatches,
                         par.offload_optimizer)
+    replicas = dp * sp if par.shard != "none" else 1
+    absent = 0.0 if par.offload_optimizer else gradients_absent(cfg, 4.0 * n_params_stage / replicas,
+                                                               4.0 * (block_params + root_params) / replicas)
     gib = 2.0**30
-    return MemoryEstimate(state / gib, (act["stored"] + act["windows"]) / gib, act["layer"] / gib)
+    return MemoryEstimate(state / gib, (act["stored"] + act["windows"]) / gib, act["layer"] / gib, absent / gib)
 
 
 SHARD_MODES = ("none", "optimizer", "full")

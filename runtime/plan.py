@@ -1,20 +1,27 @@
 """The cost model behind `longtrain plan` (DESIGN §11): per-rank peak memory and step time of a job, before launch.
 
-Memory per rank (busiest pipeline stage): the model state exactly as the stage allocates it
-(`runtime.memory.stage_state`: parameters, gradients, AdamW state — under parallel.shard=optimizer | full rank 0's
-dim-0 shards over N = dp·sp, the largest — plus, when sharded, the gathered bf16 working copies (optimizer: the
-whole stage; full: the root and two blocks) and the fp32 gradients not yet reduce-scattered (one block, or the
-stage with several micro-batches)), the activation terms of `runtime.memory` (stored layer inputs,
-carried window states, one layer's internals, fitted on the H200), and the other transients: the loss chunk,
-softmax attention's gathered K, V, LASP-2's gathered states, the flat gradient buffer of the replica all-reduce
-(after backward).
+Memory per rank (busiest pipeline stage): the runtime's own (`process_gib`: a CPU rank's resident set before the
+job's tensors; 0 on CUDA, whose measured peak counts allocated tensors only), the model state exactly as the stage
+allocates it (`runtime.memory.stage_state`: parameters, gradients, AdamW state — under parallel.shard=optimizer |
+full rank 0's dim-0 shards over N = dp·sp, the largest — plus, when sharded, the gathered bf16 working copies
+(optimizer: the whole stage; full: the root and two blocks) and the fp32 gradients not yet reduce-scattered (one
+block, or the stage with several micro-batches)), the activation terms of `runtime.memory` (stored layer inputs,
+carried window states, one layer's internals, fitted on the H200, less the gradients not yet allocated when the
+activations peak), and the other transients: the loss chunk, softmax attention's gathered K, V, LASP-2's gathered
+states, the flat gradient buffer of the replica all-reduce (after backward).
 
 Step time (busiest stage, one step):
 
-    compute   GEMM FLOPs / F_gemm · (3 + r)/3,  linear-attention tokens / kernel rate,  causal softmax FLOPs /
-              F_attention,  elementwise bytes / copy bandwidth,  the loss and the optimizer
+    compute   GEMM FLOPs / F_gemm: 3 passes of every GEMM, r more of those a re-materialized forward repeats (not
+              the down projection; under remat_policy=selective not the widening ones: `recomputed_gemm`) and one
+              more of every GEMM with train.window; linear-attention tokens / kernel rate; causal softmax FLOPs /
+              F_attention (cuDNN's rate where model.attention_backend takes it); elementwise bytes / copy
+              bandwidth; the loss; the optimizer (parallel.offload_optimizer: host_optimizer_ns per parameter);
+              parallel.offload: the stored layer inputs out and back over the host link
     comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
+    host      per layer and micro-batch layer_overhead · (3 + r)/3, and step_overhead once per step: the host time
+              a CPU spends dispatching ops (`longtrain calibrate` measures both on a CPU; 0 on CUDA)
     bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
     sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward; sharded: one
               reduce-scatter of the stage's fp32 gradients over dp·sp instead of the all-reduce
@@ -24,7 +31,8 @@ Step time (busiest stage, one step):
 r is the number of recomputed forwards: 1 for `parallel.remat=always`, (M−1)/M for `except_last`, plus one
 with `train.window`. B_link is the node's collective bandwidth for a group inside one node and the inter-node
 bandwidth per GPU otherwise (sp innermost, then pp, then dp). The constants come from a hardware file
-(configs/hardware/*.toml, or `longtrain calibrate`); ELEMENTWISE_BYTES is fitted to the measured `1b` step.
+(configs/hardware/*.toml, or `longtrain calibrate`); ELEMENTWISE_BYTES is fitted to the measured `1b` steps
+(2026-12-02: within 5 % of all seven of full / selective recomputation and 64K windows, 32K–4M tokens).
 """
 
 from __future__ import annotations
@@ -38,11 +46,11 @@ from pathlib import Path
 
 from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
-from runtime.memory import SHARD_MODES, activation_bytes, stage_state
+from runtime.memory import SHARD_MODES, activation_bytes, gradients_absent, stage_state
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 REFERENCE_HKV = 16 * 128 * 128  # the head geometry the kernel rates are measured at (H × K × V)
-ELEMENTWISE_BYTES = 58.0  # device-memory bytes per token and layer, in units of (4d + 3f), of a fwd+bwd (fitted)
+ELEMENTWISE_BYTES = 37.0  # device-memory bytes per token and layer, in units of (4d + 3f), of a fwd+bwd (fitted)
 LOSS_BYTES = 16.0  # bytes per token and vocabulary entry moved by the chunked head + cross-entropy
 LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
 OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
@@ -69,6 +77,14 @@ class Hardware:
     latency_us: float
     gpus_per_node: int
     source: str = ""
+    # host time the device does not hide (a CPU runs every op in the Python thread; CUDA queues kernels ahead, 0):
+    layer_overhead_ms: float = 0.0  # per layer and micro-batch, forward + backward (× (3 + r)/3 with recompute)
+    step_overhead_ms: float = 0.0  # per step: embedding, loss, optimizer loop, gradient norm
+    process_gib: float = 0.0  # memory the runtime holds besides the job's tensors (a CPU rank's resident set)
+    autocast_bf16: bool = True  # layers run under bf16 autocast (CUDA); False: in the parameters' dtype (CPU)
+    attention_cudnn_tflops: float = 0.0  # causal attention on cuDNN (model.attention_backend auto | cudnn); 0: none
+    host_link_gbps: float = 0.0  # device ↔ pinned host copies (parallel.offload's layer inputs); 0: not modelled
+    host_optimizer_ns: float = 0.0  # ns per parameter of a step with parallel.offload_optimizer (copies + CPU AdamW)
 
 
 def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
@@ -143,11 +159,12 @@ def _geometry(model_key: tuple, pp: int, dtype: str) -> tuple:
         model = LinearLlama(mcfg)
     gemm = [sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
             for block in model.layers.values()]
+    down = [block.mlp.down.weight.numel() for block in model.layers.values()]
     ranges = partition(layer_costs_by_params(mcfg), pp)
     job = JobConfig(model=mcfg)
     job.train.dtype = dtype
     blocks = [num_parameters(block) for block in model.layers.values()]
-    return gemm, ranges, stage_state(job, pp), num_parameters(model), blocks
+    return gemm, ranges, stage_state(job, pp), num_parameters(model), blocks, down
 
 
 def _link_gbps(hw: Hardware, stride: int, size: int, world: int) -> float:
@@ -162,10 +179,24 @@ def _collective(hw: Hardware, nbytes: float, gbps: float) -> float:
 
 
 def recompute_passes(cfg: JobConfig) -> float:
-    """Extra forward passes per step relative to one forward + backward (DESIGN §5, §9)."""
+    """Extra forward passes per step relative to one forward + backward (DESIGN §5, §9): the layer re-runs of
+    parallel.remat, and with train.window one more (each window is rebuilt before its backward)."""
+    return _remat_passes(cfg) + (1.0 if cfg.train.window else 0.0)
+
+
+def _remat_passes(cfg: JobConfig) -> float:
     par, m = cfg.parallel, cfg.parallel.microbatches
-    r = {"never": 0.0, "always": 1.0, "except_last": (m - 1) / m}[par.remat]
-    return r + (1.0 if cfg.train.window else 0.0)
+    return {"never": 0.0, "always": 1.0, "except_last": (m - 1) / m}[par.remat]
+
+
+def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int) -> int:
+    """Weights of one block's GEMMs a re-materialized forward runs again: not SwiGLU's down projection (backward
+    needs nothing after it), and under remat_policy=selective not the widening ones either (their outputs are
+    kept: `runtime.memory.widening_width`)."""
+    from runtime.memory import widening_width
+
+    kept = cfg.model.dim * widening_width(cfg, kind) if cfg.parallel.remat_policy == "selective" else 0
+    return max(0, gemm - down - kept)
 
 
 def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None) -> Plan:
@@ -183,7 +214,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
                           f"use one of {list(SHARD_MODES)}")
     replicas = dp * sp
     sharded = shard != "none" and (replicas > 1 or par.offload_optimizer)  # runtime.parallelize.sharded
-    gemm, ranges, whole, n_params, blocks = _geometry(dataclasses.astuple(m), pp, t.dtype)
+    gemm, ranges, whole, n_params, blocks, down = _geometry(dataclasses.astuple(m), pp, t.dtype)
     states = stage_state(cfg, pp, shard, replicas) if sharded else whole  # rank 0's shards: the largest
     kinds = m.layer_kinds()
     width = 8 if t.dtype == "float64" else 4
@@ -193,6 +224,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     tokens = rows * local  # this rank's tokens per step
     mb_rows = rows / M
     r = recompute_passes(cfg)
+    r_layer, rebuilt = _remat_passes(cfg), 1.0 if t.window else 0.0
     hkv_scale = m.n_heads * m.head_dim * m.head_dim / REFERENCE_HKV
     la_rate = hw.la_gate_tokens_per_s if m.gate else hw.la_tokens_per_s
     sp_gbps = _link_gbps(hw, 1, sp, world)
@@ -202,13 +234,17 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     shard_gbps = sp_gbps if dp == 1 else dp_gbps  # the stage's dp × sp ranks, flattened
     compute_width = 2 if t.dtype == "float32" else width  # bf16 working copies on CUDA
     n_local = num_shards(sp, par.layout) // sp
+    cudnn = m.attention_backend in ("auto", "cudnn") and hw.attention_cudnn_tflops > 0
+    attention_tflops = hw.attention_cudnn_tflops if cudnn else hw.attention_tflops
 
     stages = []
     for s, (start, end) in enumerate(ranges):
-        c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0)
+        c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0,
+                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3)
         k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
         for i in range(start, end):
-            c["gemm"] += 2 * gemm[i] * tokens * (3 + r) / (hw.gemm_tflops * 1e12)
+            again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]
+            c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)
             c["elementwise"] += tokens * ELEMENTWISE_BYTES * (4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (
                 hw.copy_gbps * 1e9)
             passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
@@ -225,7 +261,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
                         k["halo"] += passes * _collective(hw, halo, sp_gbps)
             else:
                 flops = 2.0 * rows * t.seq_len**2 * m.n_heads * m.head_dim / sp
-                attn = flops * (3.5 + r) / (hw.attention_tflops * 1e12)
+                attn = flops * (3.5 + r) / (attention_tflops * 1e12)
                 c["softmax_attention"] += attn
                 if sp > 1:
                     kv = mb_rows * t.seq_len * 2 * m.kv_heads * m.head_dim * 2 * (sp - 1) / sp
@@ -271,9 +307,18 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     comm["gradient_sync"] = sync
     comm["small_collectives"] = 4 * alpha  # token count, loss, gradient norm
     compute["optimizer"] = state.params / width * OPTIMIZER_BYTES / (hw.copy_gbps * 1e9)
-    step = stage_s + bubble + sync + comm["small_collectives"] + compute["optimizer"]
+    compute["step_overhead"] = hw.step_overhead_ms / 1e3
+    if sharded and par.offload_optimizer:  # gradients out, CPU AdamW, parameters back: instead of the device's
+        compute["optimizer"] = state.params / width * hw.host_optimizer_ns * 1e-9
+    act = activation_bytes(cfg, dp, pp, sp, compute_width if hw.autocast_bf16 else width)
+    if par.offload and hw.host_link_gbps > 0:  # the stored layer inputs go out in forward and come back in backward
+        comm["activation_offload"] = 2 * act["stored"] / (hw.host_link_gbps * 1e9)
+    step = (stage_s + bubble + sync + comm["small_collectives"] + compute["optimizer"] + compute["step_overhead"]
+            + comm.get("activation_offload", 0.0))
 
-    act = activation_bytes(cfg, dp, pp, sp)
+    stored = act["stored"]
+    if par.offload:  # in host memory but for the layer in flight each way (parallel/offload.py)
+        stored = min(stored, 2 * stored / max(1, -(-m.n_layers // pp)))
     mb_tokens = mb_rows * local
     loss_tokens = min(t.loss_chunk, mb_tokens) if t.loss_chunk else mb_tokens
     transient = {"layer": act["layer"], "loss_chunk": loss_tokens * m.vocab_size * LOSS_MEMORY_BYTES}
@@ -294,12 +339,17 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
         root = stage_params - sum(blocks[start:end])
         gathered = compute_width * (stage_params if shard == "optimizer" else root + 2 * block)
         unsharded_grads = width * (stage_params if M > 1 else block)
-    during_step = act["stored"] + act["windows"] + transient[largest]
-    on_device = 0 if sharded and par.offload_optimizer else state.total
-    peak = on_device + gathered + unsharded_grads + max(during_step, flat)
-    memory = {"parameters": state.params / GIB, "gradients": state.grads / GIB, "optimizer": state.optimizer / GIB,
+    during_step = stored + act["windows"] + transient[largest]
+    offloaded = sharded and par.offload_optimizer
+    on_device = 0 if offloaded else state.total
+    start, end = ranges[heaviest]
+    first_block = width * (whole[heaviest].params // width - sum(blocks[start:end]) + max(blocks[start:end], default=0))
+    absent = 0.0 if offloaded else gradients_absent(cfg, state.grads, first_block / (replicas if sharded else 1))
+    peak = hw.process_gib * GIB + on_device + gathered + unsharded_grads + max(during_step - absent, flat, 0.0)
+    memory = {"process": hw.process_gib, "parameters": state.params / GIB, "gradients": state.grads / GIB,
+              "optimizer": state.optimizer / GIB,
               "gathered_parameters": gathered / GIB, "unsharded_gradients": unsharded_grads / GIB,
-              "stored_activations": act["stored"] / GIB, "window_states": act["windows"] / GIB,
+              "stored_activations": stored / GIB, "window_states": act["windows"] / GIB,
               **{f"transient_{k}": v / GIB for k, v in transient.items()}, "gradient_buffer": flat / GIB}
     tps = t.batch_size * t.seq_len / step
     mfu = tps * flops_per_token(m, t.seq_len, n_params) / (hw.peak_tflops * 1e12 * world)

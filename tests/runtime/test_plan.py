@@ -20,9 +20,18 @@ from runtime.errors import ConfigError
 from runtime.memory import SHARD_MODES, stage_state
 from runtime.parallelize import layer_costs_by_params
 
-# benchmarks/RESULTS.md, 2026-12-01: the 1b preset with gate, batch 1, remat always (seq, window, tokens/s, GiB)
+# benchmarks/RESULTS.md, one H200: the 1b preset with gate, batch 1, remat always, and each row's settings
+# (extra overrides, tokens per sequence, tokens/s, peak GiB) — ninth session (2026-12-02) and seventh (LLLA, offloads)
 H200_STEPS = [
-    (131072, 0, 50311, 44.5), (32768, 0, 50670, 20.9), (1048576, 65536, 40217, 32.4), (131072, 65536, 43455, 32.2)]
+    ([], 32768, 61883, 17.9), ([], 131072, 63892, 34.0),
+    (["parallel.remat_policy=selective"], 32768, 69678, 33.8),
+    (["parallel.remat_policy=selective"], 131072, 71383, 101.5),
+    (["train.window=65536"], 262144, 52326, 26.5), (["train.window=65536"], 1048576, 50710, 26.7),
+    (["train.window=65536"], 2097152, 50416, 27.0), (["train.window=65536"], 4194304, 47973, 27.5),
+    (["model.layout=LLLA"], 131072, 29856, 33.5), (["model.layout=LLLA", "model.attention_backend=flash"], 131072,
+                                                   21823, 33.5),
+    (["parallel.offload=true"], 131072, 52436, 29.5),
+    (["model.preset=3b", "parallel.shard=full", "parallel.offload_optimizer=true"], 131072, 9806, 41.4)]
 BASE = ["model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1", "parallel.remat=always",
         "train.batch_size=1"]
 
@@ -150,13 +159,15 @@ def test_unknown_shard_mode_is_refused() -> None:
         stage_state(load_config(), 1, "zero3")
 
 
-@pytest.mark.parametrize("seq_len,window,tokens_per_s,peak_gib", H200_STEPS)
-def test_plan_matches_measured_h200_steps(seq_len: int, window: int, tokens_per_s: float, peak_gib: float) -> None:
-    cfg = load_config(None, ["model.preset=1b", *BASE, f"train.seq_len={seq_len}", f"train.window={window}"])
+@pytest.mark.parametrize("extra,seq_len,tokens_per_s,peak_gib", H200_STEPS)
+def test_plan_matches_measured_h200_steps(extra: list[str], seq_len: int, tokens_per_s: float,
+                                          peak_gib: float) -> None:
+    """The issue's goals on every measured one-H200 step: memory within 10 %, step time within 15 %."""
+    cfg = load_config(None, ["model.preset=1b", *BASE, f"train.seq_len={seq_len}", *extra])
     p = plan.plan_job(cfg, 1, plan.load_hardware("h200"))
     assert abs(p.peak_gib - peak_gib) / peak_gib < 0.10
     assert abs(p.step_s - seq_len / tokens_per_s) / (seq_len / tokens_per_s) < 0.15
-    assert p.compute["gemm"] > p.compute["linear_attention"] and p.comm_s < 1e-3 and p.bubble_s == 0
+    assert p.bubble_s == 0 and p.comm["small_collectives"] < 1e-3
 
 
 def test_terms_follow_the_split() -> None:
@@ -166,12 +177,27 @@ def test_terms_follow_the_split() -> None:
     cfg = load_config(None, ["model.preset=1b", "parallel.pp=2", "parallel.sp=4", "parallel.microbatches=8",
                              "train.batch_size=16", "train.seq_len=65536"])
     p = plan.plan_job(cfg, 8, hw)
-    stage = p.step_s - p.bubble_s - p.comm["gradient_sync"] - p.comm["small_collectives"] - p.compute["optimizer"]
+    stage = (p.step_s - p.bubble_s - p.comm["gradient_sync"] - p.comm["small_collectives"] - p.compute["optimizer"]
+             - p.compute["step_overhead"])
     assert p.bubble_s == pytest.approx(stage / 8)
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=4 * 65536))
     assert plan.plan_job(longer, 8, hw).comm["lasp2"] == pytest.approx(p.comm["lasp2"])
     wide = plan.plan_job(cfg, 8, plan.load_hardware("h200", gpus_per_node=2))  # sp = 4 over two nodes
     assert wide.comm["lasp2"] > p.comm["lasp2"]
+
+
+def test_host_overheads_add_per_layer_pass_and_step() -> None:
+    """A calibrated CPU's host terms: layer_overhead per layer and micro-batch, × (3 + r)/3 with recomputation,
+    step_overhead once, process_gib on the peak; the shipped GPU profiles have none."""
+    h200 = plan.load_hardware("h200")
+    assert (h200.layer_overhead_ms, h200.step_overhead_ms, h200.process_gib) == (0.0, 0.0, 0.0)
+    host = dataclasses.replace(h200, layer_overhead_ms=2.0, step_overhead_ms=5.0, process_gib=0.5)
+    cfg = load_config(None, ["model.preset=1b", *BASE, "parallel.microbatches=2", "train.batch_size=2",
+                             "train.seq_len=4096"])
+    bare, with_host = plan.plan_job(cfg, 1, h200), plan.plan_job(cfg, 1, host)
+    assert with_host.compute["host_overhead"] == pytest.approx(16 * 2 * (3 + 1) / 3 * 2e-3)  # remat always: r = 1
+    assert with_host.step_s - bare.step_s == pytest.approx(16 * 2 * 4 / 3 * 2e-3 + 5e-3)
+    assert with_host.peak_gib - bare.peak_gib == pytest.approx(0.5) and with_host.memory["process"] == 0.5
 
 
 def test_plan_command(capsys) -> None:
