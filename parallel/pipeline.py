@@ -24,7 +24,8 @@ from parallel.streaming import (
 )
 
 REMAT_MODES = ("never", "except_last", "always")
-REMAT_POLICIES = ("full", "selective")  # what a re-materialized layer keeps (models.llama.LinearLlama._checkpointed)
+REMAT_POLICIES = ("auto", "full", "selective")  # what a re-materialized layer keeps (LinearLlama._checkpointed;
+# auto: runtime.memory.resolve_remat_policy)
 
 
 def partition(costs: Sequence[float], n_stages: int) -> list[tuple[int, int]]:

@@ -58,9 +58,10 @@ class ParallelConfig:
     """GPipe micro-batches M per step; must divide the sequences per dp replica."""
     remat: str = "never"
     """Per-layer re-materialization: never | except_last (all micro-batches but the last) | always."""
-    remat_policy: str = "full"
+    remat_policy: str = "auto"
     """What a re-materialized layer keeps: full (its input only) | selective (also the outputs of its widening
-    matmuls — q/k/v/gate and SwiGLU gate/up — so backward recomputes only the cheap work: faster, more memory)."""
+    matmuls — q/k/v/gate and SwiGLU gate/up — so backward recomputes only the cheap work: faster, more memory) |
+    auto (selective on CUDA when the memory estimate with it, plus its margin, fits the GPU; else full)."""
     balance: str = "params"
     """How layers are cut into stages: by parameter count (params) or measured layer time (time)."""
     sp_attention: str = "allgather"

@@ -204,10 +204,8 @@ def stage_state(cfg: JobConfig, pp: int, shard: str = "none", replicas: int = 1)
     return out
 
 
-def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
-    """Refuse (one line) a CUDA job whose estimate, less its margin, exceeds the device's memory."""
-    if not torch.cuda.is_available() or cfg.run.skip_memory_check:
-        return None
+def job_estimate(cfg: JobConfig, world: int) -> MemoryEstimate:
+    """`estimate_memory` of `cfg` on `world` ranks, with the stage's parameter counts taken from the model."""
     from models import LinearLlama, num_parameters
     from runtime.mesh import resolve_dims
 
@@ -217,9 +215,32 @@ def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
     n_params = num_parameters(model)
     block = max(num_parameters(b) for b in model.layers.values())
     root = cfg.model.vocab_size * cfg.model.dim * (2 if pp == 1 and not cfg.model.tie_embeddings else 1)
-    est = estimate_memory(cfg, n_params // pp + (cfg.model.vocab_size * cfg.model.dim if pp > 1 else 0), dp, pp, sp,
-                          block, root)
+    return estimate_memory(cfg, n_params // pp + (cfg.model.vocab_size * cfg.model.dim if pp > 1 else 0), dp, pp,
+                           sp, block, root)
+
+
+def resolve_remat_policy(cfg: JobConfig, world: int, capacity_gib: float | None) -> str:
+    """parallel.remat_policy=auto as what it means for this job on GPUs of `capacity_gib` (None: not CUDA):
+    selective — the faster recompute (1.12× the tokens/s of full at 128K on one H200) — when re-materialization
+    is on, no train.window streams the sequence (windows are chosen to save memory), and the estimate with it,
+    plus its margin, fits; full otherwise."""
+    policy = cfg.parallel.remat_policy
+    if policy != "auto":
+        return policy
+    if capacity_gib is None or cfg.parallel.remat == "never" or cfg.train.window:
+        return "full"
+    selective = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, remat_policy="selective"))
+    return "selective" if job_estimate(selective, world).total_gib * (1 + MARGIN) <= capacity_gib else "full"
+
+
+def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
+    """Refuse (one line) a CUDA job whose estimate, less its margin, exceeds the device's memory."""
+    if not torch.cuda.is_available() or cfg.run.skip_memory_check:
+        return None
     capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+    policy = resolve_remat_policy(cfg, world, capacity)
+    est = job_estimate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, remat_policy=policy)),
+                       world)
     if est.total_gib * (1 - MARGIN) > capacity:
         raise ConfigError(
             f"this job needs about {est.total_gib:.0f} GiB per GPU (state {est.state_gib:.0f}, stored activations "

@@ -13,6 +13,7 @@ from models import LinearLlama, ModelConfig
 from parallel.context import SINGLE, SequenceParallel
 from parallel.pipeline import partition
 from runtime.config import JobConfig
+from runtime.memory import resolve_remat_policy
 from runtime.mesh import ParallelMesh
 
 
@@ -101,7 +102,9 @@ def build_stage_model(cfg: JobConfig, mesh: ParallelMesh) -> tuple[LinearLlama, 
         model.tie_weights()
         model.reset_parameters(cfg.train.seed)
         model.to(getattr(torch, cfg.train.dtype))
-    model.remat_policy = cfg.parallel.remat_policy
+    capacity = torch.cuda.get_device_properties(mesh.device).total_memory / 2**30 if mesh.device.type == "cuda" \
+        else None
+    model.remat_policy = resolve_remat_policy(cfg, mesh.world, capacity)
     for block in model.layers.values():
         block.mlp_tile = cfg.train.mlp_tile
     if cfg.train.compile and mesh.device.type == "cuda":

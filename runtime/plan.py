@@ -46,7 +46,14 @@ from pathlib import Path
 
 from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
-from runtime.memory import SHARD_MODES, activation_bytes, gradients_absent, stage_state
+from runtime.memory import (
+    SHARD_MODES,
+    activation_bytes,
+    gradients_absent,
+    resolve_remat_policy,
+    stage_state,
+    widening_width,
+)
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 REFERENCE_HKV = 16 * 128 * 128  # the head geometry the kernel rates are measured at (H × K × V)
@@ -193,8 +200,6 @@ def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int) -> int:
     """Weights of one block's GEMMs a re-materialized forward runs again: not SwiGLU's down projection (backward
     needs nothing after it), and under remat_policy=selective not the widening ones either (their outputs are
     kept: `runtime.memory.widening_width`)."""
-    from runtime.memory import widening_width
-
     kept = cfg.model.dim * widening_width(cfg, kind) if cfg.parallel.remat_policy == "selective" else 0
     return max(0, gemm - down - kept)
 
@@ -205,6 +210,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     from runtime.mesh import resolve_dims
     from runtime.metrics import flops_per_token
 
+    policy = resolve_remat_policy(cfg, world, hw.memory_gib if hw.autocast_bf16 else None)  # auto: as the job would
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, remat_policy=policy))
     m, t, par = cfg.model, cfg.train, cfg.parallel
     dp, pp, sp = resolve_dims(world, par.dp, par.pp, par.sp)
     shard = resolve_shard(par.shard if shard is None else shard, dp * sp, True, bool(t.window) and pp > 1,
@@ -454,7 +461,8 @@ def describe(p: Plan) -> str:
     nodes = -(-p.world // hw.gpus_per_node)
     lines = [f"plan: {m.preset} (layout {m.layout}), {p.world} × {hw.name} ({nodes} node(s) of {hw.gpus_per_node}) "
              f"= dp {p.dp} × pp {p.pp} × sp {p.sp}; batch {t.batch_size} × {t.seq_len:,} tokens, "
-             f"M={par.microbatches}, remat={par.remat}, window={t.window}, sp_attention={par.sp_attention}",
+             f"M={par.microbatches}, remat={par.remat} ({par.remat_policy}), window={t.window}, "
+             f"sp_attention={par.sp_attention}",
              f"memory per rank (GiB, busiest stage) — {SHARD_NOTES[p.shard]}"]
     for key, value in p.memory.items():
         if value or key in ("parameters", "gradients", "optimizer"):

@@ -284,7 +284,9 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
     peak = peak_flops(mesh.device) * mesh.world
     if is_main:
         print(f"longtrain: {trainer.n_params_total / 1e6:.2f}M params, world {mesh.world} = dp {trainer.dp} × "
-              f"pp {trainer.pp} × sp {trainer.sp}, stages {trainer.stage_layers}, {mesh.device.type}", flush=True)
+              f"pp {trainer.pp} × sp {trainer.sp}, stages {trainer.stage_layers}, {mesh.device.type}"
+              + (f", remat {cfg.parallel.remat} keeping {trainer.model.remat_policy} (parallel.remat_policy="
+                 f"{cfg.parallel.remat_policy})" if cfg.parallel.remat != "never" else ""), flush=True)
     log = MetricsLog(cfg.run.dir, cfg.run.tensorboard, resume_step=start_step) if is_main else None
     bar = None
     if is_main and cfg.run.progress:
