@@ -129,6 +129,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     from launch.calibrate import calibrate, to_toml
 
+    folder = Path(args.out).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before minutes of measuring, not after
+        raise ConfigError(f"--out {args.out}: cannot write into {folder}; create the folder or pick another path")
     hw = calibrate(args.name, args.base, args.inter_node_gbit, args.quick)
     Path(args.out).write_text(to_toml(hw))
     host = (f", host {hw.layer_overhead_ms:.3g} ms per layer + {hw.step_overhead_ms:.3g} ms per step, process "

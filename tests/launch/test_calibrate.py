@@ -36,3 +36,9 @@ def test_calibrate_writes_a_profile_plan_reads(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["plan", "--gpus", "4", "--gpu", str(out)]) == 0
     assert "longtrain calibrate on cpu" in capsys.readouterr().out
+
+
+def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys) -> None:
+    assert main(["calibrate", "--quick", "--out", str(tmp_path / "missing" / "cpu.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longtrain: error: --out") and "create the folder" in err and "\n" not in err
