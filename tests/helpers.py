@@ -134,6 +134,9 @@ def run_many(world: int, store: str, jobs: list[tuple]) -> None:
 LASP2_CASES = [(layout, decay, gate, False) for layout in ("contiguous", "zigzag")
                for decay in (False, True) for gate in (False, True)]
 LASP2_CASES += [(layout, True, True, True) for layout in ("contiguous", "zigzag")]  # a carried initial state
+# each layout, decay and gate on and off, and the initial state, in four cases (the interpreter's Triton runs)
+LASP2_BRANCH_CASES = [("contiguous", False, False, False), ("zigzag", True, False, False),
+                      ("contiguous", False, True, False), ("zigzag", True, True, True)]
 
 
 def _lasp2_inputs(seed: int, decay: bool, gate: bool, T: int):
@@ -146,16 +149,18 @@ def _lasp2_inputs(seed: int, decay: bool, gate: bool, T: int):
     return q, k, v, log_decay, gates, w
 
 
-def check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: float = 1e-5) -> None:
+def check_lasp2(rank: int, world: int, T: int, backend: str = "auto", tol: float = 1e-5,
+                cases: list[tuple] | None = None) -> None:
     """LASP-2 on `world` ranks equals single-process linear attention: outputs, final state, every input
-    gradient (the initial state's too), both layouts, with and without decay, gate and initial state."""
+    gradient (the initial state's too), both layouts, with and without decay, gate and initial state
+    (`cases`, default LASP2_CASES: every combination)."""
     import torch.distributed as dist
 
     from kernels import linear_attention
     from parallel.lasp2 import lasp2_linear_attention
     from parallel.layout import shard_sequence, unshard_sequence
 
-    for i, (layout, decay, gate, init) in enumerate(LASP2_CASES):
+    for i, (layout, decay, gate, init) in enumerate(cases or LASP2_CASES):
         q, k, v, ld, g, w = _lasp2_inputs(100 + i, decay, gate, T)
         B, _, H, K = q.shape
         gen = torch.Generator().manual_seed(7 + i)

@@ -139,8 +139,9 @@ def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path) -> None:
 @pytest.mark.stress
 def test_finished_runs_always_exit_zero(tmp_path) -> None:
     """Consecutive `longtrain train --nproc 2` runs all exit 0 (a gloo teardown abort once failed ≈ 2 %).
-    CI runs LONGTRAIN_STRESS_RUNS (default 3); run 200 by hand: LONGTRAIN_STRESS_RUNS=200 pytest -m stress."""
-    runs = int(os.environ.get("LONGTRAIN_STRESS_RUNS", 3))
+    CI runs LONGTRAIN_STRESS_RUNS (default 2: one two-rank, one in-process run; the exit-path mechanism itself is
+    test_a_process_that_ran_a_rank_skips_finalization); run 200 by hand: LONGTRAIN_STRESS_RUNS=200 pytest -m stress."""
+    runs = int(os.environ.get("LONGTRAIN_STRESS_RUNS", 2))
     for i in range(runs):
         nproc = 2 - i % 2  # one rank in-process too: its teardown once aborted a finished sweep point
         proc = _cli("train", "--nproc", str(nproc), "--set", "model.preset=tiny", "train.seed=9", "train.steps=6",
