@@ -133,6 +133,20 @@ def _transposed(scratch, x, C: tl.constexpr):
 
 
 @triton.jit
+def _grad_tile(tile, NC, T, H, C: tl.constexpr, offs_c, beta, lam_ptr, DECAY: tl.constexpr):
+    """Where a gradient kernel's tile is: (b·h, first token, its rows, their mask, the head's offset in a [B, T, H]
+    tensor, the head's log2 decay, β of the rows)."""
+    i_bh = (tile // NC).to(tl.int64)
+    t0 = (tile % NC) * C
+    rows = t0 + offs_c
+    mt = rows < T
+    hb = _head_start(i_bh, T, H, 1)
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
+    b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
+    return i_bh, t0, rows, mt, hb, lam2, b
+
+
+@triton.jit
 def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta, dloga, scratch, T, H, NC, n_tiles,
                  scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
@@ -141,21 +155,14 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
     offs_c = tl.arange(0, C)
     scratch += tl.program_id(0).to(tl.int64) * (C * C)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        i_c = tile % NC
-        i_bh = (tile // NC).to(tl.int64)
-        t0 = i_c * C
-        rows = t0 + offs_c
-        mt = rows < T
-        hb = _head_start(i_bh, T, H, 1)
-        lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
-        b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
+        i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
         dP = tl.zeros([C, C], dtype=tl.float32)
         dTv = tl.zeros([C, C], dtype=tl.float32)
         dQi = tl.zeros([C, BK], dtype=tl.float32)
         dKs = tl.zeros([C, BK], dtype=tl.float32)
         dWm = tl.zeros([C, BK], dtype=tl.float32)
         sds = tl.zeros([BK], dtype=tl.float32)
-        st = i_bh * NC + i_c
+        st = i_bh * NC + tile % NC
         for i_v in range(0, tl.cdiv(V, BV)):
             v0 = i_v * BV
             bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
@@ -262,14 +269,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
     cct = offs_c[None, :] * C + offs_c[:, None]
     scratch += tl.program_id(0).to(tl.int64) * (2 * C * C)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        i_c = tile % NC
-        i_bh = (tile // NC).to(tl.int64)
-        t0 = i_c * C
-        rows = t0 + offs_c
-        mt = rows < T
-        hb = _head_start(i_bh, T, H, 1)
-        lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
-        b = tl.load(beta + hb + rows.to(tl.int64) * H, mask=mt, other=0.0).to(tl.float32)
+        i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
         g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
         if DECAY == 0:
             Gam = tl.where(mt, 1.0, 0.0)
@@ -280,7 +280,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             kg = tl.where(mt, tl.exp2(g_last - g), 0.0)
             gamma = tl.exp2(g_last)
         bg = b * Gam
-        st = i_bh * NC + i_c
+        st = i_bh * NC + tile % NC
         tb = tt + st * (C * C)
         # pass 1: [C, C] accumulators; dV = diag(β) Tᵀ dU and dβ's share v·(Tᵀ dU) on the way
         dP = tl.zeros([C, C], dtype=tl.float32)
