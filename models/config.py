@@ -36,7 +36,7 @@ class ModelConfig:
     ssm_head_dim: int = 64  # Mamba-2: head width P (heads = inner / P)
     ssm_groups: int = 1  # Mamba-2: groups sharing B and C
     chunk_size: int = 64
-    backend: str = "auto"  # linear-attention kernels: auto (Triton on CUDA) | triton | torch
+    backend: str = "auto"  # the Triton kernels (linear attention, conv, SwiGLU): auto (on CUDA) | triton | torch
     # softmax-attention kernel (A layers, every sp method): auto (cuDNN where it runs, else flash, else math) |
     # cudnn | flash (an error where it cannot run) | math (PyTorch / SDPA's efficient or math kernel)
     attention_backend: str = "auto"

@@ -36,7 +36,7 @@ class GatedDeltaNet(nn.Module):
         self.conv = ShortConv(3 * self.width, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
         self.A_log = nn.Parameter(torch.empty(self.heads))
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
-        self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.backend)
         self.o = nn.Linear(self.width, cfg.dim, bias=False)
         self.sp = SINGLE
 

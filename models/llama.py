@@ -23,6 +23,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from kernels import linear_attention
 from kernels.conv import short_conv
+from kernels.norm import rms_norm
+from kernels.swiglu import swiglu
 from models.config import RECURRENT_KINDS, ModelConfig
 from parallel.attention import dense_attention, sp_attention
 from parallel.context import SINGLE, SequenceParallel
@@ -33,27 +35,34 @@ from parallel.tiling import tiled
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """x / sqrt(mean(x²) + eps) ⊙ w over the last dim: on `kernels.norm`'s Triton kernels for CUDA inputs
+    (backend auto or triton; the fp32 weight used as it is), else PyTorch's fused op."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            return rms_norm(x, self.weight, self.eps, self.backend)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class SwiGLU(nn.Module):
-    """down(silu(x W_gate) ⊙ x W_up)."""
+    """down(silu(x W_gate) ⊙ x W_up): one GEMM for gate and up, the elementwise part on `kernels.swiglu`
+    (one Triton kernel each way on CUDA)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).chunk(2, dim=-1)  # one GEMM
-        return self.down(F.silu(gate) * up)
+        gate_up = F.linear(x, torch.cat([self.gate.weight, self.up.weight]))  # one GEMM
+        return self.down(swiglu(gate_up, backend=self.backend))
 
 
 def retnet_log_decay(n_heads: int) -> torch.Tensor:
@@ -117,7 +126,7 @@ class LinearAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.g = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.gate else None
         self.conv = ShortConv(3 * cfg.dim, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
-        self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.out_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.backend)
         self.decay = cfg.decay
         self.register_buffer("log_decay", None, persistent=False)
         self.reset_buffers()
@@ -211,7 +220,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
         self.kind = kind
-        self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
         if kind == "M":
             from models.mamba2 import Mamba2  # it builds on this module's RMSNorm and ShortConv
 
@@ -222,8 +231,8 @@ class Block(nn.Module):
             self.mixer = GatedDeltaNet(cfg)
         else:
             self.mixer = LinearAttention(cfg) if kind == "L" else SoftmaxAttention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, cfg.backend)
         self.mlp_tile = 0  # > 0: the token-wise part runs in tiles of this many tokens (parallel.tiling)
 
     def forward(self, h: torch.Tensor, carry: Carry | None = None):
@@ -243,8 +252,9 @@ class Block(nn.Module):
         return [*self.mlp_norm.parameters(), *self.mlp.parameters()]
 
     def compile_token_wise(self) -> None:
-        """torch.compile the block's purely token-wise part (norm, SwiGLU, residual); the mixer's kernels
-        stay as they are."""
+        """torch.compile the block's purely token-wise part (norm, SwiGLU, residual) — its norm and SwiGLU's
+        elementwise part as PyTorch ops, for the compiler to fuse; the mixer's kernels stay as they are."""
+        self.mlp.backend = self.mlp_norm.backend = "torch"
         self.mlp_residual = torch.compile(self.mlp_residual)
 
 
@@ -257,7 +267,7 @@ class LinearLlama(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_kinds())})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.backend)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.remat_policy = "full"  # what a re-materialized block keeps: "full" | "selective" (parallel.remat_policy)
         self.tie_weights()

@@ -39,7 +39,7 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.heads))
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
         self.D = nn.Parameter(torch.empty(self.heads))
-        self.norm = RMSNorm(self.inner, cfg.norm_eps)
+        self.norm = RMSNorm(self.inner, cfg.norm_eps, cfg.backend)
         self.out_proj = nn.Linear(self.inner, cfg.dim, bias=False)
         self.sp = SINGLE
 
