@@ -1,7 +1,10 @@
 """Benchmark: the steady-state training step of a 1B linear-attention model, batch 1, one GPU (DESIGN §8, §9).
 
-    python benchmarks/train_step.py [--seq-lens 32K,128K,256K,512K,1M] [--only longtrain|fla]
-        [--variant NAME:KEY=V,KEY=V ...] [--set KEY=VALUE ...] [--steps-check 20] [--out FILE]
+    python benchmarks/train_step.py [--seq-lens 4Kx32,32K,128K,256K,512K,1M] [--only longtrain|fla]
+        [--variant NAME[@LEN+LEN]:KEY=V,KEY=V ...] [--set KEY=VALUE ...] [--steps-check 20] [--out FILE]
+
+A length may carry a batch (`4Kx32`: 32 sequences of 4096 tokens per step, both impls; default 1); a variant
+may carry its own lengths (`win16k@128K+1M+4M:train.window=16384` runs only those).
 
 Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison the next row):
 - `longtrain[NAME]`: our `1b` preset (gate on) through the real `Trainer` (pp = sp = dp = 1, one micro-batch,
@@ -28,7 +31,7 @@ Per row: W warm-up steps (the first one's loss must be finite), then N timed ste
 rows); MFU (6N) = 6 · (the impl's own parameters, tied counted once) × tokens/s ÷ peak. After an OOM or a
 timeout, the larger T of that variant are recorded as skipped. Rows are appended to
 benchmarks/results/train_step.json (other runs' rows kept); the markdown table goes to stdout.
-`--steps-check N`: the longtrain row at the first length runs N steps in all (timed after the warm-up)
+`--steps-check N`: the first variant's row at its first length runs N steps in all (timed after the warm-up)
 and records every loss, to show the loss falling.
 
 The issue's table, on one H200 with the wheels of .whl (see .whl/INSTALL.txt):
@@ -93,13 +96,30 @@ def parse_len(s: str) -> int:
     return int(s[:-1] if mult > 1 else s) * mult
 
 
-def parse_variant(spec: str) -> tuple[str, list[str]]:
-    """'NAME:train.window=8192,parallel.remat=never' → (NAME, ['train.window=8192', ...])."""
-    name, _, kv = spec.partition(":")
+def parse_lens(spec: str, sep: str = ",") -> dict[int, int]:
+    """'4Kx32,32K,1M' → {tokens per sequence: sequences per step} ({4096: 32, 32768: 1, 1048576: 1}), by length."""
+    out = {}
+    for item in (i.strip() for i in spec.split(sep) if i.strip()):
+        length, _, batch = item.upper().partition("X")
+        try:
+            T, B = parse_len(length), int(batch or 1)
+        except ValueError:
+            raise SystemExit(f"{item!r}: use a length like 32768, 32K or 1M, optionally xBATCH (4Kx32)") from None
+        if T < 1 or B < 1 or out.get(T, B) != B:
+            raise SystemExit(f"{item!r}: lengths and batches must be positive, one batch per length")
+        out[T] = B
+    return dict(sorted(out.items()))
+
+
+def parse_variant(spec: str) -> tuple[str, list[str], dict[int, int] | None]:
+    """'NAME[@LENS]:train.window=8192,parallel.remat=never' → (NAME, ['train.window=8192', ...], lengths): LENS
+    ('128K+1M+4M', each optionally xBATCH) replaces --seq-lens for this variant (None: it runs them all)."""
+    head, _, kv = spec.partition(":")
+    name, _, lens = head.partition("@")
     pairs = [p.strip() for p in kv.split(",") if p.strip()]
-    if not name or any("=" not in p for p in pairs):
-        raise SystemExit(f"--variant {spec!r}: use NAME:section.key=value,section.key=value")
-    return name, pairs
+    if not name or any("=" not in p for p in pairs) or ("@" in head and not lens.strip()):
+        raise SystemExit(f"--variant {spec!r}: use NAME[@LEN+LEN]:section.key=value,section.key=value")
+    return name, pairs, parse_lens(lens, "+") if lens.strip() else None
 
 
 def base_overrides(preset: str) -> list[str]:
@@ -234,9 +254,14 @@ def measure(step_fn: Callable[[int], float], device: torch.device, warmup: int, 
                 peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan)
 
 
-def stats_row(T: int, m: dict, flops_tok: float, n_params: int, peak: float) -> dict:
-    tps = T / m["median_s"]
-    return dict(seq_len=T, status="ok", tokens_per_s=tps, ms_per_step=1e3 * m["median_s"],
+def batch_of(job: dict, T: int) -> int:
+    """Sequences per step at length T (JSON turned the job's int keys into strings)."""
+    return int(job.get("batches", {}).get(str(T), 1))
+
+
+def stats_row(T: int, B: int, m: dict, flops_tok: float, n_params: int, peak: float) -> dict:
+    tps = B * T / m["median_s"]
+    return dict(seq_len=T, batch=B, status="ok", tokens_per_s=tps, ms_per_step=1e3 * m["median_s"],
                 mfu=tps * flops_tok / peak, mfu_6n=6.0 * n_params * tps / peak, peak_gib=m["peak_gib"],
                 loss_first=m["loss_first"], loss_last=m["loss_last"], step_ms=m["step_ms"], n_params=n_params)
 
@@ -286,9 +311,11 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
     def row(T: int) -> dict:
         check = job["steps_check"] if T == job["seq_lens"][0] and job["first_is_check"] else 0
         total = max(max(job["warmup"], 1) + job["steps"], check)
+        B = batch_of(job, T)
         with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
             steps = total + bool(job.get("profile"))  # the profiled step is one more
-            overrides = [f"train.steps={steps}", *job["overrides"], f"train.seq_len={T}", f"run.dir={run_dir}"]
+            overrides = [f"train.steps={steps}", *job["overrides"], f"train.batch_size={B}", f"train.seq_len={T}",
+                         f"run.dir={run_dir}"]
             cfg = load_config(None, overrides)
             cfg.validate(world_size=1)
             torch.manual_seed(cfg.train.seed)
@@ -302,7 +329,7 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
             finally:
                 live.clear()
                 free_memory()
-        out = stats_row(T, m, flops_per_token(cfg.model, T, n), n, peak)
+        out = stats_row(T, B, m, flops_per_token(cfg.model, T, n), n, peak)
         out["overrides"] = overrides[:-1]
         if check:
             out.update(steps_check=check, losses=m["losses"])
@@ -362,7 +389,7 @@ def fla_worker(job: dict, device: torch.device) -> None:
 
     def step(T: int) -> float:
         model, opt = state["model"], state["opt"]
-        x = torch.randint(1, fields["vocab_size"], (1, T), device=device, generator=gen)
+        x = torch.randint(1, fields["vocab_size"], (batch_of(job, T), T), device=device, generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels
         loss.backward()
@@ -401,7 +428,7 @@ def fla_worker(job: dict, device: torch.device) -> None:
             m = measure(lambda i: step(T), device, job["warmup"], job["steps"])
         finally:
             state["opt"].zero_grad(set_to_none=True)
-        out = stats_row(T, m, flops_per_token(ours.model, T, n_ours), state["n"], peak)
+        out = stats_row(T, batch_of(job, T), m, flops_per_token(ours.model, T, n_ours), state["n"], peak)
         out["fla_config"] = fields
         return out
 
@@ -550,7 +577,8 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         tps = r["tokens_per_s"]
         lines.append(" | ".join([
-            f"| {r['impl']}", str(r["seq_len"]), MISSING if not math.isfinite(tps) else f"{tps:,.0f}",
+            f"| {r['impl']}", str(r["seq_len"]) + (f" ×{r['batch']}" if r.get("batch", 1) > 1 else ""),
+            MISSING if not math.isfinite(tps) else f"{tps:,.0f}",
             fmt(r["ms_per_step"], 1), pct(r["mfu"]), pct(r["mfu_6n"]), fmt(r["peak_gib"], 1), r["status"],
             f"{fmt(r['loss_first'], 3)} / {fmt(r['loss_last'], 3)} |"]))
     return "\n".join(lines)
@@ -577,13 +605,15 @@ def interrupted(signum, frame) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="comma list of tokens per sequence (32K, 1M …)")
+    ap.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS,
+                    help="comma list of tokens per sequence (32K, 1M …), each optionally xBATCH (4Kx32)")
     ap.add_argument("--only", choices=("longtrain", "fla"), default=None, help="one implementation (default both)")
     ap.add_argument("--preset", default="1b", help="our model preset (fla is built with the same shape)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every longtrain variant (repeatable), e.g. train.window=8192")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
-                    help="a named longtrain variant (repeatable); default one variant 'default'")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[@LEN+LEN]:KEY=V,KEY=V",
+                    help="a named longtrain variant (repeatable), optionally on its own lengths; default one "
+                         "variant 'default'")
     ap.add_argument("--fla-model", choices=sorted(FLA_MODELS), default=None,
                     help="fla's anchor model (default: from the preset's layout: L retnet, D gated_deltanet, M mamba2)")
     ap.add_argument("--fla-set", action="append", default=[], metavar="KEY=VALUE",
@@ -604,22 +634,22 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, interrupted)  # `timeout` stops us: kill the worker, print what finished
 
-    seq_lens = sorted({parse_len(s) for s in args.seq_lens.split(",") if s.strip()})
-    variants = [parse_variant(v) for v in args.variant] or [("default", [])]
-    if len({n for n, _ in variants}) != len(variants):
+    lens = parse_lens(args.seq_lens)
+    variants = [parse_variant(v) for v in args.variant] or [("default", [], None)]
+    if len({n for n, _, _ in variants}) != len(variants):
         raise SystemExit("--variant names must differ")
     for p in args.set + args.fla_set:
         if "=" not in p:
             raise SystemExit(f"{p!r}: use KEY=VALUE")
     base = base_overrides(args.preset) + args.set
-    for name, pairs in variants:  # a wrong key fails here, before any worker starts
+    for name, pairs, _ in variants:  # a wrong key fails here, before any worker starts
         try:
             load_config(None, base + pairs)
         except ConfigError as e:
             raise SystemExit(f"train_step: variant {name!r}: {e}") from None
     fla_model = args.fla_model or fla_model_for(load_config(None, base).model.layer_kinds())
     fla_label = FLA_MODELS[fla_model]
-    common = dict(seq_lens=seq_lens, warmup=args.warmup, steps=args.steps, steps_check=args.steps_check,
+    common = dict(seq_lens=list(lens), batches=lens, warmup=args.warmup, steps=args.steps, steps_check=0,
                   fla_set=args.fla_set, fla_model=fla_model, profile=str(args.profile) if args.profile else None)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=version("triton"), fla=version("fla-core"),
@@ -627,22 +657,25 @@ def main() -> None:
                 warmup=args.warmup, steps=args.steps)
     results = Results(args.out, meta)
     env: dict = {}
-    print(f"train_step: seq lens {seq_lens}, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}, "
-          f"commit {meta['git_commit'][:12]}", file=sys.stderr, flush=True)
+    print(f"train_step: seq lens {lens} (length: batch), torch {meta['torch']}, triton {meta['triton']}, "
+          f"fla {meta['fla']}, commit {meta['git_commit'][:12]}", file=sys.stderr, flush=True)
     try:
         if args.only in (None, "longtrain"):
-            for name, pairs in variants:
-                job = dict(common, impl="longtrain", variant=name, overrides=base + pairs)
+            for i, (name, pairs, own) in enumerate(variants):  # --steps-check: the first variant's first row
+                job = dict(common, impl="longtrain", variant=name, overrides=base + pairs,
+                           steps_check=args.steps_check if i == 0 else 0)
+                if own is not None:
+                    job.update(seq_lens=list(own), batches=own)
                 run_impl(f"longtrain[{name}]", job, args, results, env)
         if args.only in (None, "fla"):
-            job = dict(common, impl="fla", variant="", overrides=base, steps_check=0)
+            job = dict(common, impl="fla", variant="", overrides=base)
             run_impl(fla_label, job, args, results, env)
     except KeyboardInterrupt:
         print("train_step: interrupted; the table has the rows finished so far", file=sys.stderr)
 
-    print(f"\n{env.get('device', '?')}, batch 1, torch {meta['torch']}, triton {meta['triton']}, fla {meta['fla']}, "
-          f"{meta['date']}, commit {meta['git_commit'][:12]}; {args.warmup} warm-up + {args.steps} timed steps, "
-          f"median; MFU on {fmt((env.get('peak_flops') or math.nan) / 1e12, 0)} TFLOP/s\n")
+    print(f"\n{env.get('device', '?')}, batch 1 unless ×B, torch {meta['torch']}, triton {meta['triton']}, "
+          f"fla {meta['fla']}, {meta['date']}, commit {meta['git_commit'][:12]}; {args.warmup} warm-up + "
+          f"{args.steps} timed steps, median; MFU on {fmt((env.get('peak_flops') or math.nan) / 1e12, 0)} TFLOP/s\n")
     print(render(results.rows))
     for r in results.rows:
         if r.get("fla_warmup_s") is not None:

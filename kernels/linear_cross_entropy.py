@@ -6,20 +6,25 @@ For hidden states h_n ∈ R^d, head W ∈ R^{V×d} and targets y_n (ignore_index
     ∂loss/∂ℓ_n = softmax(ℓ_n) − onehot(y_n)   (0 for ignored rows)
     ∂loss/∂h_n = (∂loss/∂ℓ_n) W,              ∂loss/∂W = Σ_n (∂loss/∂ℓ_n)ᵀ h_n
 
-The forward walks token chunks: per chunk it forms ℓ (in the compute dtype, then fp32), the chunk's loss
-and both gradients, and drops ℓ; only [chunk, V] lives at a time. d hidden and d W (accumulated in fp32)
-are kept for the backward, which scales them by the incoming gradient. The compute dtype is the autocast
-dtype when autocast is on for the tensors' device (bf16 matmuls on GPU), else the promoted input dtype
-(fp32 stays fp32, float64 stays float64; float64 is never autocast).
+The forward walks token chunks: per chunk it forms ℓ, the chunk's loss and both gradients, and drops ℓ; only
+[chunk, V] lives at a time. On the Triton path (CUDA, compute dtype fp16/bf16/fp32) ℓ stays in the GEMM's
+dtype and one kernel turns it into ∂loss/∂ℓ in place (kernels/cross_entropy); on the reference path (CPU,
+float64, backend="torch") ℓ is cast to fp32 (float64) for the eager softmax and its gradient cast back.
+d hidden and d W (accumulated in fp32) are kept for the backward, which scales them by the incoming gradient.
+The compute dtype is the autocast dtype when autocast is on for the tensors' device (bf16 matmuls on GPU), else
+the promoted input dtype (fp32 stays fp32, float64 stays float64; float64 is never autocast).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.cross_entropy import chunk_cross_entropy_, chunk_cross_entropy_reference_, triton_dtype
+
 __all__ = ["linear_cross_entropy", "linear_argmax_hits"]
 
-LOGITS_BUDGET = 1 << 28  # fp32 logits per chunk: 2^28 values = 1 GiB
+LOGITS_BUDGET = 1 << 28  # logits per chunk: 2^28 values = 1 GiB in fp32 (512 MiB in bf16)
+BACKENDS = ("auto", "triton", "torch")
 
 
 def _chunk_tokens(chunk_tokens: int | None, V: int) -> int:
@@ -59,27 +64,23 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).to(acc.dtype)
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
-    """Σ of the chunk's token losses from its fp32 logits [n, V], which are consumed: with grad they become
-    ∂loss/∂logits = softmax − onehot in place (rows of ignored tokens 0)."""
-    valid = targets != ignore_index
-    tgt = torch.where(valid, targets, 0)[:, None]
-    picked = logits.gather(1, tgt).squeeze(1)
-    m = logits.amax(1, keepdim=True)
-    p = logits.sub_(m).exp_()
-    s = p.sum(1, keepdim=True)
-    loss = torch.where(valid, (s.log() + m).squeeze(1) - picked, 0.0).sum()
-    if grad:
-        p.div_(s).scatter_add_(1, tgt, torch.full_like(s, -1.0)).mul_(valid[:, None])
-    return loss
+def _fused(backend: str, device: torch.device, cdt: torch.dtype) -> bool:
+    """Whether the chunks run the Triton cross-entropy on logits in the compute dtype (else the reference on fp32
+    or float64 logits)."""
+    if backend == "auto":
+        return device.type == "cuda" and triton_dtype(cdt)
+    if backend == "triton" and not triton_dtype(cdt):
+        raise TypeError(f"the triton backend computes in fp16/bf16/fp32; got {cdt} (use backend='torch')")
+    return backend == "triton"
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk, need_dh, need_dw):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk, need_dh, need_dw, fused):
         N, V = hidden.shape[0], weight.shape[0]
         cdt = _compute_dtype(hidden, weight)
         acc = torch.float64 if cdt == torch.float64 else torch.float32
+        grad = need_dh or need_dw
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(cdt), weight.to(cdt)
             loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -87,11 +88,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(V, weight.shape[1], dtype=acc, device=weight.device) if need_dw else None
             for i in range(0, N, chunk):
                 hc = h[i:i + chunk]
-                logits = (hc @ w.t()).to(acc)
-                loss += _chunk_loss(logits, targets[i:i + chunk], ignore_index, grad=need_dh or need_dw)
-                if need_dh or need_dw:
-                    g = logits.to(cdt)
+                if fused:  # the GEMM's logits become ∂loss/∂logits in place, in cdt
+                    g = hc @ w.t()
+                    loss += chunk_cross_entropy_(g, targets[i:i + chunk], ignore_index, grad, backend="triton")
+                else:
+                    logits = (hc @ w.t()).to(acc)
+                    loss += chunk_cross_entropy_reference_(logits, targets[i:i + chunk], ignore_index, grad)
+                    g = logits.to(cdt) if grad else None
                     del logits
+                if grad:
                     if need_dh:
                         dh[i:i + chunk] = g @ w
                     if need_dw:
@@ -104,25 +109,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * grad_loss.to(dh.dtype)
         dw = None if dw is None else dw * grad_loss.to(dw.dtype)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-    chunk_tokens: int | None = None,
+    chunk_tokens: int | None = None, backend: str = "auto",
 ) -> torch.Tensor:
     """Σ_n cross-entropy(W h_n, y_n) over the non-ignored tokens, as a 0-dim fp32 tensor (float64 for float64
     inputs), differentiable in hidden and weight; no [N, V] tensor outlives one chunk.
 
     hidden: [N, d] (or [..., d]); weight: [V, d] (the head, possibly tied to the embedding); targets: [N] (or [...])
     int64; chunk_tokens: tokens per chunk (None: 2^28 / V rounded down to a multiple of 256 — 8192 at V = 32000).
+    backend: the chunks' cross-entropy — "triton" (kernels/cross_entropy: on logits in the compute dtype, the
+    gradient written over them), "torch" (the reference, on fp32/float64 logits) or "auto" (Triton for CUDA
+    inputs computing in fp16/bf16/fp32).
     Divide by the global count of valid tokens for the mean.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; use one of {BACKENDS}")
     h, t = _flat(hidden, weight, targets)
     chunk = _chunk_tokens(chunk_tokens, weight.shape[0])
+    fused = _fused(backend, h.device, _compute_dtype(h, weight))
     grad = torch.is_grad_enabled()
     need_dh, need_dw = grad and hidden.requires_grad, grad and weight.requires_grad
-    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk, need_dh, need_dw)
+    return _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk, need_dh, need_dw, fused)
 
 
 @torch.no_grad()

@@ -9,10 +9,18 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+# Without a GPU, Triton kernels run under the interpreter: set before any test imports triton (conftest.py
+# imports this module before pytest collects a test module).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if KERNEL_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+needs_cuda = pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs a CUDA device")
 
 
 def _free_port() -> int:
@@ -73,6 +81,15 @@ def seeded_model_and_batch(cfg, world: int):
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
     """‖a − b‖ / max(‖b‖, floor): relative error (absolute where the reference is below `floor`)."""
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def kernel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (the plain difference where b is 0); NaN or inf in a gives inf."""
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
 
 
 def one_line_error(capsys, *needles: str) -> str:

@@ -4,10 +4,10 @@ Per channel d, with w taps, the halo x_{−(w−1)} … x_{−1} (zeros without 
 
     z_t = Σ_{i<w} W_i x_{t−(w−1)+i},        y_t = silu(z_t) = z_t σ(z_t)   (or y_t = z_t)
 
-**Forward** (``_fwd_kernel``, grid T-blocks × D-blocks × B): each tap is one shifted [BT, BD] load, read
+**Forward** (``_conv_fwd_kernel``, grid T-blocks × D-blocks × B): each tap is one shifted [BT, BD] load, read
 from x, or from the halo for negative positions (no concatenated copy); fp32 sums, y in x's dtype.
 
-**Backward** (``_bwd_kernel``), with dz_t = dy_t σ(z_t)(1 + z_t(1 − σ(z_t))) and z recomputed from x:
+**Backward** (``_conv_bwd_kernel``), with dz_t = dy_t σ(z_t)(1 + z_t(1 − σ(z_t))) and z recomputed from x:
 
     dx_s    = Σ_{k<w} W_{w−1−k} dz_{s+k}                (s ≥ 0; the same sum at s < 0 is d halo)
     dW_i    = Σ_{b,t} dz_t x_{t−(w−1)+i}
@@ -81,7 +81,7 @@ def _preact(x, h, w, t0, r, offs_d, mask_d, T, sx_t, sh_t,
 
 
 @triton.jit
-def _fwd_kernel(x, h, w, y, T, D, sx_b, sx_t, sh_b, sh_t, sy_b, sy_t,
+def _conv_fwd_kernel(x, h, w, y, T, D, sx_b, sx_t, sh_b, sh_t, sy_b, sy_t,
                 W: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t0, r = i_t * BT, tl.arange(0, BT)
@@ -125,7 +125,7 @@ def _dw_store(dw_part, acc, offs_d, mask_d, I: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chunk_blocks,
+def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chunk_blocks,
                 sx_b, sx_t, sh_b, sh_t, sdy_b, sdy_t, sdx_b, sdx_t, sdh_b, sdh_t,
                 W: tl.constexpr, HP: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr):
@@ -213,7 +213,7 @@ def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, halo: torch.Tensor | N
     y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     BT, BD = cfg.fwd_block_t, _block_d(D, cfg.fwd_block_d)
     grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
-    _fwd_kernel[grid](x, h, weight, y, T, D, x.stride(0), x.stride(1), sh_b, sh_t, y.stride(0), y.stride(1),
+    _conv_fwd_kernel[grid](x, h, weight, y, T, D, x.stride(0), x.stride(1), sh_b, sh_t, y.stride(0), y.stride(1),
                       W=W, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD, num_warps=cfg.fwd_warps)
     return y
 
@@ -233,7 +233,7 @@ def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo
     HP = triton.next_power_of_2(max(W - 1, 1))
     dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
     scratch = torch.empty(B * n_chunks * n_d, BT + HP, BD, dtype=torch.float32, device=x.device)
-    _bwd_kernel[(n_chunks, n_d, B)](
+    _conv_bwd_kernel[(n_chunks, n_d, B)](
         x, h, weight, dy, dx, dh_arg, dw_part, scratch, T, D, n_blocks, chunk_blocks,
         x.stride(0), x.stride(1), sh_b, sh_t, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), sdh_b, sdh_t,
         W=W, HP=HP, HAS_HALO=has_halo, SILU=silu,

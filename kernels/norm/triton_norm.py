@@ -6,16 +6,16 @@ and x̂ = x · rstd:
     y  = x̂ ⊙ w
     dx = (w ⊙ dy − x̂ · mean(x̂ ⊙ w ⊙ dy)) · rstd,        dw = Σ_rows dy ⊙ x̂
 
-**Forward** (``_fwd_kernel``, grid over blocks of BR rows): each program loads its BR × D tile once (D padded to
-the next power of two and masked), reduces the rows in fp32 and writes y in x's dtype and rstd (fp32 [N], saved
-for the backward with x; y is not kept). Rows wider than ``max_block_d`` are walked in chunks of that width: one
-pass for Σx², one to normalise (x read twice).
+**Forward** (``_rms_norm_fwd_kernel``, grid over blocks of BR rows): each program loads its BR × D tile once (D
+padded to the next power of two and masked), reduces the rows in fp32 and writes y in x's dtype and rstd (fp32 [N],
+saved for the backward with x; y is not kept). Rows wider than ``max_block_d`` are walked in chunks of that width:
+one pass for Σx², one to normalise (x read twice).
 
-**Backward** (``_bwd_kernel``, a fixed number of programs, each walking a contiguous range of row blocks): per
-block, dx from x, dy and the saved rstd, and dy ⊙ x̂ added to a [BR, BD] fp32 accumulator that is reduced over
-its rows once, after the loop, into this program's dw partial (fp32 [programs, D], summed by torch afterwards).
-Wide rows take two passes over their chunks (mean(x̂ ⊙ w ⊙ dy), then dx) and add each chunk's dw terms to the
-program's own partial row in place.
+**Backward** (``_rms_norm_bwd_kernel``, a fixed number of programs, each walking a contiguous range of row blocks):
+per block, dx from x, dy and the saved rstd, and dy ⊙ x̂ added to a [BR, BD] fp32 accumulator that is reduced over
+its rows once, after the loop, into this program's dw partial (fp32 [programs, D], summed by torch afterwards). Wide
+rows take two passes over their chunks (mean(x̂ ⊙ w ⊙ dy), then dx) and add each chunk's dw terms to the program's
+own partial row in place.
 
 Row offsets are int64 scalars (N · D passes 2^31 at 1M tokens × 2048); the tile offsets stay int32.
 """
@@ -52,7 +52,7 @@ CONFIG = NormConfig()
 
 
 @triton.jit
-def _fwd_kernel(x, w, y, rstd, N, D, sx, sy, eps, BR: tl.constexpr, BD: tl.constexpr, ONE_TILE: tl.constexpr):
+def _rms_norm_fwd_kernel(x, w, y, rstd, N, D, sx, sy, eps, BR: tl.constexpr, BD: tl.constexpr, ONE_TILE: tl.constexpr):
     r0 = tl.program_id(0) * BR
     r = tl.arange(0, BR)
     cols = tl.arange(0, BD)
@@ -87,7 +87,7 @@ def _fwd_kernel(x, w, y, rstd, N, D, sx, sy, eps, BR: tl.constexpr, BD: tl.const
 
 
 @triton.jit
-def _bwd_kernel(
+def _rms_norm_bwd_kernel(
     x,
     w,
     dy,
@@ -199,7 +199,7 @@ def rms_norm_fwd(
     if N == 0:
         return y, rstd
     BR, BD, one_tile, warps = _tiles(N, D, cfg.fwd_tile, cfg.fwd_warps, cfg)
-    _fwd_kernel[(triton.cdiv(N, BR),)](
+    _rms_norm_fwd_kernel[(triton.cdiv(N, BR),)](
         x,
         weight,
         y,
@@ -237,7 +237,7 @@ def rms_norm_bwd(
     n_programs = triton.cdiv(n_blocks, chunk_blocks)
     alloc = torch.empty if one_tile else torch.zeros
     dw_part = alloc(n_programs if need_dw else 1, D, dtype=torch.float32, device=x.device)
-    _bwd_kernel[(n_programs,)](
+    _rms_norm_bwd_kernel[(n_programs,)](
         x,
         weight,
         dy,

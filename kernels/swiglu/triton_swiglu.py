@@ -35,7 +35,7 @@ CONFIG = SwiGLUConfig()
 
 
 @triton.jit
-def _fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr):
+def _swiglu_fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows < N)[:, None] & (cols < F)[None, :]
@@ -48,7 +48,7 @@ def _fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(z, dh, dz, N, F, s_z, s_dh, s_dz, BR: tl.constexpr, BC: tl.constexpr):
+def _swiglu_bwd_kernel(z, dh, dz, N, F, s_z, s_dh, s_dz, BR: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows < N)[:, None] & (cols < F)[None, :]
@@ -80,7 +80,7 @@ def swiglu_fwd(z: torch.Tensor) -> torch.Tensor:
     N, F = z.shape[0], z.shape[1] // 2
     h = torch.empty(N, F, device=z.device, dtype=z.dtype)
     if N and F:
-        _fwd_kernel[_grid(N, F)](z, h, N, F, z.stride(0), h.stride(0), BR=CONFIG.block_rows,
+        _swiglu_fwd_kernel[_grid(N, F)](z, h, N, F, z.stride(0), h.stride(0), BR=CONFIG.block_rows,
                                  BC=CONFIG.block_cols, num_warps=CONFIG.warps)
     return h
 
@@ -90,7 +90,7 @@ def swiglu_bwd(z: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     N, F = dh.shape
     dz = torch.empty(N, 2 * F, device=z.device, dtype=z.dtype)
     if N and F:
-        _bwd_kernel[_grid(N, F)](z, dh, dz, N, F, z.stride(0), dh.stride(0), dz.stride(0),
+        _swiglu_bwd_kernel[_grid(N, F)](z, dh, dz, N, F, z.stride(0), dh.stride(0), dz.stride(0),
                                  BR=CONFIG.block_rows, BC=CONFIG.block_cols, num_warps=CONFIG.warps)
     return dz
 

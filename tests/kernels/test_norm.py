@@ -1,20 +1,17 @@
 """Triton RMSNorm (kernels/norm) against the fp32 PyTorch reference: outputs and both gradients.
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
-imported) at small sizes and small tiles; tests marked ``gpu`` run the model's sizes in bf16.
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by tests/helpers.py) at small
+sizes and small tiles; tests marked ``gpu`` run the model's sizes in bf16.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from helpers import KERNEL_DEVICE as DEVICE
+from helpers import kernel_err as _err
+from helpers import needs_cuda
 
 triton = pytest.importorskip("triton")
 
@@ -23,9 +20,7 @@ from kernels.norm import rms_norm, rms_norm_reference  # noqa: E402
 
 # an overflow inside the interpreter means a kernel read memory it should have masked
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # tiles small enough that the interpreter sees several row blocks (BR = 128 // next_pow2(D) rows) and three
 # backward programs (three dw partials); WIDE: rows wider than 16 loop over 16-column chunks
@@ -37,15 +32,6 @@ WIDE = tn.NormConfig(fwd_tile=32, bwd_tile=32, max_block_d=16, cpu_bwd_programs=
 def _small_tiles(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(tn, "CONFIG", SMALL)
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64 (0 for two empty or zero tensors); NaN anywhere gives inf."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
 
 
 def _inputs(shape, *, dtype=torch.float32, wdtype=torch.float32, device=DEVICE, seed=0):

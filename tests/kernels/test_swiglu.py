@@ -1,19 +1,16 @@
 """Triton SwiGLU (kernels/swiglu) against the chunk + SiLU + multiply reference.
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
-imported) at small sizes and small tiles; tests marked ``gpu`` run the `1b` preset's width in bf16.
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by tests/helpers.py) at small
+sizes and small tiles; tests marked ``gpu`` run the `1b` preset's width in bf16.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
+from helpers import KERNEL_DEVICE as DEVICE
+from helpers import kernel_err as _err
+from helpers import needs_cuda
 
 triton = pytest.importorskip("triton")
 
@@ -21,9 +18,7 @@ import kernels.swiglu.triton_swiglu as ts  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)
@@ -31,14 +26,6 @@ def _small_tiles(monkeypatch):
     """Tiles small enough that the interpreter sees several row and column blocks, and partial ones."""
     if DEVICE == "cpu":
         monkeypatch.setattr(ts, "CONFIG", ts.SwiGLUConfig(block_rows=4, block_cols=16, warps=1))
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64; NaN anywhere gives inf."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return (a - b).norm().item() / max(b.norm().item(), 1e-30)
 
 
 def _run(fn, z: torch.Tensor, dh: torch.Tensor):
