@@ -267,7 +267,8 @@ def stats_row(T: int, B: int, m: dict, flops_tok: float, n_params: int, peak: fl
 
 
 def profile_step(step: Callable[[], object], device: torch.device, path: Path) -> None:
-    """One more step under torch.profiler: the CUDA kernels by total time (top 60) → path."""
+    """One more step under torch.profiler: the CUDA kernels by total time (top 60) and, on a GPU, the split by
+    kind of work (GEMMs, Triton kernels, eager elementwise, optimizer, communication) → path."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -276,8 +277,14 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path) -
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90) + "\n"
+    if device.type == "cuda":  # where the time went, by kind of work (benchmarks/profile_split.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from profile_split import render, split_table
+
+        text += "\n" + render({path.stem: split_table(text)}) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90) + "\n")
+    path.write_text(text)
     print(f"train_step: profile of one step → {path}", file=sys.stderr, flush=True)
 
 

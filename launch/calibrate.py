@@ -232,9 +232,10 @@ def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: floa
                   autocast_bf16=device.type == "cuda", **measured)
     if device.type == "cpu":
         hw = dataclasses.replace(hw, **measure_host_overheads(hw, reps=3 if quick else 8))
-    elif reference.host_optimizer_ns:  # parallel.offload_optimizer's host step: not measured here
-        hw = dataclasses.replace(hw, host_optimizer_ns=reference.host_optimizer_ns,
-                                 source=f"{hw.source}; host optimizer step from {reference.name}")
+    elif reference.host_optimizer_ns or reference.window_overhead_ms:  # not measured here: the reference's
+        hw = dataclasses.replace(hw, host_optimizer_ns=reference.host_optimizer_ns,  # offload_optimizer host step,
+                                 window_overhead_ms=reference.window_overhead_ms,  # a streamed window's fixed cost
+                                 source=f"{hw.source}; host optimizer step and window cost from {reference.name}")
     return hw
 
 

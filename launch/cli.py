@@ -97,7 +97,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     """PNG plots and report.md of a sweep folder."""
     from launch.report import write_report
 
-    paths = write_report(args.dir, args.out)
+    paths = write_report(args.dir, args.out, args.replan)
     print(f"longtrain: wrote {', '.join(str(p) for p in paths)}")
 
 
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plots (PNG) and a markdown summary of a sweep folder")
     report.add_argument("dir", help="the sweep folder (holding sweep.parquet)")
     report.add_argument("--out", default=None, help="where the PNGs and report.md go (default: the sweep folder)")
+    report.add_argument("--replan", metavar="GPU", default=None,
+                        help="predict with today's `longtrain plan` on GPU (h200, h100, a100 or a hardware file) "
+                             "instead of the predictions the sweep recorded at launch")
     report.set_defaults(func=cmd_report)
     plan = sub.add_parser("plan", help="predict per-rank memory and step time of a job before launch")
     plan.add_argument("--config", help="TOML file; default: the built-in tiny job")

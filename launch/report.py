@@ -4,8 +4,10 @@
                   same tokens per GPU), the ideal (flat) line and each point's efficiency against the fewest GPUs
     memory.png    peak memory per rank against sequence length, one line per configuration, the device's memory
                   and the points that ran out of it; predicted memory dashed where the sweep has a prediction
+    throughput.png  tokens/s per GPU against sequence length, the same lines, predicted dashed
     mfu.png       MFU over (sp, pp), the best point of each cell (tokens/s per GPU where MFU is unknown: CPU)
-    report.md     every point (status, cause, throughput, memory) and predicted beside measured
+    report.md     every point (status, cause, throughput, memory) and predicted beside measured (`--replan GPU`:
+                  predicted by today's plan rather than the one the sweep recorded at launch)
 
 Where several splits of one series share a GPU count, the fastest is plotted and labelled with its dp×pp×sp.
 """
@@ -13,6 +15,7 @@ Where several splits of one series share a GPU count, the fastest is plotted and
 from __future__ import annotations
 
 import math
+import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +32,33 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
     if not path.exists():
         raise ConfigError(f"{str(path)!r} does not exist; run `longtrain sweep GRID.toml --out {sweep_dir}` first")
     return pq.read_table(path).to_pylist()
+
+
+def replan(rows: list[dict], gpu: str) -> int:
+    """Recompute the predicted columns with the current `runtime.plan` on hardware `gpu` (a sweep records the
+    plan of its own day): each ok row's job is rebuilt from its command's --config / --set; returns how many
+    rows were re-predicted (rows whose command names no job keep what they hold)."""
+    import shlex
+
+    from launch.sweep import predicted
+    from runtime.config import load_config
+    from runtime.plan import load_hardware
+
+    hw = load_hardware(gpu)
+    done = 0
+    for r in rows:
+        args = shlex.split(r.get("command") or "")
+        if r.get("status") != "ok" or "--set" not in args:
+            continue
+        config = args[args.index("--config") + 1] if "--config" in args else None
+        overrides = [a for a in args[args.index("--set") + 1:] if "=" in a and not a.startswith("-")]
+        try:  # a base config file of another machine's path: the row keeps its recorded prediction
+            cfg = load_config(config, overrides)
+        except (ConfigError, OSError):
+            continue
+        r.update(predicted(types.SimpleNamespace(cfg=cfg, world=r.get("world") or 1, error=None), hw), replanned=True)
+        done += 1
+    return done
 
 
 def _config_keys(rows: list[dict]) -> list[str]:
@@ -170,6 +200,36 @@ def figure_memory(rows: list[dict]):
     return fig
 
 
+def figure_throughput(rows: list[dict]):
+    """Tokens/s per GPU against sequence length, one line per configuration (as the memory figure), the plan's
+    prediction dashed: how throughput holds up as sequences grow, on any number of GPUs."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    ax.set_title("throughput against sequence length")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("tokens/s per GPU")
+    lengths = []
+    for label, points in memory_series(rows).items():
+        ok = [r for r in points if r["status"] == "ok" and _finite(r.get("tokens_per_s_per_gpu"))]
+        lengths += [r["train.seq_len"] for r in ok]
+        (line,) = ax.plot([r["train.seq_len"] for r in ok], [r["tokens_per_s_per_gpu"] for r in ok], marker="o",
+                          label=label, gid="measured")
+        pred = [r for r in ok if _finite(r.get("pred_tokens_per_s"))]
+        if pred:
+            ax.plot([r["train.seq_len"] for r in pred], [r["pred_tokens_per_s"] / (r.get("world") or 1) for r in pred],
+                    linestyle="--", color=line.get_color(), alpha=0.7, marker="D", fillstyle="none", gid="predicted")
+    if lengths:
+        _log2_axis(ax, lengths)
+        ax.legend(fontsize=7, title="dashed: predicted", title_fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no point with a measured throughput", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def mfu_grid(rows: list[dict]) -> tuple[str, list[int], list[int], list[list[float]]]:
     """(quantity, sp values, pp values, cells[pp][sp]): the best MFU of each (sp, pp), or tokens/s/GPU if no MFU."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -255,6 +315,9 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
     mem = [abs(m) for m, _ in pairs if _finite(m)]
     step = [abs(s) for _, s in pairs if _finite(s)]
     lines += ["", "## Predicted beside measured", ""]
+    if any(r.get("replanned") for r in rows):
+        lines += [f"Predictions recomputed with the current plan on `{first.get('pred_hardware', '?')}` "
+                  "(`longtrain report --replan`), not those recorded at launch.", ""]
     if mem or step:
         within_mem, within_step = sum(e <= MEMORY_GOAL for e in mem), sum(e <= TIME_GOAL for e in step)
         lines.append(f"peak memory within {MEMORY_GOAL:.0%}: {within_mem} of {len(mem)} points; "
@@ -265,13 +328,17 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """The PNGs and report.md of a sweep folder; returns their paths."""
+def write_report(sweep_dir: str | Path, out: str | Path | None = None, replan_gpu: str | None = None) -> list[Path]:
+    """The PNGs and report.md of a sweep folder; returns their paths. `replan_gpu`: predict with today's plan on
+    that hardware instead of the predictions the sweep recorded."""
     rows = load_rows(sweep_dir)
+    if replan_gpu:
+        replan(rows, replan_gpu)
     out = Path(out or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, build in (("scaling", figure_scaling), ("memory", figure_memory), ("mfu", figure_mfu)):
+    for name, build in (("scaling", figure_scaling), ("memory", figure_memory), ("throughput", figure_throughput),
+                        ("mfu", figure_mfu)):
         fig = build(rows)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=150)

@@ -9,7 +9,7 @@ replica under GPipe), width d, FFN width f, widening width w (q/k/v/gate and gat
                  exactly, per tensor: `stage_state`, rank 0's ⌈rows / N⌉-row dim-0 shards, the largest)
     stored       L·T_stored·d·c                          layer inputs kept for recomputation (the residual stream)
                  (parallel.remat_policy=selective: + L·T_stored·w·c, the widening matmuls' outputs)
-                 (without re-materialization: every layer's internals, ≈ L·T·ACTIVATION·(4d + 3f)·c)
+                 (without re-materialization: every layer's saved internals, ≈ L·T·NEVER_STORED·(4d + 3f)·c)
     transient    ACTIVATION·T_layer·(4d + 3f)·c          one layer's internals, recomputed, and its backward
                  (selective: less the kept widening outputs, T_layer·w·c)
                  + LOSS_RESIDUE·min(loss_chunk, T)·vocab  what of the chunked loss is still live in backward
@@ -20,7 +20,8 @@ replica under GPipe), width d, FFN width f, widening width w (q/k/v/gate and gat
 peak = state + max(0, stored + windows + transient − absent). ACTIVATION = 2.07 and LOSS_RESIDUE = 6.5 are
 fitted to the `1b` step on an H200 (17.9 / 34.0 GiB at 32K / 128K tokens, remat always; benchmarks/RESULTS.md,
 2026-12-02); with them the estimate is within 3 % of all ten measured peaks (full and selective recomputation,
-32K–4M tokens, windows of 16K and 64K: tests/runtime/test_memory.py).
+32K–4M tokens, windows of 16K and 64K: tests/runtime/test_memory.py). NEVER_STORED = 1.5 is fitted to 1M tokens
+in 16K / 32K windows without recomputation (39.5 / 60.4 GiB, tenth session; both within 5 %).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from runtime.errors import ConfigError
 
 ACTIVATION = 2.07  # live internals per token and layer, in units of (4d + 3f)·compute bytes (fitted, see above)
 LOSS_RESIDUE = 6.5  # bytes per token and vocabulary entry of a loss chunk still live in backward (fitted, above)
+NEVER_STORED = 1.5  # saved internals per token and layer without re-materialization, units as ACTIVATION (fitted)
 MARGIN = 0.15  # the estimate's stated accuracy
 
 
@@ -96,7 +98,7 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
     widest = max(widening_width(cfg, k) for k in m.layer_kinds())
     layer = per_token_layer * layer_tokens
     if par.remat == "never":
-        stored = kept * per_token_layer
+        stored = kept * NEVER_STORED * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
     else:
         stored = kept * m.dim * compute_bytes
         if par.remat_policy == "selective":  # the widening matmuls' outputs, kept; not recomputed in backward

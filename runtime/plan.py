@@ -13,8 +13,9 @@ states, the flat gradient buffer of the replica all-reduce (after backward).
 Step time (busiest stage, one step):
 
     compute   GEMM FLOPs / F_gemm: 3 passes of every GEMM, r more of those a re-materialized forward repeats (not
-              the down projection; under remat_policy=selective not the widening ones: `recomputed_gemm`) and one
-              more of every GEMM with train.window; linear-attention tokens / kernel rate; causal softmax FLOPs /
+              the down projection; under remat_policy=selective not the widening ones: `recomputed_gemm`) and
+              (W − 1)/W more of every GEMM with train.window in W windows (each but the last is run twice), plus
+              window_overhead per layer and window; linear-attention tokens / kernel rate; causal softmax FLOPs /
               F_attention (cuDNN's rate where model.attention_backend takes it); elementwise bytes / copy
               bandwidth; the loss; the optimizer (parallel.offload_optimizer: host_optimizer_ns per parameter);
               parallel.offload: the stored layer inputs out and back over the host link
@@ -28,11 +29,13 @@ Step time (busiest stage, one step):
     sharding  optimizer: one all-gather of each block's bf16 parameters per micro-batch; full: two (forward, and
               again in backward); the root's once per micro-batch; (N−1)/N of the bytes each (no overlap credited)
 
-r is the number of recomputed forwards: 1 for `parallel.remat=always`, (M−1)/M for `except_last`, plus one
+r is the number of recomputed forwards: 1 for `parallel.remat=always`, (M−1)/M for `except_last`, plus (W−1)/W
 with `train.window`. B_link is the node's collective bandwidth for a group inside one node and the inter-node
 bandwidth per GPU otherwise (sp innermost, then pp, then dp). The constants come from a hardware file
-(configs/hardware/*.toml, or `longtrain calibrate`); ELEMENTWISE_BYTES is fitted to the measured `1b` steps
-(2026-12-02: within 5 % of all seven of full / selective recomputation and 64K windows, 32K–4M tokens).
+(configs/hardware/*.toml, or `longtrain calibrate`); ELEMENTWISE_BYTES, LOSS_BYTES and the H200's
+window_overhead_ms are fitted to the measured `1b` / `3b` steps on the Triton SwiGLU, RMSNorm and cross-entropy
+(2026-12-02, tenth session: within 5 % of all eleven — selective recomputation at 4K×32, 32K and 128K, 16K /
+32K / 64K windows with and without recomputation, 32K–4M tokens, the 3b at 128K; tests/runtime/test_plan.py).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ from runtime.memory import (
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 REFERENCE_HKV = 16 * 128 * 128  # the head geometry the kernel rates are measured at (H × K × V)
-ELEMENTWISE_BYTES = 37.0  # device-memory bytes per token and layer, in units of (4d + 3f), of a fwd+bwd (fitted)
-LOSS_BYTES = 16.0  # bytes per token and vocabulary entry moved by the chunked head + cross-entropy
+ELEMENTWISE_BYTES = 22.5  # device-memory bytes per token and layer, in units of (4d + 3f), of a fwd+bwd (fitted)
+LOSS_BYTES = 6.0  # bytes per token and vocabulary entry moved by the chunked head + cross-entropy (fitted)
 LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
 OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
 GIB = 2.0**30
@@ -92,6 +95,7 @@ class Hardware:
     attention_cudnn_tflops: float = 0.0  # causal attention on cuDNN (model.attention_backend auto | cudnn); 0: none
     host_link_gbps: float = 0.0  # device ↔ pinned host copies (parallel.offload's layer inputs); 0: not modelled
     host_optimizer_ns: float = 0.0  # ns per parameter of a step with parallel.offload_optimizer (copies + CPU AdamW)
+    window_overhead_ms: float = 0.0  # per layer and window of a streamed sequence (train.window): its fixed cost
 
 
 def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
@@ -187,8 +191,23 @@ def _collective(hw: Hardware, nbytes: float, gbps: float) -> float:
 
 def recompute_passes(cfg: JobConfig) -> float:
     """Extra forward passes per step relative to one forward + backward (DESIGN §5, §9): the layer re-runs of
-    parallel.remat, and with train.window one more (each window is rebuilt before its backward)."""
-    return _remat_passes(cfg) + (1.0 if cfg.train.window else 0.0)
+    parallel.remat, and with train.window `_rebuilt_passes` more."""
+    return _remat_passes(cfg) + _rebuilt_passes(cfg)
+
+
+def stream_windows(cfg: JobConfig) -> int:
+    """Windows a streamed sequence runs in (0 without train.window)."""
+    t = cfg.train
+    return -(-t.seq_len // t.window) if t.window else 0
+
+
+def _rebuilt_passes(cfg: JobConfig) -> float:
+    """With train.window, the share of a forward run twice: every window but the last runs once without autograd
+    (to carry its state on) and again before its backward, (W − 1)/W; over pipeline stages every window does."""
+    W = stream_windows(cfg)
+    if not W:
+        return 0.0
+    return 1.0 if cfg.parallel.pp > 1 else (W - 1) / W
 
 
 def _remat_passes(cfg: JobConfig) -> float:
@@ -231,7 +250,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     tokens = rows * local  # this rank's tokens per step
     mb_rows = rows / M
     r = recompute_passes(cfg)
-    r_layer, rebuilt = _remat_passes(cfg), 1.0 if t.window else 0.0
+    r_layer, rebuilt, n_windows = _remat_passes(cfg), _rebuilt_passes(cfg), stream_windows(cfg)
     hkv_scale = m.n_heads * m.head_dim * m.head_dim / REFERENCE_HKV
     la_rate = hw.la_gate_tokens_per_s if m.gate else hw.la_tokens_per_s
     sp_gbps = _link_gbps(hw, 1, sp, world)
@@ -247,7 +266,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     stages = []
     for s, (start, end) in enumerate(ranges):
         c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0,
-                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3)
+                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3,
+                 window_overhead=(end - start) * M * n_windows * hw.window_overhead_ms / 1e3)
         k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
         for i in range(start, end):
             again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]

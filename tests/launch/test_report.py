@@ -55,8 +55,8 @@ def test_pngs_are_real_images(written) -> None:
     import matplotlib.image
 
     out, paths = written
-    assert [p.name for p in paths] == ["scaling.png", "memory.png", "mfu.png", "report.md"]
-    for p in paths[:3]:
+    assert [p.name for p in paths] == ["scaling.png", "memory.png", "throughput.png", "mfu.png", "report.md"]
+    for p in paths[:4]:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
         pixels = matplotlib.image.imread(p)
@@ -85,6 +85,33 @@ def test_memory_plot_shows_the_table(written) -> None:
     assert lines_of(fig, "oom") == [[(16384, 80.0)]]
     (ax,) = [a for a in fig.axes]
     assert ax.get_xscale() == "log" and "GiB" in ax.get_ylabel() and "tokens" in ax.get_xlabel()
+
+
+def test_throughput_plot_shows_the_table(written) -> None:
+    rows = report.load_rows(written[0])
+    fig = report.figure_throughput(rows)
+    measured = sorted(p for line in lines_of(fig, "measured") for p in line)
+    assert measured == sorted((r["train.seq_len"], r["tokens_per_s_per_gpu"]) for r in ROWS if r["status"] == "ok")
+    assert lines_of(fig, "predicted") == []  # no row recorded pred_tokens_per_s
+    with_pred = [{**r, "pred_tokens_per_s": 1800.0} if r["id"] == "p1" else r for r in rows]
+    assert lines_of(report.figure_throughput(with_pred), "predicted") == [[(4096, 900.0)]]  # per GPU: 2 ranks
+
+
+def test_replan_predicts_each_row_from_its_command(tmp_path) -> None:
+    """`--replan GPU`: today's plan for the job each ok row's command describes, in place of the recorded one."""
+    from runtime.config import load_config
+    from runtime.plan import load_hardware, plan_job
+
+    sets = ["model.preset=1b", "parallel.pp=1", "parallel.sp=1", "train.batch_size=1", "train.seq_len=131072"]
+    rows = [row(0, 1, 1, 1, 131072, 80000.0, 100.0, 0.48, pred_step_time_s=9.9, pred_peak_mem_gib=9.9,
+                command="python -m launch.cli train --nproc 1 --overwrite --set " + " ".join(sets)),
+            row(1, 1, 1, 1, 4096, 0.0, 0.0, 0.0, status="oom", command="python -m launch.cli train --set x=1")]
+    write_rows(tmp_path / "sweep.parquet", rows)
+    report.write_report(tmp_path, replan_gpu="h200")
+    want = plan_job(load_config(None, sets), 1, load_hardware("h200"))
+    text = (tmp_path / "report.md").read_text()
+    assert f"{1e3 * want.step_s:.1f} (" in text and f"{want.peak_gib:.2f} (" in text and "9.90" not in text
+    assert "recomputed with the current plan on `h200`" in text
 
 
 def test_mfu_plot_shows_the_table(written) -> None:

@@ -31,6 +31,18 @@ def test_estimate_matches_measured_steps(seq_len: int, window: int, policy: str,
     assert abs(est.total_gib - measured_gib) / measured_gib < 0.10 < memory.MARGIN
 
 
+@pytest.mark.parametrize("window,measured_gib", [(16384, 39.5), (32768, 60.4)])
+def test_estimate_matches_measured_windows_without_recomputation(window: int, measured_gib: float) -> None:
+    """1M tokens in windows without re-materialization (tenth session, one H200): every layer's saved internals
+    of one window (NEVER_STORED) are what grows with the window."""
+    cfg = load_config(None, [*BASE, "train.seq_len=1048576", f"train.window={window}", "parallel.remat=never"])
+    with torch.device("meta"):
+        model = LinearLlama(cfg.model)
+    n, block = num_parameters(model), max(num_parameters(b) for b in model.layers.values())
+    est = memory.estimate_memory(cfg, n, 1, 1, 1, block, n - sum(num_parameters(b) for b in model.layers.values()))
+    assert abs(est.total_gib - measured_gib) / measured_gib < 0.10
+
+
 def test_windows_keep_memory_flat() -> None:
     with torch.device("meta"):
         n = num_parameters(LinearLlama(load_config(None, BASE).model))

@@ -21,17 +21,22 @@ from runtime.memory import SHARD_MODES, resolve_remat_policy, stage_state
 from runtime.parallelize import layer_costs_by_params
 
 # benchmarks/RESULTS.md, one H200: the 1b preset with gate, batch 1, remat always, and each row's settings
-# (extra overrides, tokens per sequence, tokens/s, peak GiB) — ninth session (2026-12-02) and seventh (LLLA, offloads)
+# (extra overrides, tokens per sequence, tokens/s, peak GiB). The tenth session's rows (2026-12-02, on the Triton
+# SwiGLU / RMSNorm / cross-entropy, policy auto: the default) are those the plan's constants are fitted to.
+OLD = ["parallel.remat_policy=full"]  # rows that ran before `auto` (the default) existed
 H200_STEPS = [
-    ([], 32768, 61883, 17.9), ([], 131072, 63892, 34.0),
-    (["parallel.remat_policy=selective"], 32768, 69678, 33.8),
-    (["parallel.remat_policy=selective"], 131072, 71383, 101.5),
-    (["train.window=65536"], 262144, 52326, 26.5), (["train.window=65536"], 1048576, 50710, 26.7),
-    (["train.window=65536"], 2097152, 50416, 27.0), (["train.window=65536"], 4194304, 47973, 27.5),
-    (["model.layout=LLLA"], 131072, 29856, 33.5), (["model.layout=LLLA", "model.attention_backend=flash"], 131072,
-                                                   21823, 33.5),
-    (["parallel.offload=true"], 131072, 52436, 29.5),
-    (["model.preset=3b", "parallel.shard=full", "parallel.offload_optimizer=true"], 131072, 9806, 41.4)]
+    ([], 32768, 80796, 33.2), ([], 131072, 83913, 100.0), (["train.batch_size=32"], 4096, 84667, 100.0),
+    (["train.window=16384"], 131072, 53235, 17.5),
+    (["train.window=16384", "parallel.remat=never"], 1048576, 62652, 39.5),
+    (["train.window=32768", "parallel.remat=never"], 1048576, 66473, 60.4),
+    (["train.window=32768", "parallel.remat=never"], 4194304, 66392, 62.0),
+    (["train.window=65536"], 32768, 70938, 17.67), (["train.window=65536"], 131072, 62873, 25.71),
+    (["train.window=65536"], 1048576, 57430, 25.95), (["model.preset=3b"], 131072, 22573, 73.3),
+] + [  # the ninth session's, on eager elementwise work (now predicted 5–11 % faster than they ran)
+    ([*OLD, "model.layout=LLLA"], 131072, 29856, 33.5),
+    ([*OLD, "model.layout=LLLA", "model.attention_backend=flash"], 131072, 21823, 33.5),
+    ([*OLD, "parallel.offload=true"], 131072, 52436, 29.5),
+    ([*OLD, "model.preset=3b", "parallel.shard=full", "parallel.offload_optimizer=true"], 131072, 9806, 41.4)]
 BASE = ["model.gate=true", "parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1", "parallel.remat=always",
         "train.batch_size=1"]
 
@@ -163,11 +168,11 @@ def test_unknown_shard_mode_is_refused() -> None:
 def test_plan_matches_measured_h200_steps(extra: list[str], seq_len: int, tokens_per_s: float,
                                           peak_gib: float) -> None:
     """The issue's goals on every measured one-H200 step: memory within 10 %, step time within 15 %."""
-    cfg = load_config(None, ["model.preset=1b", *BASE, "parallel.remat_policy=full", f"train.seq_len={seq_len}",
-                             *extra])  # the rows without a policy ran before `auto` (the default) existed
+    cfg = load_config(None, ["model.preset=1b", *BASE, f"train.seq_len={seq_len}", *extra])
     p = plan.plan_job(cfg, 1, plan.load_hardware("h200"))
+    measured_s = cfg.train.batch_size * seq_len / tokens_per_s
     assert abs(p.peak_gib - peak_gib) / peak_gib < 0.10
-    assert abs(p.step_s - seq_len / tokens_per_s) / (seq_len / tokens_per_s) < 0.15
+    assert abs(p.step_s - measured_s) / measured_s < 0.15
     assert p.bubble_s == 0 and p.comm["small_collectives"] < 1e-3
 
 
