@@ -261,8 +261,11 @@ def _gpu_compare(B, T, H, K, V, dtype, tol, seed=0, lam_grad=False, **kw):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("B,T", [(1, 1), (1, 1000), (2, 4096 + 37), (1, 16384), (1, 65536)])
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 1000), (2, 4096 + 37), (1, 16384)])
 def test_gpu_bf16_model_sizes(B, T):
+    """The model's layer (16 heads of 128) in bf16. Lengths stop at 16K: the float64 reference is a Python loop over
+    chunks (the ninth and tenth sessions' runs got through 5 of these tests in 120-200 s with 65536 and 20000 here);
+    longer sequences are the same kernels with more segments, which test_gpu_configs's short segments exercise."""
     _gpu_compare(B, T, 16, 128, 128, torch.bfloat16, 1e-2)
 
 
@@ -286,7 +289,7 @@ def test_gpu_head_dims_and_fp16(K, V, dtype):
                                  with_config(grad_block_k=32, grad_bv=32), with_config(grad_block_k=64, chunk=32)],
                          ids=["short-segments", "one-segment", "chunk32", "grad-kb32", "grad-kb64-chunk32"])
 def test_gpu_configs(cfg):
-    _gpu_compare(1, 20000, 16, 128, 128, torch.bfloat16, 1e-2, seed=9, config=cfg)
+    _gpu_compare(1, 8192 + 129, 16, 128, 128, torch.bfloat16, 1e-2, seed=9, config=cfg)
 
 
 class _ChainExchange:
