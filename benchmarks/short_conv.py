@@ -1,18 +1,24 @@
 """Benchmark: Triton causal short convolution (kernels/conv) vs the model's cat + conv1d + SiLU path.
 
     python benchmarks/short_conv.py [--shapes 1x131072,1x1048576] [--dim 6144] [--width 4]
+        [--bwd scratch|direct|both]
 
-bf16 x and halo, fp32 weight [D, 1, w] (as ShortConv holds it). Per shape: forward (no grad) and
+bf16 x and halo, fp32 weight [D, 1, w] (as ShortConv holds it). Per shape: forward (no grad), backward alone
+(torch.autograd.grad on a kept graph: the backward kernel, the dW partial sum and the allocations) and
 forward+backward (gradients of x, weight and halo through torch.autograd.grad) medians of
 `triton.testing.do_bench`, the effective bandwidth against the bytes that must move (forward: x read,
-y written; forward+backward: that plus x and dy read, dx written), and the peak memory of one
-forward+backward above the inputs (torch.cuda.max_memory_allocated after a reset). Before timing, the
-Triton output and gradients are checked against the reference. Rows that run out of memory show "—".
+y written; backward: x and dy read, dx written; forward+backward: both), and the peak memory of one
+forward+backward above the inputs (torch.cuda.max_memory_allocated after a reset). --bwd picks the Triton
+backward kernel(s) (ConvConfig.bwd_direct: the scratch kernel, the direct one, or one row each, labelled);
+the forward is the same kernel in both rows. Before timing, each Triton row's output and gradients are checked
+against the reference (an HTML comment after the shape's rows). Rows that run out of memory show "—".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MISSING = "—"
+MAX_ERR = 2e-2  # a Triton row whose check against the reference is worse is reported, not timed
 GIB = 1 << 30
 
 
@@ -34,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=3 * 2048, help="channels D (default %(default)s: q, k, v of d=2048)")
     p.add_argument("--width", type=int, default=4, help="taps w (default %(default)s)")
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms (default %(default)s)")
+    p.add_argument("--bwd", choices=("scratch", "direct", "both"), default="both",
+                   help="Triton backward kernel(s) to time (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -50,8 +59,21 @@ def triton_path(x, weight, halo):
     return short_conv(x, weight, halo, backend="triton")
 
 
-def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float]:
-    """(forward ms, forward+backward ms, peak GiB of one forward+backward above the inputs)."""
+@contextlib.contextmanager
+def backward_kernel(name: str):
+    """The Triton backward on the scratch or the direct kernel (ConvConfig.bwd_direct) while inside."""
+    from kernels.conv import triton_conv
+
+    saved = triton_conv.CONFIG
+    triton_conv.CONFIG = dataclasses.replace(saved, bwd_direct=name == "direct")
+    try:
+        yield
+    finally:
+        triton_conv.CONFIG = saved
+
+
+def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float, float]:
+    """(forward ms, backward ms, forward+backward ms, peak GiB of one forward+backward above the inputs)."""
     from triton.testing import do_bench
 
     def fwd():
@@ -61,14 +83,20 @@ def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float]:
     def fwd_bwd():
         torch.autograd.grad(fn(x, weight, halo), [x, weight, halo], dy)
 
+    def bwd_ms() -> float:  # the graph of one forward, kept between the timed backwards, freed on return
+        y = fn(x, weight, halo)
+        return do_bench(lambda: torch.autograd.grad(y, [x, weight, halo], dy, retain_graph=True), rep=rep,
+                        return_mode="median")
+
     t_f = do_bench(fwd, rep=rep, return_mode="median")
+    t_b = bwd_ms()
     t_fb = do_bench(fwd_bwd, rep=rep, return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fwd_bwd()
     torch.cuda.synchronize()
-    return t_f, t_fb, (torch.cuda.max_memory_allocated() - base) / GIB
+    return t_f, t_b, t_fb, (torch.cuda.max_memory_allocated() - base) / GIB
 
 
 def _check(x, weight, halo, dy) -> float:
@@ -90,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     D, w = args.dim, args.width
     print(f"# short conv, {torch.cuda.get_device_name()}, D={D}, w={w}, bf16 x/halo, fp32 weight, torch "
           f"{torch.__version__}")
-    print("| B×T | path | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | peak GiB (fwd+bwd, above inputs) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B×T | path | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | fwd+bwd GB/s | "
+          "peak GiB (fwd+bwd, above inputs) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    kernels = ("scratch", "direct") if args.bwd == "both" else (args.bwd,)
     for B, T in parse_shapes(args.shapes):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(B, T, D, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -99,17 +129,26 @@ def main(argv: list[str] | None = None) -> None:
         halo = torch.randn(B, w - 1, D, device="cuda", generator=g).bfloat16().requires_grad_()
         dy = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
         n = B * T * D * x.element_size()
-        err = _check(x[:, :4096], weight, halo, dy[:, :4096])
-        for name, fn in (("reference (cat+conv1d+silu)", reference_path), ("triton", triton_path)):
-            try:
-                t_f, t_fb, peak = _measure(fn, x, weight, halo, dy, args.rep)
-                cells = [f"{t_f:.3f}", f"{t_fb:.3f}", f"{2 * n / t_f / 1e6:.0f}", f"{5 * n / t_fb / 1e6:.0f}",
-                         f"{peak:.2f}"]
-            except torch.OutOfMemoryError:
-                cells = [MISSING] * 5
+        rows = [("reference (cat+conv1d+silu)", reference_path, contextlib.nullcontext)]
+        rows += [(f"triton (bwd {k})", triton_path, lambda k=k: backward_kernel(k)) for k in kernels]
+        errs = []
+        for name, fn, ctx in rows:
+            with ctx():
+                err = _check(x[:, :4096], weight, halo, dy[:, :4096]) if fn is triton_path else 0.0
+                if fn is triton_path:
+                    errs.append(f"{name}: {err:.2e}")
+                try:
+                    if not err <= MAX_ERR:  # NaN too
+                        cells = [f"check failed ({err:.1e})"] + [MISSING] * 6
+                    else:
+                        t_f, t_b, t_fb, peak = _measure(fn, x, weight, halo, dy, args.rep)
+                        cells = [f"{t_f:.3f}", f"{t_b:.3f}", f"{t_fb:.3f}", f"{2 * n / t_f / 1e6:.0f}",
+                                 f"{3 * n / t_b / 1e6:.0f}", f"{5 * n / t_fb / 1e6:.0f}", f"{peak:.2f}"]
+                except torch.OutOfMemoryError:
+                    cells = [MISSING] * 7
             torch.cuda.empty_cache()
             print(f"| {B}×{T} | {name} | " + " | ".join(cells) + " |")
-        print(f"<!-- {B}×{T}: max rel. error of triton vs fp32 reference on the first 4096 tokens: {err:.2e} -->")
+        print(f"<!-- {B}×{T}: max rel. error vs fp32 reference on the first 4096 tokens: {'; '.join(errs)} -->")
 
 
 if __name__ == "__main__":

@@ -7,21 +7,32 @@ Per channel d, with w taps, the halo x_{−(w−1)} … x_{−1} (zeros without 
 **Forward** (``_conv_fwd_kernel``, grid T-blocks × D-blocks × B): each tap is one shifted [BT, BD] load, read
 from x, or from the halo for negative positions (no concatenated copy); fp32 sums, y in x's dtype.
 
-**Backward** (``_conv_bwd_kernel``), with dz_t = dy_t σ(z_t)(1 + z_t(1 − σ(z_t))) and z recomputed from x:
+**Backward**, with dz_t = dy_t σ(z_t)(1 + z_t(1 − σ(z_t))) and z recomputed from x (never saved):
 
     dx_s    = Σ_{k<w} W_{w−1−k} dz_{s+k}                (s ≥ 0; the same sum at s < 0 is d halo)
     dW_i    = Σ_{b,t} dz_t x_{t−(w−1)+i}
 
-Register tiles cannot be shifted, so each program stages dz through a small scratch tile of its own
-(global memory, L1/L2-resident): per T-block it computes dz for the block's BT rows and the w−1 rows after
-it (z recomputed from x, never saved), stores them, and reads dx's w shifted windows back (two block
-barriers). HBM traffic stays x, dy and dx once. Each program walks a chunk of consecutive T-blocks and
-keeps one [BT, BD] fp32 dW accumulator per tap, summed over rows once at the end (no per-block cross-warp
-reductions); the partials of all programs ([B·chunks, w, D] fp32) are summed afterwards. The program that
-owns a row's first chunk also computes the w−1 halo rows of dx, d halo, recomputing dz at each shift.
+Register tiles cannot be shifted; the two backward kernels differ in how dx gets dz at w shifted row sets.
+Both walk, per program, a chunk of consecutive T-blocks (grid chunks × D-blocks × B, chunks sized to reach
+``bwd_programs``), keep one [BT, BD] fp32 dW accumulator per tap, summed over rows once at the end (no
+per-block cross-warp reductions), and write per-program partials ([B·chunks, w, D] fp32) summed afterwards;
+the program that owns a row's first chunk also computes the w−1 halo rows of dx, d halo.
+
+- ``_conv_bwd_kernel`` (scratch, the default): per T-block it computes dz for the block's BT rows and the w−1
+  rows after it, stores them to a small per-program scratch tile (global memory, L1/L2-resident) and reads
+  dx's w shifted windows back, with two block barriers per block. On the 1B model's step (T = 131072,
+  D = 6144, bf16) it takes ≈ 6.3 ms a call, ≈ 770 GB/s for the ≈ 4.8 GB it must move: ~5× off the roofline.
+- ``_conv_bwd_direct_kernel`` (direct, ``ConvConfig.bwd_direct``): no scratch, no barriers. For a block's
+  rows s it computes dz_{s+k} for each k < w straight from shifted loads of x and dy (z_{s+k} from w shifted x
+  tiles, zeros past T, the halo for negative rows), dx_s = Σ_k W_{w−1−k} dz_{s+k}, and the dW terms from
+  k = 0's dz with the rows' own x shifts; d halo is the same sum at s = −(w−1) … −1. The shifted reloads
+  hit L1/L2, so HBM traffic stays x and dy read and dx written once, at the price of w× the SiLU-derivative
+  work and ~w² + 2w tile loads from L1 per block (w = 4: 24). Blocks that read the halo run in a loop of
+  their own. NOT YET TIMED ON A GPU: off by default until `benchmarks/short_conv.py --bwd both` has timed it.
 
 H200, bf16, D = 6144, w = 4 (fwd / fwd+bwd): 1.75 / 9.3 ms at T = 131072 (cat + conv1d + SiLU: 15.2 / 45.0),
-13.9 / 74 ms at T = 1048576 (189 / 654); tiles from a sweep there (bwd: 16 × 128, 4 warps, 1024 programs).
+13.9 / 74 ms at T = 1048576 (189 / 654); tiles from a sweep there (scratch bwd: 16 × 128, 4 warps, 1024
+programs). The direct kernel's tiles (32 × 64, 8 warps: no spills on sm_90 for w ≤ 4) are a first guess.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ __all__ = ["ConvConfig", "CONFIG", "short_conv_triton", "short_conv_fwd", "short
 @dataclass(frozen=True)
 class ConvConfig:
     """Tile sizes: tokens per forward / backward block, channels per block, and the number of backward
-    programs aimed at (the backward's chunks of T-blocks are sized to reach it)."""
+    programs aimed at (the backward's chunks of T-blocks are sized to reach it). bwd_direct picks the backward
+    kernel (False: the scratch kernel with the bwd_block_* tiles; True: the direct kernel with the
+    bwd_direct_* tiles); both size their chunks by bwd_programs."""
 
     fwd_block_t: int = 64
     fwd_block_d: int = 128
@@ -47,6 +60,10 @@ class ConvConfig:
     bwd_programs: int = 1024
     fwd_warps: int = 4
     bwd_warps: int = 4
+    bwd_direct: bool = False  # backward on _conv_bwd_direct_kernel (no scratch, no barriers): not yet timed on a GPU
+    bwd_direct_block_t: int = 32
+    bwd_direct_block_d: int = 64
+    bwd_direct_warps: int = 8
 
 
 CONFIG = ConvConfig()
@@ -56,8 +73,16 @@ CONFIG = ConvConfig()
 def _rows(x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
     """fp32 tile of the input rows t = t0 + r (t0 a scalar, r = 0 … n−1): x_t for 0 ≤ t < T, the halo row
     t + W − 1 for 1 − W ≤ t < 0 (read only by a block that starts before 0), else 0. The int64 part of the address
-    is the scalar; the tile offsets are int32 and the same for every tap."""
+    is the scalar; the tile offsets are int32 and the same for every tap. HAS_HALO: False (0) no halo; True (1)
+    a second, masked load from the halo under a branch on t0 < 0; 2 one load whose per-row pointer is picked
+    from x or the halo (no branch: far fewer registers where many shifted tiles are in flight, as in the
+    direct backward; only for blocks near the start, t0 < W − 1: the halo offsets are int32)."""
     t = t0 + r
+    if HAS_HALO == 2:
+        xp = x + t0.to(tl.int64) * sx_t + (r[:, None] * sx_t + offs_d[None, :])
+        hp = h + (t0 + W - 1) * sh_t + (r[:, None] * sh_t + offs_d[None, :])
+        mask = ((t >= 1 - W) & (t < T))[:, None] & mask_d[None, :]
+        return tl.load(tl.where((t >= 0)[:, None], xp, hp), mask=mask, other=0.0).to(tl.float32)
     mask = ((t >= 0) & (t < T))[:, None] & mask_d[None, :]
     v = tl.load(x + t0.to(tl.int64) * sx_t + (r[:, None] * sx_t + offs_d[None, :]), mask=mask, other=0.0)
     v = v.to(tl.float32)
@@ -187,6 +212,95 @@ def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chun
     _dw_store(dw_part + 7 * D, a7, offs_d, mask_d, 7, W)
 
 
+@triton.jit
+def _dx_rows(x, h, w, dy, s0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t,
+             BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr):
+    """(Σ_k W_{W−1−k} dz_{s+k}, dz_s) as fp32 [BT, BD] for the rows s = s0 + r: dx_s (d halo_s for s < 0) and the
+    unshifted dz for dW. Each shift's dz is recomputed from shifted loads of x and dy (L1/L2 hits), not shifted
+    in registers."""
+    wk = tl.load(w + offs_d * W + (W - 1), mask=mask_d, other=0.0).to(tl.float32)
+    dz = _dz(x, h, w, dy, s0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, BT, BD, W, HAS_HALO, SILU)
+    acc = wk[None, :] * dz
+    for k in tl.static_range(1, W):
+        wk = tl.load(w + offs_d * W + (W - 1 - k), mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[None, :] * _dz(x, h, w, dy, s0 + k, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t,
+                                 BT, BD, W, HAS_HALO, SILU)
+    return acc, dz
+
+
+@triton.jit
+def _direct_block(a0, a1, a2, a3, a4, a5, a6, a7, x, h, w, dy, dx, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t,
+                  sdx_t, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, HAS_HALO: tl.constexpr,
+                  SILU: tl.constexpr):
+    """One T-block of the direct backward: dx for the rows t0 + r, stored, and the dW tiles a_i updated."""
+    acc, dz = _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, BT, BD, W, HAS_HALO, SILU)
+    a0 = _dw_tap(a0, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 0, W, HAS_HALO)
+    a1 = _dw_tap(a1, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 1, W, HAS_HALO)
+    a2 = _dw_tap(a2, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 2, W, HAS_HALO)
+    a3 = _dw_tap(a3, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 3, W, HAS_HALO)
+    a4 = _dw_tap(a4, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 4, W, HAS_HALO)
+    a5 = _dw_tap(a5, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 5, W, HAS_HALO)
+    a6 = _dw_tap(a6, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 6, W, HAS_HALO)
+    a7 = _dw_tap(a7, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 7, W, HAS_HALO)
+    ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
+    tl.store(ptrs, acc.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _conv_bwd_direct_kernel(x, h, w, dy, dx, dh, dw_part, T, D, n_blocks, chunk_blocks,
+                            sx_b, sx_t, sh_b, sh_t, sdy_b, sdy_t, sdx_b, sdx_t, sdh_b, sdh_t,
+                            W: tl.constexpr, HP: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr,
+                            BT: tl.constexpr, BD: tl.constexpr):
+    """The backward without scratch or barriers: dz at the W shifted row sets straight from x and dy (see
+    _dx_rows); the grid, chunks, dW partials and d halo as in _conv_bwd_kernel. The T-blocks that read the halo
+    (t0 < W − 1: one, or more where BT < W − 1) run in a loop of their own that picks each row's pointer from x
+    or the halo; the main loop has no halo code (sm_90, w = 4, 32 × 64, 8 warps: 168 registers, where halo
+    branches in every shifted load took ~250)."""
+    i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = i_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < D
+    x += i_b * sx_b
+    h += i_b * sh_b
+    dy += i_b * sdy_b
+    dx += i_b * sdx_b
+    # dW_i partial sums, one [BT, BD] tile per tap (summed over rows once, after the loops)
+    a0 = tl.zeros([BT, BD], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    r = tl.arange(0, BT)
+    first = i_c * chunk_blocks
+    last = tl.minimum(first + chunk_blocks, n_blocks)
+    n_halo = 0
+    if HAS_HALO:
+        n_halo = (W - 1 + BT - 1) // BT  # T-blocks with t0 < W − 1
+        for j in range(first, tl.minimum(last, n_halo)):
+            t0 = j * BT
+            a0, a1, a2, a3, a4, a5, a6, a7 = _direct_block(
+                a0, a1, a2, a3, a4, a5, a6, a7, x, h, w, dy, dx, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t,
+                sdx_t, BT, BD, W, 2, SILU)
+    for j in range(tl.maximum(first, n_halo), last):
+        t0 = j * BT
+        a0, a1, a2, a3, a4, a5, a6, a7 = _direct_block(
+            a0, a1, a2, a3, a4, a5, a6, a7, x, h, w, dy, dx, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t,
+            sdx_t, BT, BD, W, False, SILU)
+    if HAS_HALO:
+        if i_c == 0:  # d halo: the same sum at s = −(W−1) … −1
+            rt = tl.arange(0, HP)
+            s0 = tl.full([], 1 - W, tl.int32)
+            acc, _ = _dx_rows(x, h, w, dy, s0, rt, offs_d, mask_d, T, sx_t, sh_t, sdy_t, HP, BD, W, 2, SILU)
+            ptrs = dh + i_b * sdh_b + rt[:, None] * sdh_t + offs_d[None, :]
+            tl.store(ptrs, acc.to(dh.dtype.element_ty), mask=(rt < W - 1)[:, None] & mask_d[None, :])
+    dw_part += (i_b * tl.num_programs(0) + i_c) * W * D
+    _dw_store(dw_part, a0, offs_d, mask_d, 0, W)
+    _dw_store(dw_part + D, a1, offs_d, mask_d, 1, W)
+    _dw_store(dw_part + 2 * D, a2, offs_d, mask_d, 2, W)
+    _dw_store(dw_part + 3 * D, a3, offs_d, mask_d, 3, W)
+    _dw_store(dw_part + 4 * D, a4, offs_d, mask_d, 4, W)
+    _dw_store(dw_part + 5 * D, a5, offs_d, mask_d, 5, W)
+    _dw_store(dw_part + 6 * D, a6, offs_d, mask_d, 6, W)
+    _dw_store(dw_part + 7 * D, a7, offs_d, mask_d, 7, W)
+
+
 def _block_d(D: int, block_d: int) -> int:
     return min(block_d, triton.next_power_of_2(D))
 
@@ -225,20 +339,29 @@ def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, halo
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     dh = torch.empty(halo.shape, dtype=halo.dtype, device=x.device) if has_halo else None
     dh_arg, sdh_b, sdh_t = _halo_args(dh, x)
-    BT, BD = cfg.bwd_block_t, _block_d(D, cfg.bwd_block_d)
+    if cfg.bwd_direct:
+        BT, BD, warps = cfg.bwd_direct_block_t, _block_d(D, cfg.bwd_direct_block_d), cfg.bwd_direct_warps
+    else:
+        BT, BD, warps = cfg.bwd_block_t, _block_d(D, cfg.bwd_block_d), cfg.bwd_warps
     n_d, n_blocks = triton.cdiv(D, BD), triton.cdiv(T, BT)
     n_chunks = min(n_blocks, max(1, triton.cdiv(cfg.bwd_programs, B * n_d)))
     chunk_blocks = triton.cdiv(n_blocks, n_chunks)
     n_chunks = triton.cdiv(n_blocks, chunk_blocks)
     HP = triton.next_power_of_2(max(W - 1, 1))
     dw_part = torch.empty(B * n_chunks, W, D, dtype=torch.float32, device=x.device)
-    scratch = torch.empty(B * n_chunks * n_d, BT + HP, BD, dtype=torch.float32, device=x.device)
-    _conv_bwd_kernel[(n_chunks, n_d, B)](
-        x, h, weight, dy, dx, dh_arg, dw_part, scratch, T, D, n_blocks, chunk_blocks,
-        x.stride(0), x.stride(1), sh_b, sh_t, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), sdh_b, sdh_t,
-        W=W, HP=HP, HAS_HALO=has_halo, SILU=silu,
-        BT=BT, BD=BD, num_warps=cfg.bwd_warps,
-    )
+    strides = (x.stride(0), x.stride(1), sh_b, sh_t, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+               sdh_b, sdh_t)
+    if cfg.bwd_direct:
+        _conv_bwd_direct_kernel[(n_chunks, n_d, B)](
+            x, h, weight, dy, dx, dh_arg, dw_part, T, D, n_blocks, chunk_blocks, *strides,
+            W=W, HP=HP, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD, num_warps=warps,
+        )
+    else:
+        scratch = torch.empty(B * n_chunks * n_d, BT + HP, BD, dtype=torch.float32, device=x.device)
+        _conv_bwd_kernel[(n_chunks, n_d, B)](
+            x, h, weight, dy, dx, dh_arg, dw_part, scratch, T, D, n_blocks, chunk_blocks, *strides,
+            W=W, HP=HP, HAS_HALO=has_halo, SILU=silu, BT=BT, BD=BD, num_warps=warps,
+        )
     dw = dw_part.sum(0).t().to(weight.dtype)
     if halo is not None and not has_halo:  # w = 1: the halo is empty
         dh = torch.zeros_like(halo)

@@ -1,11 +1,13 @@
 """Triton causal short convolution (kernels/conv) against the cat + conv1d + SiLU reference.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
-imported) at small sizes and small tiles; tests marked ``gpu`` run the model's size in bf16.
+imported) at small sizes and small tiles; tests marked ``gpu`` run the model's size in bf16. Every test of a
+gradient runs on both backward kernels (the ``bwd`` fixture: scratch and direct).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -26,16 +28,30 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# tiles small enough that the interpreter sees several T- and D-blocks; ONE_CHUNK: each backward program walks
+# tiles small enough that the interpreter sees several T- and D-blocks; SMALL: each backward program walks
 # a row's every T-block; PER_BLOCK: one T-block per program (many dW partial sums)
-SMALL = tc.ConvConfig(fwd_block_t=16, fwd_block_d=16, bwd_block_t=8, bwd_block_d=16, bwd_programs=1)
-PER_BLOCK = tc.ConvConfig(fwd_block_t=8, fwd_block_d=8, bwd_block_t=8, bwd_block_d=8, bwd_programs=1 << 20)
+SMALL = tc.ConvConfig(fwd_block_t=16, fwd_block_d=16, bwd_block_t=8, bwd_block_d=16, bwd_programs=1,
+                      bwd_direct_block_t=8, bwd_direct_block_d=16, bwd_direct_warps=4)
+PER_BLOCK = tc.ConvConfig(fwd_block_t=8, fwd_block_d=8, bwd_block_t=8, bwd_block_d=8, bwd_programs=1 << 20,
+                          bwd_direct_block_t=8, bwd_direct_block_d=8, bwd_direct_warps=4)
 
 
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(tc, "CONFIG", SMALL)
+
+
+@pytest.fixture(params=[False, True], ids=["bwd-scratch", "bwd-direct"])
+def bwd(request, monkeypatch, _small_tiles):
+    """The backward kernel under test (CONFIG.bwd_direct, on top of the tiles set so far): False the scratch
+    kernel, True the direct one. A test that sets its own config passes it through `_with_bwd`."""
+    monkeypatch.setattr(tc, "CONFIG", dataclasses.replace(tc.CONFIG, bwd_direct=request.param))
+    return request.param
+
+
+def _with_bwd(cfg: tc.ConvConfig, direct: bool) -> tc.ConvConfig:
+    return dataclasses.replace(cfg, bwd_direct=direct)
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +95,7 @@ SHAPES = [  # (B, T, D, w): several blocks with a ragged tail, T = 1, T < w − 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-D{}-w{}".format(*s))
 @pytest.mark.parametrize("halo", [False, True], ids=["zeros", "halo"])
 @pytest.mark.parametrize("activation", ["silu", None], ids=["silu", "linear"])
-def test_matches_reference(shape, halo, activation):
+def test_matches_reference(shape, halo, activation, bwd):
     x, weight, h, dy = _inputs(*shape, halo=halo)
     y, dx, dw, dh = _run(short_conv, x, weight, h, dy, activation=activation, backend="triton")
     y_r, dx_r, dw_r, dh_r = _run(short_conv_reference, x, weight, h, dy, activation=activation)
@@ -90,9 +106,9 @@ def test_matches_reference(shape, halo, activation):
 
 
 @pytest.mark.parametrize("shape", [(1, 29, 12, 4), (1, 6, 8, 8)], ids=["ragged", "T<w-1"])
-def test_one_block_per_backward_program(shape, monkeypatch):
+def test_one_block_per_backward_program(shape, monkeypatch, bwd):
     """Every backward program owns one T-block: dW is a sum of many partials, d halo comes from chunk 0 only."""
-    monkeypatch.setattr(tc, "CONFIG", PER_BLOCK)
+    monkeypatch.setattr(tc, "CONFIG", _with_bwd(PER_BLOCK, bwd))
     x, weight, h, dy = _inputs(*shape, halo=True, seed=1)
     _, dx, dw, dh = _run(short_conv, x, weight, h, dy, backend="triton")
     _, dx_r, dw_r, dh_r = _run(short_conv_reference, x, weight, h, dy)
@@ -101,7 +117,20 @@ def test_one_block_per_backward_program(shape, monkeypatch):
     assert _err(dh, dh_r) < 1e-5
 
 
-def test_strided_input_and_flat_weight():
+def test_short_blocks_several_per_chunk(monkeypatch, bwd):
+    """T-blocks of 4 rows (< w − 1 = 5), 3 per chunk over 2 chunks (the last ragged): the first chunk has 2 blocks
+    that read the halo (the direct kernel's halo loop) before one that does not; the second reads no halo."""
+    cfg = dataclasses.replace(PER_BLOCK, bwd_block_t=4, bwd_direct_block_t=4, bwd_programs=2)
+    monkeypatch.setattr(tc, "CONFIG", _with_bwd(cfg, bwd))
+    x, weight, h, dy = _inputs(1, 17, 8, 6, halo=True, seed=6)
+    _, dx, dw, dh = _run(short_conv, x, weight, h, dy, backend="triton")
+    _, dx_r, dw_r, dh_r = _run(short_conv_reference, x, weight, h, dy)
+    assert _err(dx, dx_r) < 1e-5
+    assert _err(dw, dw_r) < 1e-5
+    assert _err(dh, dh_r) < 1e-5
+
+
+def test_strided_input_and_flat_weight(bwd):
     """x a channel slice of a wider tensor (row stride ≠ D) and weight given as [D, w]."""
     x, weight, h, dy = _inputs(1, 21, 16, 4, halo=True, seed=2)
     wide = torch.randn(1, 21, 40, device=DEVICE)
@@ -116,7 +145,7 @@ def test_strided_input_and_flat_weight():
     assert w2.grad.shape == (16, 4) and _err(w2.grad, dw_r.reshape(16, 4)) < 1e-5
 
 
-def test_half_inputs_fp32_weight():
+def test_half_inputs_fp32_weight(bwd):
     """fp16 x and halo with an fp32 weight: outputs and dx, d halo in fp16, dW in fp32, fp32 accuracy inside."""
     x, weight, h, dy = _inputs(1, 30, 16, 4, halo=True, dtype=torch.float16, seed=3)
     y, dx, dw, dh = _run(short_conv, x, weight, h, dy, backend="triton")
@@ -148,7 +177,7 @@ def test_bad_arguments(bad):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("halo", [False, True], ids=["zeros", "halo"])
-def test_gpu_model_size_bf16(halo):
+def test_gpu_model_size_bf16(halo, bwd):
     """bf16 at the model's size (T = 65536, D = 3·2048, w = 4) against the fp32 reference on the same inputs."""
     x, weight, h, dy = _inputs(1, 65536, 6144, 4, halo=halo, dtype=torch.bfloat16, device="cuda", seed=4)
     y, dx, dw, dh = _run(short_conv, x, weight, h, dy)
@@ -161,7 +190,7 @@ def test_gpu_model_size_bf16(halo):
 
 @gpu
 @needs_cuda
-def test_gpu_fp32_matches_reference():
+def test_gpu_fp32_matches_reference(bwd):
     x, weight, h, dy = _inputs(3, 4099, 200, 4, halo=True, device="cuda", seed=5)
     y, dx, dw, dh = _run(short_conv, x, weight, h, dy)
     y_r, dx_r, dw_r, dh_r = _run(short_conv_reference, x.double(), weight.double(), h.double(), dy)
