@@ -150,6 +150,19 @@ def _dw_store(dw_part, acc, offs_d, mask_d, I: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _dw_store_taps(dw_part, D, a0, a1, a2, a3, a4, a5, a6, a7, offs_d, mask_d, W: tl.constexpr):
+    """This program's dW partial row of every tap i < W: the row sums of its accumulators a_i."""
+    _dw_store(dw_part, a0, offs_d, mask_d, 0, W)
+    _dw_store(dw_part + D, a1, offs_d, mask_d, 1, W)
+    _dw_store(dw_part + 2 * D, a2, offs_d, mask_d, 2, W)
+    _dw_store(dw_part + 3 * D, a3, offs_d, mask_d, 3, W)
+    _dw_store(dw_part + 4 * D, a4, offs_d, mask_d, 4, W)
+    _dw_store(dw_part + 5 * D, a5, offs_d, mask_d, 5, W)
+    _dw_store(dw_part + 6 * D, a6, offs_d, mask_d, 6, W)
+    _dw_store(dw_part + 7 * D, a7, offs_d, mask_d, 7, W)
+
+
+@triton.jit
 def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chunk_blocks,
                 sx_b, sx_t, sh_b, sh_t, sdy_b, sdy_t, sdx_b, sdx_t, sdh_b, sdh_t,
                 W: tl.constexpr, HP: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr,
@@ -202,14 +215,7 @@ def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chun
             ptrs = dh + i_b * sdh_b + rt[:, None] * sdh_t + offs_d[None, :]
             tl.store(ptrs, acc.to(dh.dtype.element_ty), mask=(rt < W - 1)[:, None] & mask_d[None, :])
     dw_part += (i_b * tl.num_programs(0) + i_c) * W * D
-    _dw_store(dw_part, a0, offs_d, mask_d, 0, W)
-    _dw_store(dw_part + D, a1, offs_d, mask_d, 1, W)
-    _dw_store(dw_part + 2 * D, a2, offs_d, mask_d, 2, W)
-    _dw_store(dw_part + 3 * D, a3, offs_d, mask_d, 3, W)
-    _dw_store(dw_part + 4 * D, a4, offs_d, mask_d, 4, W)
-    _dw_store(dw_part + 5 * D, a5, offs_d, mask_d, 5, W)
-    _dw_store(dw_part + 6 * D, a6, offs_d, mask_d, 6, W)
-    _dw_store(dw_part + 7 * D, a7, offs_d, mask_d, 7, W)
+    _dw_store_taps(dw_part, D, a0, a1, a2, a3, a4, a5, a6, a7, offs_d, mask_d, W)
 
 
 @triton.jit
@@ -291,14 +297,7 @@ def _conv_bwd_direct_kernel(x, h, w, dy, dx, dh, dw_part, T, D, n_blocks, chunk_
             ptrs = dh + i_b * sdh_b + rt[:, None] * sdh_t + offs_d[None, :]
             tl.store(ptrs, acc.to(dh.dtype.element_ty), mask=(rt < W - 1)[:, None] & mask_d[None, :])
     dw_part += (i_b * tl.num_programs(0) + i_c) * W * D
-    _dw_store(dw_part, a0, offs_d, mask_d, 0, W)
-    _dw_store(dw_part + D, a1, offs_d, mask_d, 1, W)
-    _dw_store(dw_part + 2 * D, a2, offs_d, mask_d, 2, W)
-    _dw_store(dw_part + 3 * D, a3, offs_d, mask_d, 3, W)
-    _dw_store(dw_part + 4 * D, a4, offs_d, mask_d, 4, W)
-    _dw_store(dw_part + 5 * D, a5, offs_d, mask_d, 5, W)
-    _dw_store(dw_part + 6 * D, a6, offs_d, mask_d, 6, W)
-    _dw_store(dw_part + 7 * D, a7, offs_d, mask_d, 7, W)
+    _dw_store_taps(dw_part, D, a0, a1, a2, a3, a4, a5, a6, a7, offs_d, mask_d, W)
 
 
 def _block_d(D: int, block_d: int) -> int:
