@@ -44,7 +44,10 @@ def replan(rows: list[dict], gpu: str) -> int:
     from runtime.config import load_config
     from runtime.plan import load_hardware
 
-    hw = load_hardware(gpu)
+    try:
+        hw = load_hardware(gpu)
+    except ConfigError as e:  # its message names plan's flag
+        raise ConfigError(str(e).replace("--gpu", "--replan", 1)) from None
     done = 0
     for r in rows:
         args = shlex.split(r.get("command") or "")

@@ -112,6 +112,8 @@ def test_replan_predicts_each_row_from_its_command(tmp_path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert f"{1e3 * want.step_s:.1f} (" in text and f"{want.peak_gib:.2f} (" in text and "9.90" not in text
     assert "recomputed with the current plan on `h200`" in text
+    with pytest.raises(report.ConfigError, match="^--replan 'h999' is neither a hardware file"):
+        report.write_report(tmp_path, replan_gpu="h999")
 
 
 def test_mfu_plot_shows_the_table(written) -> None:
