@@ -14,7 +14,8 @@ Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison t
   16 heads, expand_k = expand_v = 1, SwiGLU 6144, vocab 32000, tied embeddings, fused linear cross-entropy,
   fla's other defaults), HF gradient checkpointing, fp32 master weights + bf16 autocast, fused AdamW,
   random token ids as inputs and labels. One warm-up step at the smallest length (Triton autotuning,
-  minutes) runs before anything is timed. `--fla-model` (default: from the preset's layout) picks the anchor:
+  minutes; kept in Triton's cache dir with TRITON_CACHE_AUTOTUNING=1, so a later run there skips it) runs before
+  anything is timed. `--fla-model` (default: from the preset's layout) picks the anchor:
   `retnet` for L layers; `gated_deltanet` (`fla-gdn`, for `gdn-1b`: GatedDeltaNetForCausalLM, head dim 128,
   16 heads, expand_v 1, output gate, short conv 4, SwiGLU 6144, fla's softmax attention (8 KV heads) at the
   preset's A positions; its Hopper guard of issue #640 is switched off to time it, as benchmarks/delta_rule.py
@@ -346,6 +347,9 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
 
 
 def fla_worker(job: dict, device: torch.device) -> None:
+    # fla's autotuned kernels keep their timings in Triton's cache dir: a later run on the same machine (or one
+    # given the same TRITON_CACHE_DIR contents) skips the minutes of autotuning; the timed steps are the same
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     Ts, kind = job["seq_lens"], job["fla_model"]
     label = FLA_MODELS[kind]
     try:
