@@ -163,6 +163,23 @@ def _dw_store_taps(dw_part, D, a0, a1, a2, a3, a4, a5, a6, a7, offs_d, mask_d, W
 
 
 @triton.jit
+def _dw_taps_store_dx(a0, a1, a2, a3, a4, a5, a6, a7, acc, dz, x, h, dx, t0, r, offs_d, mask_d, T, sx_t, sh_t,
+                      sdx_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
+    """A T-block's end in both backward kernels: its dW terms added to the tap tiles a_i, its dx (acc) stored."""
+    a0 = _dw_tap(a0, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 0, W, HAS_HALO)
+    a1 = _dw_tap(a1, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 1, W, HAS_HALO)
+    a2 = _dw_tap(a2, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 2, W, HAS_HALO)
+    a3 = _dw_tap(a3, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 3, W, HAS_HALO)
+    a4 = _dw_tap(a4, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 4, W, HAS_HALO)
+    a5 = _dw_tap(a5, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 5, W, HAS_HALO)
+    a6 = _dw_tap(a6, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 6, W, HAS_HALO)
+    a7 = _dw_tap(a7, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 7, W, HAS_HALO)
+    ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
+    tl.store(ptrs, acc.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chunk_blocks,
                 sx_b, sx_t, sh_b, sh_t, sdy_b, sdy_t, sdx_b, sdx_t, sdh_b, sdh_t,
                 W: tl.constexpr, HP: tl.constexpr, HAS_HALO: tl.constexpr, SILU: tl.constexpr,
@@ -194,16 +211,8 @@ def _conv_bwd_kernel(x, h, w, dy, dx, dh, dw_part, scratch, T, D, n_blocks, chun
         for k in tl.static_range(W):  # dx_s = Σ_k W_{W−1−k} dz_{s+k}: shifted reads of the scratch tile
             wk = tl.load(w + offs_d * W + (W - 1 - k), mask=mask_d, other=0.0).to(tl.float32)
             acc += wk[None, :] * tl.load(scratch + (r + k)[:, None] * BD + cols[None, :])
-        a0 = _dw_tap(a0, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 0, W, HAS_HALO)
-        a1 = _dw_tap(a1, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 1, W, HAS_HALO)
-        a2 = _dw_tap(a2, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 2, W, HAS_HALO)
-        a3 = _dw_tap(a3, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 3, W, HAS_HALO)
-        a4 = _dw_tap(a4, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 4, W, HAS_HALO)
-        a5 = _dw_tap(a5, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 5, W, HAS_HALO)
-        a6 = _dw_tap(a6, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 6, W, HAS_HALO)
-        a7 = _dw_tap(a7, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 7, W, HAS_HALO)
-        ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
-        tl.store(ptrs, acc.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
+        a0, a1, a2, a3, a4, a5, a6, a7 = _dw_taps_store_dx(a0, a1, a2, a3, a4, a5, a6, a7, acc, dz, x, h, dx, t0, r,
+                                                           offs_d, mask_d, T, sx_t, sh_t, sdx_t, W, HAS_HALO)
     if HAS_HALO:
         if i_c == 0:  # d halo_s = Σ_k W_{W−1−k} dz_{s+k} for s = −(W−1) … −1: dz recomputed at each shift
             s0 = tl.full([], 1 - W, tl.int32)
@@ -240,17 +249,8 @@ def _direct_block(a0, a1, a2, a3, a4, a5, a6, a7, x, h, w, dy, dx, t0, r, offs_d
                   SILU: tl.constexpr):
     """One T-block of the direct backward: dx for the rows t0 + r, stored, and the dW tiles a_i updated."""
     acc, dz = _dx_rows(x, h, w, dy, t0, r, offs_d, mask_d, T, sx_t, sh_t, sdy_t, BT, BD, W, HAS_HALO, SILU)
-    a0 = _dw_tap(a0, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 0, W, HAS_HALO)
-    a1 = _dw_tap(a1, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 1, W, HAS_HALO)
-    a2 = _dw_tap(a2, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 2, W, HAS_HALO)
-    a3 = _dw_tap(a3, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 3, W, HAS_HALO)
-    a4 = _dw_tap(a4, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 4, W, HAS_HALO)
-    a5 = _dw_tap(a5, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 5, W, HAS_HALO)
-    a6 = _dw_tap(a6, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 6, W, HAS_HALO)
-    a7 = _dw_tap(a7, dz, x, h, t0, r, offs_d, mask_d, T, sx_t, sh_t, 7, W, HAS_HALO)
-    ptrs = dx + t0.to(tl.int64) * sdx_t + (r[:, None] * sdx_t + offs_d[None, :])
-    tl.store(ptrs, acc.to(dx.dtype.element_ty), mask=(t0 + r < T)[:, None] & mask_d[None, :])
-    return a0, a1, a2, a3, a4, a5, a6, a7
+    return _dw_taps_store_dx(a0, a1, a2, a3, a4, a5, a6, a7, acc, dz, x, h, dx, t0, r, offs_d, mask_d, T, sx_t,
+                             sh_t, sdx_t, W, HAS_HALO)
 
 
 @triton.jit

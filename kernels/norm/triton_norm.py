@@ -87,6 +87,18 @@ def _rms_norm_fwd_kernel(x, w, y, rstd, N, D, sx, sy, eps, BR: tl.constexpr, BD:
 
 
 @triton.jit
+def _wide_chunk(x, dy, w, base, r, k, cols, mask_r, D, sx, sdy):
+    """Columns k + cols of a wide-row block: (their offsets, the [BR, BD] mask, x, dy and w there in fp32)."""
+    offs = k + cols
+    mask_d = offs < D
+    mask = mask_r[:, None] & mask_d[None, :]
+    xv = tl.load(x + base * sx + (r[:, None] * sx + offs[None, :]), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dy + base * sdy + (r[:, None] * sdy + offs[None, :]), mask=mask, other=0.0).to(tl.float32)
+    wv = tl.load(w + offs, mask=mask_d, other=0.0).to(tl.float32)
+    return offs, mask, xv, g, wv
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     x,
     w,
@@ -141,30 +153,19 @@ def _rms_norm_bwd_kernel(
             rs = tl.load(rstd + r0 + r, mask=mask_r, other=0.0)
             dot = tl.zeros([BR, BD], dtype=tl.float32)
             for k in range(0, D, BD):
-                offs = k + cols
-                mask_d = offs < D
-                mask = mask_r[:, None] & mask_d[None, :]
-                xv = tl.load(x + base * sx + (r[:, None] * sx + offs[None, :]), mask=mask, other=0.0)
-                g = tl.load(dy + base * sdy + (r[:, None] * sdy + offs[None, :]), mask=mask, other=0.0)
-                wv = tl.load(w + offs, mask=mask_d, other=0.0).to(tl.float32)
-                dot += xv.to(tl.float32) * g.to(tl.float32) * wv[None, :]
+                offs, mask, xv, g, wv = _wide_chunk(x, dy, w, base, r, k, cols, mask_r, D, sx, sdy)
+                dot += xv * g * wv[None, :]
             c = tl.sum(dot, axis=1) * rs / D
             for k in range(0, D, BD):
-                offs = k + cols
-                mask_d = offs < D
-                mask = mask_r[:, None] & mask_d[None, :]
-                xv = tl.load(x + base * sx + (r[:, None] * sx + offs[None, :]), mask=mask, other=0.0)
-                g = tl.load(dy + base * sdy + (r[:, None] * sdy + offs[None, :]), mask=mask, other=0.0)
-                wv = tl.load(w + offs, mask=mask_d, other=0.0).to(tl.float32)
-                xhat = xv.to(tl.float32) * rs[:, None]
-                g = g.to(tl.float32)
+                offs, mask, xv, g, wv = _wide_chunk(x, dy, w, base, r, k, cols, mask_r, D, sx, sdy)
+                xhat = xv * rs[:, None]
                 dxv = (g * wv[None, :] - xhat * c[:, None]) * rs[:, None]
                 ptrs = dx + base * sdx + (r[:, None] * sdx + offs[None, :])
                 tl.store(ptrs, dxv.to(dx.dtype.element_ty), mask=mask)
                 if HAS_DW:  # other threads may hold these columns: the barrier orders their last store first
                     tl.debug_barrier()
-                    p = tl.load(dw_part + offs, mask=mask_d, other=0.0)
-                    tl.store(dw_part + offs, p + tl.sum(g * xhat, axis=0), mask=mask_d)
+                    p = tl.load(dw_part + offs, mask=offs < D, other=0.0)
+                    tl.store(dw_part + offs, p + tl.sum(g * xhat, axis=0), mask=offs < D)
 
 
 def _tiles(N: int, D: int, tile: int, warps: int, cfg: NormConfig) -> tuple[int, int, bool, int]:

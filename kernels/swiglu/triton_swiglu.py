@@ -35,7 +35,8 @@ CONFIG = SwiGLUConfig()
 
 
 @triton.jit
-def _swiglu_fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr):
+def _gate_up_tile(z, N, F, s_z, BR: tl.constexpr, BC: tl.constexpr):
+    """This program's [BR, BC] tile: (int64 rows [BR, 1], columns, mask, g and u in fp32)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows < N)[:, None] & (cols < F)[None, :]
@@ -43,19 +44,19 @@ def _swiglu_fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr)
     zp = z + rows * s_z + cols[None, :]
     g = tl.load(zp, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(zp + F, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(z, h, N, F, s_z, s_h, BR: tl.constexpr, BC: tl.constexpr):
+    rows, cols, mask, g, u = _gate_up_tile(z, N, F, s_z, BR, BC)
     out = g * tl.sigmoid(g) * u
     tl.store(h + rows * s_h + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(z, dh, dz, N, F, s_z, s_dh, s_dz, BR: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    mask = (rows < N)[:, None] & (cols < F)[None, :]
-    rows = rows.to(tl.int64)[:, None]
-    zp = z + rows * s_z + cols[None, :]
-    g = tl.load(zp, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(zp + F, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, g, u = _gate_up_tile(z, N, F, s_z, BR, BC)
     d = tl.load(dh + rows * s_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
