@@ -114,6 +114,13 @@ def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node
     except TypeError as e:
         known = ", ".join(f.name for f in dataclasses.fields(Hardware))
         raise ConfigError(f"hardware file {str(path)!r} is not a [hardware] table of {known}: {e}") from None
+    for f in dataclasses.fields(Hardware):  # numbers must be numbers, flags flags (TOML keeps "1.0" a string)
+        value, kind = getattr(hw, f.name), {"str": str, "bool": bool, "int": int}.get(f.type, float)
+        ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"hardware file {str(path)!r}: {f.name} = {value!r} is not a {kind.__name__}; "
+                              f"write it as in configs/hardware/h200.toml")
     if inter_node_gbps is not None:
         hw.inter_node_gbps = inter_node_gbps
     if gpus_per_node is not None:

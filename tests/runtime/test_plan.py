@@ -240,8 +240,12 @@ def test_plan_command(capsys) -> None:
     assert "1024" in out and "communication above 10%" in out
 
 
-def test_plan_errors_are_one_line(capsys) -> None:
+def test_plan_errors_are_one_line(capsys, tmp_path) -> None:
     assert main(["plan", "--gpus", "4", "--gpu", "tpu9"]) == 2
     assert "neither a hardware file nor one of ['a100', 'h100', 'h200']" in capsys.readouterr().err
+    quoted = tmp_path / "quoted.toml"  # a number written as a string
+    quoted.write_text((plan.HARDWARE_DIR / "h200.toml").read_text().replace("copy_gbps = 4200.0", 'copy_gbps = "4200"'))
+    assert main(["plan", "--gpus", "4", "--gpu", str(quoted)]) == 2
+    assert "copy_gbps = '4200' is not a float; write it as in configs/hardware/h200.toml" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3"]) == 2
     assert "launch a multiple of 4" in capsys.readouterr().err
