@@ -596,6 +596,10 @@ def render(rows: list[dict]) -> str:
 
 
 def git_commit() -> str:
+    """The commit of the tree that runs: $LONGTRAIN_COMMIT where set (a copy of a working tree whose git HEAD is
+    an older commit, as on a lent GPU machine), else `git rev-parse HEAD`."""
+    if os.environ.get("LONGTRAIN_COMMIT"):
+        return os.environ["LONGTRAIN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"

@@ -40,8 +40,11 @@ class GatedDeltaNet(nn.Module):
         self.o = nn.Linear(self.width, cfg.dim, bias=False)
         self.sp = SINGLE
 
-    def forward(self, x: torch.Tensor, carry: tuple | None = None):
-        """x [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window)."""
+    def forward(self, x: torch.Tensor, carry: tuple | None = None, output: bool = True):
+        """x [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window).
+        `output=False` (with a carry): → (None, carry), skipping the output norm, gate and projection."""
+        if not output and carry is None:
+            raise ValueError("output=False needs a carry: only the carry leaving the window is returned")
         B, T, _ = x.shape
         H, Dh, W = self.heads, self.head_dim, self.width
         qkv, g_out, b, a = self.in_proj(x).split([3 * W, W, H, H], dim=-1)
@@ -68,6 +71,8 @@ class GatedDeltaNet(nn.Module):
                 o, state = o
         else:
             o, state = delta_rule(q, k, v, beta, **kw)
+        if not output:
+            return None, (state, tail)
         o = self.out_norm(o) * F.silu(g_out.reshape(B, T, H, Dh)).to(o.dtype)
         out = self.o(o.reshape(B, T, W))
         return out if carry is None else (out, (state, tail))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -139,9 +140,12 @@ class LinearAttention(nn.Module):
         if self.decay == "retnet" and device.type != "meta":
             self.log_decay = retnet_log_decay(self.n_heads).to(device)
 
-    def forward(self, x: torch.Tensor, carry: Carry | None = None):
+    def forward(self, x: torch.Tensor, carry: Carry | None = None, output: bool = True):
         """x [B, T, d] → output [B, T, d]; with `carry` = (S, tail) entering this window, → (output, carry
-        leaving it): the state after the window's last token and the last w−1 conv inputs."""
+        leaving it): the state after the window's last token and the last w−1 conv inputs. `output=False`
+        (with a carry): → (None, carry), skipping the output's norm and projection."""
+        if not output and carry is None:
+            raise ValueError("output=False needs a carry: only the carry leaving the window is returned")
         B, T, d = x.shape
         weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.g.weight] if self.g is not None else [])
         qkvg = F.linear(x, torch.cat(weights))  # q, k, v and the gate logits in one GEMM
@@ -165,6 +169,8 @@ class LinearAttention(nn.Module):
             o, state = linear_attention(q, k, v, log_decay=self.log_decay, gate=gate, chunk_size=self.chunk_size,
                                         backend=self.backend, initial_state=state,
                                         output_final_state=carry is not None)
+        if not output:
+            return None, (state, tail)
         out = self.o(self.out_norm(o).reshape(B, T, -1))
         return out if carry is None else (out, (state, tail))
 
@@ -235,14 +241,22 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, cfg.backend)
         self.mlp_tile = 0  # > 0: the token-wise part runs in tiles of this many tokens (parallel.tiling)
 
-    def forward(self, h: torch.Tensor, carry: Carry | None = None):
+    def forward(self, h: torch.Tensor, carry: Carry | None = None, output: bool = True):
         """h → h + mixer(norm(h)), then + SwiGLU(norm(h)); with a carry (linear layers streaming windows),
-        → (h, carry leaving the window)."""
+        → (h, carry leaving the window); `output=False` (with a carry): → (None, that carry) (`carry`)."""
+        if not output:
+            return self.mixer(self.mixer_norm(h), carry, output=False)
         if carry is None:
             h = h + self.mixer(self.mixer_norm(h))
             return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters())
         out, carry = self.mixer(self.mixer_norm(h), carry)
         return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters()), carry
+
+    def carry(self, h: torch.Tensor, carry: Carry) -> tuple[None, Carry]:
+        """Only the carry leaving the window, as `self(h, carry)` computes it: (None, the mixer's leaving carry),
+        no mixer output, residual or MLP (for a pass that discards the output). It goes through `__call__`,
+        so that hooks on the block (FSDP2's unshard) run."""
+        return self(h, carry, output=False)
 
     def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
         """h + SwiGLU(RMSNorm(h)): token-wise work only (`compile_token_wise` fuses its elementwise parts)."""
@@ -341,7 +355,7 @@ class LinearLlama(nn.Module):
             h = self._checkpointed(block)(h) if checkpoint_layers else block(h)
         return self._head(h, logits)
 
-    def _checkpointed(self, block: nn.Module):
+    def _checkpointed(self, block: Callable):
         """`block` re-materialized in backward under `remat_policy`: "full" keeps only its input; "selective"
         also keeps the outputs of its widening matmuls (`_keep_widening_matmuls`)."""
         if self.remat_policy == "selective":
@@ -350,14 +364,20 @@ class LinearLlama(nn.Module):
         return partial(checkpoint, block, use_reentrant=False)
 
     def forward_window(self, x: torch.Tensor, carries: dict[str, Carry], checkpoint_layers: bool = False,
-                       logits: bool = True) -> tuple[torch.Tensor, dict[str, Carry]]:
+                       logits: bool = True, carry_only: bool = False) -> tuple[torch.Tensor | None, dict[str, Carry]]:
         """One window of a sequence that streams through the model (DESIGN §9): as `forward`, each linear
-        layer starting from the carry of the previous window; returns (output, carries leaving the window)."""
+        layer starting from the carry of the previous window; returns (output, carries leaving the window).
+        `carry_only`: → (None, the same carries) for a pass that discards the output — the last block
+        computes only its carry (`Block.carry`: no mixer output, no MLP) and the final norm / head are skipped."""
         h = _stream_dtype(self.embed(x) if self.embed is not None else x)
         leaving = {}
+        last = next(reversed(self.layers.keys()), None) if carry_only else None
         for key, block in self.layers.items():
-            run = self._checkpointed(block) if checkpoint_layers else block
+            step = block.carry if key == last else block
+            run = self._checkpointed(step) if checkpoint_layers else step
             h, leaving[key] = run(h, carries[key])
+        if carry_only:
+            return None, leaving
         return self._head(h, logits), leaving
 
     def zero_carries(self, batch: int, device: torch.device) -> dict[str, Carry]:

@@ -49,8 +49,11 @@ class Mamba2(nn.Module):
         for name, value in ssm_initial_values(self.heads, gen, self.A_log.device).items():
             getattr(self, name).copy_(value)
 
-    def forward(self, u: torch.Tensor, carry: tuple | None = None):
-        """u [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window)."""
+    def forward(self, u: torch.Tensor, carry: tuple | None = None, output: bool = True):
+        """u [B, T, d] → [B, T, d]; with `carry` (S, conv tail) → (output, carry leaving the window).
+        `output=False` (with a carry): → (None, carry), skipping D·x, the z gate, the norm and out_proj."""
+        if not output and carry is None:
+            raise ValueError("output=False needs a carry: only the carry leaving the window is returned")
         Bsz, T, _ = u.shape
         H, P, N, G = self.heads, self.head_dim, self.state, self.groups
         z, xbc, dt = self.in_proj(u).split([self.inner, self.inner + 2 * G * N, H], dim=-1)
@@ -81,6 +84,8 @@ class Mamba2(nn.Module):
             y, state = linear_attention(q, k, x, gate=gate, scale=1.0, chunk_size=self.chunk_size,
                                         backend=self.backend, initial_state=state,
                                         output_final_state=carry is not None)
+        if not output:
+            return None, (state, tail)
         y = y + x * self.D.to(x.dtype)[:, None]
         out = self.out_proj(self.norm(y.reshape(Bsz, T, self.inner) * F.silu(z)))
         return out if carry is None else (out, (state, tail))

@@ -82,20 +82,23 @@ class _Recomputed(nn.Module):
         self.module, self.forward_kwargs = module, forward_kwargs
         self.plan: list[bool] | None = None  # None: outside a training step
         self.inferring = False  # the schedule's shape/metadata inference forward is running
-        self._window: tuple[dict, bool] | None = None  # (entering carries, checkpoint_layers) of the next call
+        self._window: tuple[dict, bool, bool] | None = None  # (entering carries, checkpoint_layers, carry_only)
 
     def forward(self, x: torch.Tensor):
         if self._window is not None:
-            (carries, checkpoint_layers), self._window = self._window, None
-            return self.module.forward_window(x, carries, checkpoint_layers, **self.forward_kwargs)
+            (carries, checkpoint_layers, carry_only), self._window = self._window, None
+            return self.module.forward_window(x, carries, checkpoint_layers, carry_only=carry_only,
+                                              **self.forward_kwargs)
         training = torch.is_grad_enabled() and not x.is_meta and not self.inferring and self.plan is not None
         if training and not self.plan:
             raise RuntimeError("the pipeline schedule ran more micro-batch forwards than GPipe planned")
         checkpoint_layers = self.plan.pop(0) if training else False
         return self.module(x, checkpoint_layers=checkpoint_layers, **self.forward_kwargs)
 
-    def forward_window(self, x: torch.Tensor, carries: dict, checkpoint_layers: bool = False):
-        self._window = (carries, checkpoint_layers)
+    def forward_window(self, x: torch.Tensor, carries: dict, checkpoint_layers: bool = False,
+                       carry_only: bool = False):
+        """The wrapped model's `forward_window` (with `carry_only`: → (None, leaving carries)), through `forward`."""
+        self._window = (carries, checkpoint_layers, carry_only)
         return self(x)
 
     def zero_carries(self, batch: int, device: torch.device) -> dict:

@@ -41,13 +41,14 @@ def streaming_step(module: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                    before_backward: Callable[[bool], None] | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch [B, T] in windows of `window` tokens (the last may be
     shorter); returns Σ over windows of loss_fn(output_w, targets_w). `module` provides
-    `forward_window(x, carries, checkpoint_layers, **forward_kwargs)` and `zero_carries(B, device)`."""
+    `forward_window(x, carries, checkpoint_layers, carry_only=False, **forward_kwargs)` and
+    `zero_carries(B, device)`; the forward pass over windows 0 … W−2 only wants their carries (`carry_only`)."""
     kwargs = forward_kwargs or {}
     xs, ys = inputs.split(window, dim=1), targets.split(window, dim=1)
     entering = [module.zero_carries(inputs.shape[0], inputs.device)]
     with torch.no_grad():
         for x in xs[:-1]:
-            _, leaving = module.forward_window(x, entering[-1], **kwargs)
+            _, leaving = module.forward_window(x, entering[-1], carry_only=True, **kwargs)
             entering.append(leaving)
     total = None
     d_leaving: list[torch.Tensor] | None = None
@@ -91,7 +92,8 @@ def pipelined_streaming_step(module: nn.Module, inputs: torch.Tensor | None, tar
     stage s works on window w, stage s+1 works on window w−1. Backward: windows W−1 … 0 in reverse: the
     last stage recomputes the window from its stored input and carries and back-propagates the window's
     loss; every other stage receives the gradient of its output, recomputes, back-propagates, and sends the
-    gradient of its input back. Returns Σ of the windows' losses on the last stage (0 elsewhere)."""
+    gradient of its input back. Returns Σ of the windows' losses on the last stage (0 elsewhere). The last
+    stage's forward keeps only the carries (`carry_only`): its outputs are recomputed in backward."""
     kwargs = forward_kwargs or {}
     first, last = stage == 0, stage == stages - 1
     xs = list(inputs.split(window, dim=1)) if first else [None] * n_windows
@@ -105,7 +107,7 @@ def pipelined_streaming_step(module: nn.Module, inputs: torch.Tensor | None, tar
                 carries = module.zero_carries(x.shape[0], device)
             entering.append(carries)
             stage_inputs.append(x)
-            out, carries = module.forward_window(x, carries, **kwargs)
+            out, carries = module.forward_window(x, carries, carry_only=last, **kwargs)  # last: output unused
             if not last:
                 send_tensor(out, stage + 1, group)
     total = torch.zeros((), device=device)
