@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms (default %(default)s)")
     p.add_argument("--bwd", choices=("scratch", "direct", "both"), default="both",
                    help="Triton backward kernel(s) to time (default %(default)s)")
+    p.add_argument("--no-halo", action="store_true", help="no halo (a whole sequence; default: a halo, as a window)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a kernels.conv ConvConfig field for the Triton rows (repeatable), e.g. fwd_warps=8")
     return p.parse_args(argv)
 
 
@@ -59,6 +62,25 @@ def triton_path(x, weight, halo):
     return short_conv(x, weight, halo, backend="triton")
 
 
+def configure(pairs: list[str]) -> None:
+    """Set ConvConfig fields (FIELD=VALUE, ints or true/false) for every Triton row; one-line exit on a bad one."""
+    from kernels.conv import triton_conv
+
+    fields = {f.name: f.type for f in dataclasses.fields(triton_conv.ConvConfig)}
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            sys.exit(f"short_conv benchmark: --set {pair!r}: use FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        if value.lower() in ("true", "false"):
+            changes[name] = value.lower() == "true"
+        elif value.isdigit():
+            changes[name] = int(value)
+        else:
+            sys.exit(f"short_conv benchmark: --set {pair!r}: the value must be an integer or true/false")
+    triton_conv.CONFIG = dataclasses.replace(triton_conv.CONFIG, **changes)
+
+
 @contextlib.contextmanager
 def backward_kernel(name: str):
     """The Triton backward on the scratch or the direct kernel (ConvConfig.bwd_direct) while inside."""
@@ -72,6 +94,11 @@ def backward_kernel(name: str):
         triton_conv.CONFIG = saved
 
 
+def _inputs(x, weight, halo) -> list[torch.Tensor]:
+    """The tensors a gradient is taken of: x, weight and the halo where there is one."""
+    return [x, weight] + ([] if halo is None else [halo])
+
+
 def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float, float]:
     """(forward ms, backward ms, forward+backward ms, peak GiB of one forward+backward above the inputs)."""
     from triton.testing import do_bench
@@ -81,11 +108,11 @@ def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float, fl
             fn(x, weight, halo)
 
     def fwd_bwd():
-        torch.autograd.grad(fn(x, weight, halo), [x, weight, halo], dy)
+        torch.autograd.grad(fn(x, weight, halo), _inputs(x, weight, halo), dy)
 
     def bwd_ms() -> float:  # the graph of one forward, kept between the timed backwards, freed on return
         y = fn(x, weight, halo)
-        return do_bench(lambda: torch.autograd.grad(y, [x, weight, halo], dy, retain_graph=True), rep=rep,
+        return do_bench(lambda: torch.autograd.grad(y, _inputs(x, weight, halo), dy, retain_graph=True), rep=rep,
                         return_mode="median")
 
     t_f = do_bench(fwd, rep=rep, return_mode="median")
@@ -101,13 +128,13 @@ def _measure(fn, x, weight, halo, dy, rep: int) -> tuple[float, float, float, fl
 
 def _check(x, weight, halo, dy) -> float:
     """Largest relative error of the Triton output and gradients against the fp32 reference."""
-    def run(fn, *args):
-        leaves = [a.detach().clone().requires_grad_() for a in args]
-        y = fn(*leaves)
-        return [y, *torch.autograd.grad(y.float(), leaves, dy.float())]
+    def run(fn, x, weight, halo):
+        x, weight, halo = (None if a is None else a.detach().clone().requires_grad_() for a in (x, weight, halo))
+        y = fn(x, weight, halo)
+        return [y, *torch.autograd.grad(y.float(), _inputs(x, weight, halo), dy.float())]
 
     ours = run(triton_path, x, weight, halo)
-    ref = run(reference_path, x.float(), weight, halo.float())
+    ref = run(reference_path, x.float(), weight, None if halo is None else halo.float())
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(ours, ref))
 
 
@@ -122,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
           "peak GiB (fwd+bwd, above inputs) |")
     print("|---|---|---|---|---|---|---|---|---|")
     kernels = ("scratch", "direct") if args.bwd == "both" else (args.bwd,)
+    configure(args.set)
     for B, T in parse_shapes(args.shapes):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(B, T, D, device="cuda", generator=g).bfloat16().requires_grad_()
         weight = (torch.rand(D, 1, w, device="cuda", generator=g) - 0.5).requires_grad_()
         halo = torch.randn(B, w - 1, D, device="cuda", generator=g).bfloat16().requires_grad_()
+        halo = None if args.no_halo else halo
         dy = torch.randn(B, T, D, device="cuda", generator=g).bfloat16()
         n = B * T * D * x.element_size()
         rows = [("reference (cat+conv1d+silu)", reference_path, contextlib.nullcontext)]

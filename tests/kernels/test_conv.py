@@ -130,6 +130,16 @@ def test_short_blocks_several_per_chunk(monkeypatch, bwd):
     assert _err(dh, dh_r) < 1e-5
 
 
+@pytest.mark.parametrize("block_t", [2, 4], ids=["BT2", "BT4"])
+def test_forward_blocks_that_start_inside_the_halo(block_t, monkeypatch):
+    """Forward T-blocks of 2 or 4 rows with w = 6: the first blocks (t0 < w − 1 = 5) pick each row from x or the
+    halo, the later ones read x only; the output equals the reference's on every row."""
+    monkeypatch.setattr(tc, "CONFIG", dataclasses.replace(PER_BLOCK, fwd_block_t=block_t))
+    x, weight, h, _ = _inputs(1, 13, 8, 6, halo=True, seed=7)
+    y = short_conv(x, weight, h, backend="triton")
+    assert _err(y, short_conv_reference(x, weight, h)) < 1e-5
+
+
 def test_strided_input_and_flat_weight(bwd):
     """x a channel slice of a wider tensor (row stride ≠ D) and weight given as [D, w]."""
     x, weight, h, dy = _inputs(1, 21, 16, 4, halo=True, seed=2)
