@@ -11,10 +11,12 @@
                          are taken from `--base` and the file says so
     host overheads       CPU only (CUDA queues its kernels asynchronously, the host time hides behind them): the
                          Trainer's step of a small model at 2 and 6 layers, in a fresh process, minus what the
-                         plan's compute terms predict for it; the difference per layer is `layer_overhead_ms`
-                         (Python and op dispatch per layer, forward + backward), the rest `step_overhead_ms`;
-                         that process's peak resident memory is `process_gib` (the runtime itself: a CPU rank's
-                         measured memory is its resident set, not the model's tensors alone)
+                         plan's compute terms predict for it; the difference per layer and micro-batch is
+                         `layer_overhead_ms` (Python and op dispatch per layer, forward + backward), the rest
+                         `step_overhead_ms`; that process's peak resident memory is `process_gib` (the runtime
+                         itself: a CPU rank's measured memory is its resident set, not the model's tensors alone);
+                         then the same probe as two ranks at once (parallel.sp=2): their host time over what the
+                         one-rank constants predict is `shared_host_factor` (ranks sharing the node's cores)
 
 The inter-node bandwidth is a parameter (`--inter-node-gbit`, per GPU); the file's `source` line records the
 device, the versions and what was copied. `longtrain plan --gpu FILE` reads it.
@@ -151,51 +153,90 @@ def measure_collectives(ranks: int, big_mib: int = 256) -> dict:
     return dict(intra_node_gbps=gbps, latency_us=max(1.0, 1e6 * (t[1] - small / (gbps * 1e9))))
 
 
-HOST_PROBE = ["model.preset=tiny", "train.batch_size=2", "train.seq_len=64", "parallel.pp=1", "parallel.sp=1",
-              "parallel.remat=never", "run.progress=false", "run.tensorboard=false", "data.source=synthetic:zipf"]
+# one micro-batch (the plan's unit: per layer and micro-batch; parallel.microbatches defaults to 2), no recompute
+HOST_PROBE = ["model.preset=tiny", "train.batch_size=2", "train.seq_len=64", "parallel.pp=1",
+              "parallel.microbatches=1", "parallel.remat=never", "run.progress=false", "run.tensorboard=false",
+              "data.source=synthetic:zipf"]
 HOST_PROBE_LAYERS = (2, 6)
 
 
+def _probe_config(layers: int, ranks: int):
+    from runtime.config import load_config
+
+    return load_config(None, [*HOST_PROBE, f"parallel.sp={ranks}", f"model.n_layers={layers}"])
+
+
 def _host_rank(out: str, reps: int) -> None:
-    """One rank (spawned, world 1): median seconds of the Trainer's step of HOST_PROBE at each depth of
-    HOST_PROBE_LAYERS, and the process's peak resident memory, into `out`."""
+    """One rank of the host probe (spawned; world 1, or several ranks at once over parallel.sp): median seconds
+    of the Trainer's step of HOST_PROBE at each depth of HOST_PROBE_LAYERS, and the process's peak resident
+    memory; rank 0 writes them to `out`."""
     import resource
 
-    from runtime.config import load_config
+    import torch.distributed as dist
+
     from runtime.mesh import build_mesh
     from runtime.trainer import Trainer
 
-    mesh, result = build_mesh(1, 1, 1), {}
-    for layers in HOST_PROBE_LAYERS:
-        torch.manual_seed(0)
-        trainer = Trainer(load_config(None, [*HOST_PROBE, f"model.n_layers={layers}"]), mesh)
-        try:
-            times = [trainer.step(i).seconds for i in range(reps + 1)][1:]  # the first step warms up
-        finally:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh, trainers = build_mesh(1, 1, world), {}
+    try:
+        for layers in HOST_PROBE_LAYERS:
+            torch.manual_seed(0)
+            trainers[layers] = Trainer(_probe_config(layers, world), mesh)
+        times = {layers: [] for layers in HOST_PROBE_LAYERS}
+        for i in range(reps + 1):  # the depths' steps alternate: a shared machine's load drifts over both alike
+            for layers, trainer in trainers.items():
+                seconds = trainer.step(i).seconds
+                if i:  # the first step warms up
+                    times[layers].append(seconds)
+    finally:
+        for trainer in trainers.values():
             trainer.close()
-        result[layers] = statistics.median(times)
+    result = {layers: statistics.median(t) for layers, t in times.items()}
     result["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    Path(out).write_text(json.dumps(result))
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(result))
 
 
-def measure_host_overheads(hw: Hardware, reps: int) -> dict:
-    """`layer_overhead_ms`, `step_overhead_ms` and `process_gib` of a CPU (module docstring): the measured steps
-    minus what `runtime.plan` predicts for them from `hw`'s compute and copy rates."""
+def _probe(ranks: int, reps: int) -> dict:
     from launch.local import spawn
-    from runtime.config import load_config
-    from runtime.plan import plan_job
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "host.json")
-        spawn(_host_rank, 1, out, reps, log_dir=Path(tmp) / "logs")
-        measured = json.loads(Path(out).read_text())
-    bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0)
-    rest = {n: measured[str(n)] - plan_job(load_config(None, [*HOST_PROBE, f"model.n_layers={n}"]), 1, bare).step_s
-            for n in HOST_PROBE_LAYERS}
+        spawn(_host_rank, ranks, out, reps, log_dir=Path(tmp) / "logs")
+        return json.loads(Path(out).read_text())
+
+
+def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> dict:
+    """`layer_overhead_ms`, `step_overhead_ms`, `process_gib` and `shared_host_factor` of a CPU (module
+    docstring): the measured steps minus what `runtime.plan` predicts for them from `hw`'s compute, copy and
+    collective rates. The host terms are fitted in the plan's own units (`unit`: its host_overhead per ms of
+    layer_overhead_ms, i.e. layers × micro-batches × (3 + r)/3), so they mean what the plan multiplies them by."""
+    from runtime.plan import plan_job
+
+    bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0,
+                               shared_host_factor=1.0)
+
+    def fit(ranks: int, measured: dict) -> tuple[dict, dict]:
+        rest, unit = {}, {}
+        for n in HOST_PROBE_LAYERS:
+            cfg = _probe_config(n, ranks)
+            rest[n] = measured[str(n)] - plan_job(cfg, ranks, bare).step_s
+            unit[n] = plan_job(cfg, ranks, dataclasses.replace(bare, layer_overhead_ms=1.0)).compute["host_overhead"]
+        return rest, unit
+
     (a, b) = HOST_PROBE_LAYERS
-    layer = max(0.0, (rest[b] - rest[a]) / (b - a))
-    return dict(layer_overhead_ms=1e3 * layer, step_overhead_ms=1e3 * max(0.0, rest[a] - a * layer),
-                process_gib=measured["rss_gib"])
+    one = _probe(1, reps)
+    rest, unit = fit(1, one)
+    layer = max(0.0, (rest[b] - rest[a]) / (unit[b] - unit[a]))  # s / (s per ms of layer_overhead_ms): ms
+    step = max(0.0, rest[a] - unit[a] * layer)
+    # several ranks on the node's cores at once: what is left of their steps beside the plan's compute and
+    # collectives, over what the one-rank host constants predict for them (least squares over both depths)
+    rest2, unit2 = fit(shared_ranks, _probe(shared_ranks, reps))
+    host = {n: unit2[n] * layer + step for n in HOST_PROBE_LAYERS}
+    factor = sum(rest2[n] * host[n] for n in host) / sum(h * h for h in host.values()) if any(host.values()) else 1.0
+    return dict(layer_overhead_ms=layer, step_overhead_ms=1e3 * step, process_gib=one["rss_gib"],
+                shared_host_factor=max(1.0, factor))
 
 
 def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: float = 400.0,

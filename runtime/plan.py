@@ -22,7 +22,8 @@ Step time (busiest stage, one step):
     comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
     host      per layer and micro-batch layer_overhead · (3 + r)/3, and step_overhead once per step: the host time
-              a CPU spends dispatching ops (`longtrain calibrate` measures both on a CPU; 0 on CUDA)
+              a CPU spends dispatching ops (`longtrain calibrate` measures both on a CPU; 0 on CUDA); both
+              × shared_host_factor when several ranks share one node's cores (calibrate: two probe ranks at once)
     bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
     sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward; sharded: one
               reduce-scatter of the stage's fp32 gradients over dp·sp instead of the all-reduce
@@ -96,6 +97,9 @@ class Hardware:
     host_link_gbps: float = 0.0  # device ↔ pinned host copies (parallel.offload's layer inputs); 0: not modelled
     host_optimizer_ns: float = 0.0  # ns per parameter of a step with parallel.offload_optimizer (copies + CPU AdamW)
     window_overhead_ms: float = 0.0  # per layer and window of a streamed sequence (train.window): its fixed cost
+    # the host terms above × this when several ranks run on one node and share its CPU cores (a CPU: `longtrain
+    # calibrate` times its host probe as one rank and as two ranks at once); 1: not modelled (CUDA, older files)
+    shared_host_factor: float = 1.0
 
 
 def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
@@ -270,10 +274,12 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     cudnn = m.attention_backend in ("auto", "cudnn") and hw.attention_cudnn_tflops > 0
     attention_tflops = hw.attention_cudnn_tflops if cudnn else hw.attention_tflops
 
+    shared = hw.shared_host_factor if min(world, hw.gpus_per_node) > 1 else 1.0  # ranks sharing a node's cores
+
     stages = []
     for s, (start, end) in enumerate(ranges):
         c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0,
-                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3,
+                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3 * shared,
                  window_overhead=(end - start) * M * n_windows * hw.window_overhead_ms / 1e3)
         k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
         for i in range(start, end):
@@ -341,7 +347,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     comm["gradient_sync"] = sync
     comm["small_collectives"] = 4 * alpha  # token count, loss, gradient norm
     compute["optimizer"] = state.params / width * OPTIMIZER_BYTES / (hw.copy_gbps * 1e9)
-    compute["step_overhead"] = hw.step_overhead_ms / 1e3
+    compute["step_overhead"] = hw.step_overhead_ms / 1e3 * shared
     if sharded and par.offload_optimizer:  # gradients out, CPU AdamW, parameters back: instead of the device's
         compute["optimizer"] = state.params / width * hw.host_optimizer_ns * 1e-9
     act = activation_bytes(cfg, dp, pp, sp, compute_width if hw.autocast_bf16 else width)

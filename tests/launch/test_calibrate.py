@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from launch.cli import main
@@ -34,6 +35,8 @@ def test_calibrate_writes_a_profile_plan_reads(tmp_path, capsys) -> None:
     # Trainer step (Python and op dispatch) and the process's own memory are measured too
     assert hw.name == "cpu" and hw.inter_node_gbps == 25.0 and "collectives from" not in hw.source
     assert 0.05 < hw.process_gib < 8 and hw.layer_overhead_ms > 0.01
+    # and the same probe as two ranks at once: the factor on the host terms of ranks sharing the cores
+    assert hw.shared_host_factor >= 1.0 and "shared_host_factor = " in out.read_text()
     capsys.readouterr()
     assert main(["plan", "--gpus", "4", "--gpu", str(out)]) == 0
     assert "longtrain calibrate on cpu" in capsys.readouterr().out
@@ -43,3 +46,24 @@ def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys) -> None:
     assert main(["calibrate", "--quick", "--out", str(tmp_path / "missing" / "cpu.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("longtrain: error: --out") and "create the folder" in err and "\n" not in err
+
+
+def test_host_fit_recovers_the_plans_host_constants(monkeypatch) -> None:
+    """measure_host_overheads fits in the plan's own units: probe steps that the plan itself predicts (per layer
+    and micro-batch, step, two ranks × shared_host_factor) give back the constants that made them."""
+    from launch import calibrate
+    from runtime.plan import plan_job
+
+    hw = dataclasses.replace(load_hardware("h200"), gemm_tflops=0.1, copy_gbps=30.0, gpus_per_node=2,
+                             autocast_bf16=False, latency_us=500.0, intra_node_gbps=0.4)
+    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, step_overhead_ms=4.0, shared_host_factor=2.0)
+
+    def probe(ranks: int, reps: int) -> dict:
+        steps = {str(n): plan_job(calibrate._probe_config(n, ranks), ranks, truth).step_s
+                 for n in calibrate.HOST_PROBE_LAYERS}
+        return {**steps, "rss_gib": 0.4}
+
+    monkeypatch.setattr(calibrate, "_probe", probe)
+    fitted = calibrate.measure_host_overheads(hw, reps=1)
+    assert fitted["layer_overhead_ms"] == pytest.approx(3.0) and fitted["step_overhead_ms"] == pytest.approx(4.0)
+    assert fitted["shared_host_factor"] == pytest.approx(2.0) and fitted["process_gib"] == 0.4

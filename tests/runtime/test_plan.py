@@ -206,6 +206,28 @@ def test_host_overheads_add_per_layer_pass_and_step() -> None:
     assert with_host.peak_gib - bare.peak_gib == pytest.approx(0.5) and with_host.memory["process"] == 0.5
 
 
+def test_shared_host_factor_scales_host_terms_of_ranks_sharing_a_node() -> None:
+    """shared_host_factor (a calibrated CPU: two probe ranks at once) multiplies the host terms of a job whose
+    ranks share a node's cores, and nothing else; one rank, and the shipped profiles (1.0), are unchanged."""
+    assert all(plan.load_hardware(n).shared_host_factor == 1.0 for n in ("h200", "h100", "a100"))
+    cpu = dataclasses.replace(plan.load_hardware("h200"), layer_overhead_ms=2.0, step_overhead_ms=5.0,
+                              gpus_per_node=2, autocast_bf16=False)
+    shared = dataclasses.replace(cpu, shared_host_factor=2.5)
+    tiny = ["model.preset=tiny", "parallel.pp=1", "parallel.microbatches=1", "train.batch_size=2",
+            "train.seq_len=64"]
+    two = load_config(None, [*tiny, "parallel.sp=2"])
+    base, scaled = plan.plan_job(two, 2, cpu), plan.plan_job(two, 2, shared)
+    assert scaled.compute["host_overhead"] == pytest.approx(2.5 * base.compute["host_overhead"])
+    assert base.compute["host_overhead"] == pytest.approx(4 * 2e-3)  # 4 layers, one micro-batch, no recompute
+    assert scaled.compute["step_overhead"] == pytest.approx(2.5 * 5e-3)
+    assert scaled.step_s - base.step_s == pytest.approx(1.5 * (4 * 2e-3 + 5e-3))
+    assert scaled.comm == base.comm and scaled.peak_gib == base.peak_gib
+    one = load_config(None, [*tiny, "parallel.sp=1"])
+    assert plan.plan_job(one, 1, shared).step_s == pytest.approx(plan.plan_job(one, 1, cpu).step_s)
+    spread = dataclasses.replace(shared, gpus_per_node=1)  # one rank per node: no cores shared
+    assert plan.plan_job(two, 2, spread).compute["host_overhead"] == pytest.approx(base.compute["host_overhead"])
+
+
 def test_auto_remat_policy_keeps_selective_where_it_fits() -> None:
     """parallel.remat_policy=auto: selective where the estimate with it (+ its margin) fits the GPU — the 1b at
     128K on an H200 (101.5 GiB measured), not on an 80 GB H100 — full with windows, without remat, on a CPU."""
