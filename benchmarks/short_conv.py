@@ -63,21 +63,22 @@ def triton_path(x, weight, halo):
 
 
 def configure(pairs: list[str]) -> None:
-    """Set ConvConfig fields (FIELD=VALUE, ints or true/false) for every Triton row; one-line exit on a bad one."""
+    """Set ConvConfig tile fields (FIELD=VALUE, positive ints) for every Triton row; one-line exit on a bad one."""
     from kernels.conv import triton_conv
 
     fields = {f.name: f.type for f in dataclasses.fields(triton_conv.ConvConfig)}
     changes = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        if name == "bwd_direct":
+            sys.exit("short_conv benchmark: --set bwd_direct: pick the backward kernel with --bwd scratch|direct|both")
         if name not in fields or not value:
             sys.exit(f"short_conv benchmark: --set {pair!r}: use FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        if value.lower() in ("true", "false"):
-            changes[name] = value.lower() == "true"
-        elif value.isdigit():
-            changes[name] = int(value)
-        else:
-            sys.exit(f"short_conv benchmark: --set {pair!r}: the value must be an integer or true/false")
+        if not value.isdigit() or int(value) < 1:
+            sys.exit(f"short_conv benchmark: --set {pair!r}: the value must be a positive integer")
+        if name != "bwd_programs" and int(value) & (int(value) - 1):  # tiles and warps: Triton needs powers of 2
+            sys.exit(f"short_conv benchmark: --set {pair!r}: tile sizes and warps must be powers of 2")
+        changes[name] = int(value)
     triton_conv.CONFIG = dataclasses.replace(triton_conv.CONFIG, **changes)
 
 
@@ -143,13 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("short_conv benchmark: needs a CUDA device")
     D, w = args.dim, args.width
-    print(f"# short conv, {torch.cuda.get_device_name()}, D={D}, w={w}, bf16 x/halo, fp32 weight, torch "
-          f"{torch.__version__}")
+    configure(args.set)
+    print(f"# short conv, {torch.cuda.get_device_name()}, D={D}, w={w}, bf16 x, "
+          f"{'no halo' if args.no_halo else 'bf16 halo'}, fp32 weight, torch {torch.__version__}"
+          + (f", ConvConfig {' '.join(args.set)}" if args.set else ""))
     print("| B×T | path | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | fwd+bwd GB/s | "
           "peak GiB (fwd+bwd, above inputs) |")
     print("|---|---|---|---|---|---|---|---|---|")
     kernels = ("scratch", "direct") if args.bwd == "both" else (args.bwd,)
-    configure(args.set)
     for B, T in parse_shapes(args.shapes):
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(B, T, D, device="cuda", generator=g).bfloat16().requires_grad_()

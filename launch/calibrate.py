@@ -32,6 +32,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -199,12 +200,23 @@ def _host_rank(out: str, reps: int) -> None:
 
 
 def _probe(ranks: int, reps: int) -> dict:
-    from launch.local import spawn
+    """The host probe's medians from `ranks` local processes. Its folder (the ranks' logs) is removed on success
+    and kept on failure, so the traceback a RankFailed names is still there."""
+    import shutil
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from launch.local import RankFailed, spawn
+
+    tmp = tempfile.mkdtemp(prefix="longtrain-calibrate-")
+    try:
         out = str(Path(tmp) / "host.json")
         spawn(_host_rank, ranks, out, reps, log_dir=Path(tmp) / "logs")
-        return json.loads(Path(out).read_text())
+        result = json.loads(Path(out).read_text())
+    except RankFailed as e:  # the launcher's hint names --resume, which calibrate has not
+        why = str(e).replace(", then rerun with --resume auto", "").replace(" and rerun with --resume auto", "")
+        raise RankFailed(f"the host probe ({ranks} rank{'s' * (ranks > 1)}) failed: {why}; "
+                         f"rerun `longtrain calibrate`") from None
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> dict:
@@ -212,6 +224,7 @@ def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> di
     docstring): the measured steps minus what `runtime.plan` predicts for them from `hw`'s compute, copy and
     collective rates. The host terms are fitted in the plan's own units (`unit`: its host_overhead per ms of
     layer_overhead_ms, i.e. layers × micro-batches × (3 + r)/3), so they mean what the plan multiplies them by."""
+    from launch.local import RankFailed
     from runtime.plan import plan_job
 
     bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0,
@@ -232,11 +245,15 @@ def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> di
     step = max(0.0, rest[a] - unit[a] * layer)
     # several ranks on the node's cores at once: what is left of their steps beside the plan's compute and
     # collectives, over what the one-rank host constants predict for them (least squares over both depths)
-    rest2, unit2 = fit(shared_ranks, _probe(shared_ranks, reps))
+    constants = dict(layer_overhead_ms=layer, step_overhead_ms=1e3 * step, process_gib=one["rss_gib"])
+    try:
+        rest2, unit2 = fit(shared_ranks, _probe(shared_ranks, reps))
+    except RankFailed as e:  # the one-rank constants stand; the factor stays "not modelled", and the file says why
+        print(f"longtrain: calibrate: {e} — shared_host_factor left at 1 (not modelled)", file=sys.stderr)
+        return dict(constants, shared_host_factor=1.0, note=f"shared_host_factor not measured: {e}")
     host = {n: unit2[n] * layer + step for n in HOST_PROBE_LAYERS}
     factor = sum(rest2[n] * host[n] for n in host) / sum(h * h for h in host.values()) if any(host.values()) else 1.0
-    return dict(layer_overhead_ms=layer, step_overhead_ms=1e3 * step, process_gib=one["rss_gib"],
-                shared_host_factor=max(1.0, factor))
+    return dict(constants, shared_host_factor=max(1.0, factor))
 
 
 def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: float = 400.0,
@@ -272,7 +289,9 @@ def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: floa
                   inter_node_gbps=inter_node_gbit / 8, gpus_per_node=per_node, source=source,
                   autocast_bf16=device.type == "cuda", **measured)
     if device.type == "cpu":
-        hw = dataclasses.replace(hw, **measure_host_overheads(hw, reps=3 if quick else 8))
+        host = measure_host_overheads(hw, reps=3 if quick else 8)
+        note = host.pop("note", None)
+        hw = dataclasses.replace(hw, **host, source=hw.source + (f"; {note}" if note else ""))
     elif reference.host_optimizer_ns or reference.window_overhead_ms:  # not measured here: the reference's
         hw = dataclasses.replace(hw, host_optimizer_ns=reference.host_optimizer_ns,  # offload_optimizer host step,
                                  window_overhead_ms=reference.window_overhead_ms,  # a streamed window's fixed cost

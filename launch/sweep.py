@@ -116,9 +116,10 @@ def versions() -> str:
             parts.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             continue
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+    try:  # $LONGTRAIN_COMMIT: the tree that runs, where git's HEAD is older (a copied working tree)
+        commit = os.environ.get("LONGTRAIN_COMMIT") or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            timeout=10).stdout.strip()
         if commit:
             parts.append(f"commit {commit}")
     except (OSError, subprocess.SubprocessError):

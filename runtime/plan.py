@@ -125,6 +125,9 @@ def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node
         if not ok:
             raise ConfigError(f"hardware file {str(path)!r}: {f.name} = {value!r} is not a {kind.__name__}; "
                               f"write it as in configs/hardware/h200.toml")
+    if hw.shared_host_factor < 1:
+        raise ConfigError(f"hardware file {str(path)!r}: shared_host_factor = {hw.shared_host_factor} is below 1; "
+                          f"1 means not modelled (ranks sharing cores are never faster), as calibrate writes")
     if inter_node_gbps is not None:
         hw.inter_node_gbps = inter_node_gbps
     if gpus_per_node is not None:

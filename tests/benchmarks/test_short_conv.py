@@ -23,12 +23,13 @@ def _restore_config(monkeypatch):
 
 
 def test_set_changes_the_config_of_the_triton_rows():
-    short_conv.configure(["fwd_warps=8", "bwd_direct=false"])
+    short_conv.configure(["fwd_warps=8", "fwd_block_t=32"])
     assert triton_conv.CONFIG.fwd_warps == 8
-    assert triton_conv.CONFIG.bwd_direct is False
+    assert triton_conv.CONFIG.fwd_block_t == 32
 
 
-@pytest.mark.parametrize("pair", ["nosuch=1", "fwd_warps=", "fwd_warps=eight"])
+@pytest.mark.parametrize("pair", ["nosuch=1", "fwd_warps=", "fwd_warps=eight", "fwd_warps=0", "fwd_block_t=24",
+                                  "bwd_direct=true"])
 def test_a_bad_set_is_one_line(pair, capsys):
     with pytest.raises(SystemExit) as e:
         short_conv.configure([pair])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -339,13 +340,17 @@ def _gpu_warmup(request):
     here = Path(__file__).resolve().parent
     path = [str(here.parents[1]), str(here.parent), str(here)]  # the project root, tests/ (helpers), this folder
     code = "import sys; sys.path[:0] = sys.argv[2:]; import test_delta_rule as t; t._gpu_triton_call(sys.argv[1])"
-    procs = {c: subprocess.Popen([sys.executable, "-c", code, c, *path], cwd=path[0], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL) for c in dict.fromkeys(cases)}
-    yield procs
-    for p in procs.values():
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    procs, deadline = {}, time.monotonic() + 300
+    try:
+        for c in dict.fromkeys(cases):
+            procs[c] = subprocess.Popen([sys.executable, "-c", code, c, *path], cwd=path[0],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield {c: (p, deadline) for c, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @gpu
@@ -356,10 +361,10 @@ def test_gpu_matches_chunked(case, _gpu_warmup):
     against the float64 chunked reference, each within the dtype's tolerance. dλ = Σ_{b,t} d log a_t cancels, so its
     error is measured against Σ|d log a_t| (the sum's condition; a zero gate in the reference gives d log a_t where
     the case has none)."""
-    proc = _gpu_warmup.get(case)
-    if proc is not None:
+    proc, deadline = _gpu_warmup.get(case, (None, 0.0))
+    if proc is not None:  # every warm-up shares one deadline: 5 minutes after they started, not per test
         try:
-            proc.wait(timeout=300)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
     c, tol = GPU_CASES[case], GPU_TOL[GPU_CASES[case]["dtype"]]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +69,22 @@ def test_host_fit_recovers_the_plans_host_constants(monkeypatch) -> None:
     fitted = calibrate.measure_host_overheads(hw, reps=1)
     assert fitted["layer_overhead_ms"] == pytest.approx(3.0) and fitted["step_overhead_ms"] == pytest.approx(4.0)
     assert fitted["shared_host_factor"] == pytest.approx(2.0) and fitted["process_gib"] == 0.4
+
+
+def test_a_failed_shared_probe_keeps_the_one_rank_constants(monkeypatch, capsys) -> None:
+    """The two-rank probe failing (a port taken, a rank crashing) leaves shared_host_factor at 1 with the reason,
+    the one-rank constants measured; the launcher's --resume hint, which calibrate has not, is dropped."""
+    from launch import calibrate
+    from launch.local import RankFailed
+
+    def spawn(fn, ranks, out, reps, log_dir):
+        if ranks > 1:
+            raise RankFailed("rank 1: DistNetworkError: EADDRINUSE (traceback: x), then rerun with --resume auto")
+        Path(out).write_text(json.dumps({"2": 0.02, "6": 0.05, "rss_gib": 0.3}))
+
+    monkeypatch.setattr("launch.local.spawn", spawn)
+    fitted = calibrate.measure_host_overheads(load_hardware("h200"), reps=1)
+    assert fitted["shared_host_factor"] == 1.0 and fitted["layer_overhead_ms"] > 0
+    assert "EADDRINUSE" in fitted["note"] and "--resume" not in fitted["note"]
+    assert "rerun `longtrain calibrate`" in fitted["note"]
+    assert "left at 1 (not modelled)" in capsys.readouterr().err

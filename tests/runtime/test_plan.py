@@ -269,5 +269,9 @@ def test_plan_errors_are_one_line(capsys, tmp_path) -> None:
     quoted.write_text((plan.HARDWARE_DIR / "h200.toml").read_text().replace("copy_gbps = 4200.0", 'copy_gbps = "4200"'))
     assert main(["plan", "--gpus", "4", "--gpu", str(quoted)]) == 2
     assert "copy_gbps = '4200' is not a float; write it as in configs/hardware/h200.toml" in capsys.readouterr().err
+    below = tmp_path / "below.toml"  # a factor < 1 would make ranks that share cores faster
+    below.write_text((plan.HARDWARE_DIR / "h200.toml").read_text() + "shared_host_factor = 0.5\n")
+    assert main(["plan", "--gpus", "4", "--gpu", str(below)]) == 2
+    assert "shared_host_factor = 0.5 is below 1; 1 means not modelled" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3"]) == 2
     assert "launch a multiple of 4" in capsys.readouterr().err
