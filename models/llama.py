@@ -27,6 +27,7 @@ from kernels.conv import short_conv
 from kernels.norm import rms_norm
 from kernels.swiglu import swiglu
 from models.config import RECURRENT_KINDS, ModelConfig
+from models.fused_weights import fused_weight
 from parallel.attention import dense_attention, sp_attention
 from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
@@ -62,7 +63,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, torch.cat([self.gate.weight, self.up.weight]))  # one GEMM
+        gate_up = F.linear(x, fused_weight([self.gate.weight, self.up.weight]))  # one GEMM
         return self.down(swiglu(gate_up, backend=self.backend))
 
 
@@ -148,7 +149,7 @@ class LinearAttention(nn.Module):
             raise ValueError("output=False needs a carry: only the carry leaving the window is returned")
         B, T, d = x.shape
         weights = [self.q.weight, self.k.weight, self.v.weight] + ([self.g.weight] if self.g is not None else [])
-        qkvg = F.linear(x, torch.cat(weights))  # q, k, v and the gate logits in one GEMM
+        qkvg = F.linear(x, fused_weight(weights))  # q, k, v and the gate logits in one GEMM
         qkv, g = qkvg.split([3 * d, qkvg.shape[-1] - 3 * d], dim=-1)  # backward: one cat, not two zero-fills
         state, halo = carry if carry is not None else (None, None)
         tail, parts = None, qkv.chunk(3, dim=-1)

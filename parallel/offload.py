@@ -66,6 +66,8 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from models.fused_weights import is_reused_weight
+
 DEFAULT_MIN_BYTES = 1 << 20
 DEFAULT_INFLIGHT_BYTES = 256 << 20
 DEFAULT_PREFETCH_BYTES = 256 << 20
@@ -84,7 +86,7 @@ _ALIASING = frozenset({
 def _derived_from_parameter(t: torch.Tensor) -> bool:
     """A parameter, a leaf that wants a gradient, or a view / dtype cast of one (autocast keeps its weight
     casts cached for the whole forward: moving them would free nothing)."""
-    if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+    if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or is_reused_weight(t):
         return True
     fn = t.grad_fn
     if fn is None:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entropy
 from models import num_parameters, token_loss_sum
+from models.fused_weights import reuse_fused_weights
 from parallel.attention.backends import explicit_backend_problem
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.offload import ActivationOffloader
@@ -129,7 +130,8 @@ class Trainer:
         (the same value on every rank)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
-        with self.autocast, self._saved_tensors_place():
+        # fused projection weights built once for all passes of the step (not under FSDP2, which owns them)
+        with self.autocast, self._saved_tensors_place(), reuse_fused_weights(enabled=not self.sharded):
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
         sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group, device=self.device)
         loss = self._sum_over_replicas(loss.detach().double())

@@ -23,6 +23,20 @@ if KERNEL_DEVICE == "cpu":
 needs_cuda = pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs a CUDA device")
 
 
+class CountingTorch:
+    """`torch` as a module sees it (monkeypatch the module's `torch`), counting that module's `torch.cat` calls."""
+
+    def __init__(self):
+        self.cats = 0
+
+    def cat(self, *args, **kwargs):
+        self.cats += 1
+        return torch.cat(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import run_distributed, scratch_dir
+from helpers import CountingTorch, run_distributed, scratch_dir
 from torch.distributed.tensor import DTensor
 
+import models.fused_weights as fused_weights
 from models import LinearLlama, token_loss_sum
 from runtime.config import load_config
 from runtime.mesh import build_mesh
@@ -127,3 +128,20 @@ def _check_offload(rank: int, world: int) -> None:
 
 def test_offload_and_tiles_change_no_result() -> None:
     run_distributed(_check_offload, 1)
+
+
+@pytest.mark.parametrize("shard", ["none", "full"])
+def test_a_step_builds_each_fused_weight_once(shard: str, monkeypatch) -> None:
+    """Two micro-batches of four streamed windows each: q/k/v/gate and gate/up built once per layer and step (not
+    per pass); with parallel.shard (FSDP2 owns the weights) once per use."""
+    cfg = load_config(None, ["parallel.pp=1", "parallel.sp=1", "parallel.microbatches=2", "parallel.remat=never",
+                             "model.layout=L", "model.gate=true", "train.batch_size=4", "train.seq_len=16",
+                             "train.window=4", "data.num_pairs=2", f"parallel.shard={shard}",
+                             f"parallel.offload_optimizer={str(shard == 'full').lower()}"])
+    trainer = Trainer(cfg, build_mesh(1, 1, 1))
+    counting = CountingTorch()
+    monkeypatch.setattr(fused_weights, "torch", counting)
+    trainer.forward_backward(*trainer.data.batch(0))
+    per_use = 2 * (4 * 2 * cfg.model.n_layers  # micro-batches × (4 windows with gradients: both weights per layer
+                   + 3 * (2 * cfg.model.n_layers - 1))  # + the carry pass over 3: the last layer skips its MLP)
+    assert counting.cats == (2 * cfg.model.n_layers if shard == "none" else per_use)
