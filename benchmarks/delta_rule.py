@@ -160,8 +160,9 @@ def run_shape(B: int, T: int, configs: dict[str, DeltaConfig], with_fla: bool) -
     if with_fla:
         res = measure(fla_call, c)
         if "#640" in str(res["note"]) and switch_off_fla_hopper_guard():
-            NOTES.append("fla's Hopper guard (issue #640, Triton 3.4–3.7.0) was switched off to time it; its "
-                         "gradients are then wrong, as its error column shows")
+            NOTES.append("fla's Hopper guard (issue #640, Triton 3.4–3.7.0: wrong gradients reported) was switched "
+                         "off to time it; its error column (output and every gradient against the fp32 reference) "
+                         "says whether they were right at these shapes")
             res = measure(fla_call, c)
         row["fla"] = res
         print(f"  {row['shape']} fla: {row['fla']}", flush=True)

@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.config import RECURRENT_KINDS, ModelConfig
 from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
 from runtime.memory import (
@@ -237,6 +238,23 @@ def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int) -> int:
     return max(0, gemm - down - kept)
 
 
+def recurrence_geometry(m: ModelConfig, kind: str) -> tuple[float, bool, int, int]:
+    """A recurrent layer's chunked kernels and what LASP-2 and the halo move, per token and row: (kernel work in
+    units of the calibrated linear layer's, H·K·V over REFERENCE_HKV times DELTA_COST for D; whether its decay is
+    per token (the gated rate); floats of its LASP-2 state per shard; channels of its conv halo). L: n_heads
+    heads of K = V = head_dim, state [M | log A]; D: the same heads, state [P | M] (K·(K+V)); M (Mamba-2, DESIGN
+    §12): inner/P heads with K = N (state width), V = P (head width), a per-token decay, convolving x, B and C."""
+    if kind == "M":
+        heads = m.ssm_expand * m.dim // m.ssm_head_dim
+        hkv = heads * m.ssm_state * m.ssm_head_dim
+        conv = m.ssm_expand * m.dim + 2 * m.ssm_groups * m.ssm_state
+        return hkv / REFERENCE_HKV, True, heads * (m.ssm_state * m.ssm_head_dim + 1), conv
+    hkv = m.n_heads * m.head_dim * m.head_dim
+    if kind == "D":
+        return DELTA_COST * hkv / REFERENCE_HKV, True, m.n_heads * m.head_dim * 2 * m.head_dim, 3 * m.dim
+    return hkv / REFERENCE_HKV, m.gate, m.n_heads * m.head_dim * (m.head_dim + 1), 3 * m.dim
+
+
 def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None) -> Plan:
     """Predict `cfg` on `world` ranks of `hw` (cfg must validate for `world`); `shard` overrides parallel.shard."""
     from parallel.layout import num_shards
@@ -265,8 +283,6 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     mb_rows = rows / M
     r = recompute_passes(cfg)
     r_layer, rebuilt, n_windows = _remat_passes(cfg), _rebuilt_passes(cfg), stream_windows(cfg)
-    hkv_scale = m.n_heads * m.head_dim * m.head_dim / REFERENCE_HKV
-    la_rate = hw.la_gate_tokens_per_s if m.gate else hw.la_tokens_per_s
     sp_gbps = _link_gbps(hw, 1, sp, world)
     pp_gbps = _link_gbps(hw, sp, pp, world)
     dp_gbps = _link_gbps(hw, sp * pp, dp, world)
@@ -291,16 +307,15 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
             c["elementwise"] += tokens * ELEMENTWISE_BYTES * (4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (
                 hw.copy_gbps * 1e9)
             passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
-            if kinds[i] in "LD":
-                # Gated DeltaNet (D): the UT transform and its extra sweeps, taken as DELTA_COST linear layers until a
-                # hardware file measures it; LASP-2 exchanges [P | M] (K·(K+V)) instead of [M | log A] (K·V + 1)
-                cost, state_width = (DELTA_COST, 2 * m.head_dim) if kinds[i] == "D" else (1.0, m.head_dim + 1)
-                c["linear_attention"] += cost * tokens * hkv_scale * (1 / la_rate + r / hw.la_forward_tokens_per_s)
+            if kinds[i] in RECURRENT_KINDS:  # L, D (its UT transform and sweeps: DELTA_COST linear layers), M
+                work, gated, state_floats, conv_channels = recurrence_geometry(m, kinds[i])
+                la_rate = hw.la_gate_tokens_per_s if gated else hw.la_tokens_per_s
+                c["linear_attention"] += work * tokens * (1 / la_rate + r / hw.la_forward_tokens_per_s)
                 if sp > 1:
-                    state = (sp - 1) * n_local * mb_rows * m.n_heads * m.head_dim * state_width * 4
+                    state = (sp - 1) * n_local * mb_rows * state_floats * 4
                     k["lasp2"] += passes * _collective(hw, state, sp_gbps)
                     if m.short_conv > 1:
-                        halo = n_local * mb_rows * (m.short_conv - 1) * 3 * m.dim * 2
+                        halo = n_local * mb_rows * (m.short_conv - 1) * conv_channels * 2
                         k["halo"] += passes * _collective(hw, halo, sp_gbps)
             else:
                 flops = 2.0 * rows * t.seq_len**2 * m.n_heads * m.head_dim / sp
@@ -369,9 +384,10 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
         per = {"allgather": t.seq_len * 2 * m.kv_heads, "ring": 2 * 2 * local * m.kv_heads,
                "ulysses": t.seq_len * (m.n_heads + 2 * m.kv_heads) / sp}[par.sp_attention]
         transient["attention_kv"] = mb_rows * per * m.head_dim * 2 * 2  # the gathered tensors and their gradients
-    if ("L" in kinds or "D" in kinds) and sp > 1:
-        state_width = 2 * m.head_dim if "D" in kinds else m.head_dim + 1
-        transient["lasp2_states"] = mb_rows * sp * n_local * m.n_heads * m.head_dim * state_width * 4 * 2
+    recurrent = set(kinds) & set(RECURRENT_KINDS)
+    if recurrent and sp > 1:  # every shard's state, gathered, and its gradient
+        state_floats = max(recurrence_geometry(m, kind)[2] for kind in recurrent)
+        transient["lasp2_states"] = mb_rows * sp * n_local * state_floats * 4 * 2
     largest = max(transient, key=transient.get)
     flat = grad_bytes if (sp > 1 or dp > 1) and not sharded else 0.0
     gathered = unsharded_grads = 0.0

@@ -192,6 +192,24 @@ def test_terms_follow_the_split() -> None:
     assert wide.comm["lasp2"] > p.comm["lasp2"]
 
 
+def test_recurrent_layers_are_timed_by_their_own_geometry() -> None:
+    """Mamba-2 (M) layers run the chunked kernels with inner/P heads of K = N, V = P and a per-token decay (no
+    softmax attention); under sp their LASP-2 state is heads · (N·P + 1) floats and their halo x, B, C."""
+    hw = plan.load_hardware("h200")
+    common = ["model.preset=1b", "model.gate=true", "train.batch_size=4", "train.seq_len=32768",
+              "parallel.microbatches=1", "parallel.pp=1"]
+    one = {k: plan.plan_job(load_config(None, [*common, f"model.layout={k}", "parallel.sp=1"]), 1, hw) for k in "LM"}
+    assert one["M"].compute["softmax_attention"] == 0.0
+    m = one["M"].cfg.model
+    heads = m.ssm_expand * m.dim // m.ssm_head_dim
+    ratio = heads * m.ssm_state * m.ssm_head_dim / (m.n_heads * m.head_dim**2)
+    assert one["M"].compute["linear_attention"] == pytest.approx(ratio * one["L"].compute["linear_attention"])
+    four = {k: plan.plan_job(load_config(None, [*common, f"model.layout={k}", "parallel.sp=4"]), 4, hw) for k in "LM"}
+    state = {"L": m.n_heads * m.head_dim * (m.head_dim + 1), "M": heads * (m.ssm_state * m.ssm_head_dim + 1)}
+    ratio = four["M"].memory["transient_lasp2_states"] / four["L"].memory["transient_lasp2_states"]
+    assert ratio == pytest.approx(state["M"] / state["L"])
+
+
 def test_host_overheads_add_per_layer_pass_and_step() -> None:
     """A calibrated CPU's host terms: layer_overhead per layer and micro-batch, × (3 + r)/3 with recomputation,
     step_overhead once, process_gib on the peak; the shipped GPU profiles have none."""
