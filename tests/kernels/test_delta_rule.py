@@ -199,6 +199,77 @@ def test_triton_head_dims_and_chunks(K, V, C, kb):
     _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=SEGMENTED_KB if kb else SEGMENTED)
 
 
+@pytest.fixture
+def _bounds_checked(monkeypatch):
+    """Under the interpreter, every load and store that a kernel issues (its unmasked lanes) must fall inside one
+    of the tensors passed to that launch: one that does not fails the launch before it touches memory. Yields
+    {"accesses": the number of lanes checked}."""
+    np = pytest.importorskip("numpy")
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    builder, executor = interp.InterpreterBuilder, interp.GridExecutor
+    seen = {"accesses": 0}
+    launch = {"ranges": [], "kernel": None}
+    load, store, call = builder.create_masked_load, builder.create_masked_store, executor.__call__
+
+    def check(kind, ptrs, mask):
+        if not launch["ranges"]:
+            return
+        p = ptrs.data.astype(np.uint64)
+        p = p[np.broadcast_to(mask.data, p.shape)]
+        inside = np.zeros(p.shape, dtype=bool)
+        for lo, hi in launch["ranges"]:
+            inside |= (p >= lo) & (p < hi)
+        seen["accesses"] += p.size
+        if not inside.all():
+            raise AssertionError(f"{launch['kernel']}: {kind} of {int((~inside).sum())} lanes outside its tensors")
+
+    def checked_load(self, ptrs, mask, other, *a):
+        check("load", ptrs, mask)
+        return load(self, ptrs, mask, other, *a)
+
+    def checked_store(self, ptrs, value, mask, *a):
+        check("store", ptrs, mask)
+        return store(self, ptrs, value, mask, *a)
+
+    def checked_call(self, *args, **kw):
+        tensors = [t for t in (*args, *kw.values()) if isinstance(t, torch.Tensor)]
+        launch["ranges"] = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+        launch["kernel"] = self.fn.__name__
+        try:
+            return call(self, *args, **kw)
+        finally:
+            launch["ranges"] = []
+
+    monkeypatch.setattr(builder, "create_masked_load", checked_load)
+    monkeypatch.setattr(builder, "create_masked_store", checked_store)
+    monkeypatch.setattr(executor, "__call__", checked_call)
+    yield seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's addresses")
+def test_triton_kb32_chunk64_accesses_in_bounds(_bounds_checked):
+    """The tiles of the GPU case that died on an H200 (bf16-grad-kb32: chunk 64, K and V in blocks of 32) with a
+    tail chunk and fewer gradient programs than chunks: every load and store of every kernel stays inside its
+    tensors, and the results are exact."""
+    x = _inputs(1, 112, 2, 64, 64, seed=13)
+    cfg = with_config(grad_block_k=32, grad_bv=32, grad_programs=3)
+    _compare(delta_rule_triton, x, 1e-5, chunk_size=64, config=cfg)
+    assert _bounds_checked["accesses"] > 0
+
+
+def test_triton_kb_config_check():
+    """K blocks under 64 at chunk 64 are refused on sm_90 (an illegal memory access in Triton's code there), in one
+    line naming the fix; K blocks of 64, chunk 32, other GPUs and the interpreter are not."""
+    from kernels.delta_rule.triton.common import check_config
+
+    for gk, C, Kp in ((32, 64, 128), (16, 64, 128), (64, 64, 32)):
+        with pytest.raises(ValueError, match="use grad_block_k=64 .* or 0, or chunk_size ≤ 32"):
+            check_config(with_config(grad_block_k=gk), C, Kp, (9, 0))
+    for gk, C, Kp, arch in ((0, 64, 128, (9, 0)), (64, 64, 128, (9, 0)), (32, 32, 128, (9, 0)),
+                            (32, 64, 128, (8, 0)), (32, 64, 128, None)):
+        check_config(with_config(grad_block_k=gk), C, Kp, arch)
+
+
 def test_triton_final_state_gradient_only():
     """A loss on the final state alone: no gradient arrives on o."""
     x = _inputs(1, 40, 2, 16, 16, seed=6)
@@ -300,9 +371,9 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 # 16384; the bf16 configs recompile only the kernels they change; fp16 carries the chunk-32 configs and fp32 runs
 # chunk 16 (its default chunk-64 gradient kernel alone takes about 140 s to compile). 46 distinct compiles, about
 # 100 s on one core (counted offline for sm_90: bf16-16K 11 kernels, 39 s; short-segments 7, 8 s; one-segment 3, 4 s;
-# grad-kb32 2, 13 s; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup` runs them in parallel
-# processes through Triton's on-disk cache, so the file's GPU cases take about 60 s on one H200 (the bf16-16K
-# process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot run.
+# grad-kb32 2, 13 s, now grad-kb64: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup`
+# runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take about 60 s on one H200
+# (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot run.
 
 BF16 = dict(H=16, K=128, V=128, dtype="bfloat16")  # the model's layer: 16 heads of 128
 GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; always λ, a final state, every gradient
@@ -310,7 +381,9 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     "bf16-tail": dict(B=1, T=8176, **BF16),  # default config: 16 × 8 segments, the last chunk 48 tokens long
     "bf16-short-segments": dict(B=1, T=8176, cfg=dict(seg_chunks=12), **BF16),  # 11 segments, the last one 8 chunks
     "bf16-one-segment": dict(B=1, T=8176, cfg=dict(seg_chunks=100000), **BF16),  # no segment maps, no scans
-    "bf16-grad-kb32": dict(B=1, T=8176, cfg=dict(grad_block_k=32, grad_bv=32), **BF16),
+    # K blocks of 32 at chunk 64 (grad_block_k=32) are refused on sm_90: an illegal memory access there
+    # (`check_config`); its tiles are checked under the interpreter (test_triton_kb32_chunk64_accesses_in_bounds)
+    "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,

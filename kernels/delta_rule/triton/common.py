@@ -32,8 +32,8 @@ class DeltaConfig:
     columns) of the chunk sweeps; grad_bv: V-block of the gradient kernel's loops; grad_programs: its persistent
     programs (each walks chunks and owns a [C, C] fp32 scratch); grad_block_k: 0 = `_grad_kernel` (all of K at
     once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
-    backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer); scan_bn: column block of the
-    segment scans.
+    backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer; K blocks under 64 at chunk 64 are
+    refused on sm_90, see `check_config`); scan_bn: column block of the segment scans.
     """
 
     chunk: int = 64
@@ -141,12 +141,33 @@ def _chunk_size(chunk: int) -> int:
     return min(64, _pow2(chunk))
 
 
+def check_config(cfg: DeltaConfig, C: int, Kp: int, arch: tuple[int, int] | None) -> None:
+    """Refuse, in one line naming the fix, a config whose kernels are known to fail where they would run (C: the
+    chunk, Kp: K padded, arch: the CUDA device's compute capability, None off CUDA).
+
+    `_grad_kb_kernel` with K blocks under 64 at chunk 64 dies on sm_90 with an illegal memory access (H200, Triton
+    3.6: `bf16-grad-kb32`, K blocks of 32, grad_bv 32). Not an index bug: every load and store of the kernel is in
+    bounds (test_delta_rule.py checks each one under the interpreter at those tiles), so most likely Triton's sm_90
+    code for those tiles (upstream reports: Hopper wgmma shared-memory reads out of bounds in chunk-64 kernels with K
+    blocks of 32, from Triton 3.6; not confirmed on the GPU). K blocks of 64 at chunk 32 pass there. Elsewhere
+    (interpreter, meta tensors, other GPUs) nothing is refused."""
+    if cfg.grad_block_k <= 0 or C < 64 or arch is None or arch[0] != 9:
+        return
+    bk = min(Kp, _pow2(cfg.grad_block_k))
+    if bk < 64:
+        raise ValueError(f"DeltaConfig grad_block_k={cfg.grad_block_k} (K blocks of {bk}) at chunk {C}: "
+                         f"_grad_kb_kernel hits an illegal memory access on sm_90 (Triton's code, not its "
+                         f"indexing): use grad_block_k=64 (K ≥ 64) or 0, or chunk_size ≤ 32")
+
+
 def make_plan(q: torch.Tensor, v: torch.Tensor, decay: int, scale: float, cfg: DeltaConfig,
               chunk_size: int | None = None) -> Plan:
-    """The sizes of one call (the linear-attention kernels' `Plan`; cfg is a DeltaConfig here)."""
+    """The sizes of one call (the linear-attention kernels' `Plan`; cfg is a DeltaConfig here); refuses a config
+    that `check_config` knows to fail on q's device."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = _chunk_size(chunk_size or cfg.chunk)
+    check_config(cfg, C, _pow2(K), torch.cuda.get_device_capability(q.device) if q.is_cuda else None)
     NC = -(-T // C)
     if cfg.seg_chunks > 0:
         NCS = cfg.seg_chunks
