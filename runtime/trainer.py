@@ -79,6 +79,11 @@ class Trainer:
         self.model, self.stage_layers = build_stage_model(cfg, mesh)
         self.n_params_total = cfg_param_count(cfg)
         self.sharded = sharded(cfg, mesh)
+        # fused projection weights built once per step where blocks run several times with their weights live anyway
+        # (windows; several micro-batches; no recomputation) — not for one recomputed micro-batch, where a kept copy
+        # would only cost memory — and never under FSDP2, which owns the weights (models/fused_weights.py)
+        self.reuse_weights = not self.sharded and (cfg.train.window > 0 or cfg.parallel.microbatches > 1
+                                                   or cfg.parallel.remat == "never")
         # the loss applies the head itself, chunk by chunk (no [T, vocab] logits), unless loss_chunk = 0
         self.fused_loss = cfg.train.loss_chunk > 0
         self.pipe = GPipe(self.model, stage_index=mesh.coord("pp"), num_stages=self.pp, group=mesh.group("pp"),
@@ -130,8 +135,7 @@ class Trainer:
         (the same value on every rank)."""
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_tokens = self._sum_over_replicas((targets != IGNORE).sum().to(torch.float32))
-        # fused projection weights built once for all passes of the step (not under FSDP2, which owns them)
-        with self.autocast, self._saved_tensors_place(), reuse_fused_weights(enabled=not self.sharded):
+        with self.autocast, self._saved_tensors_place(), reuse_fused_weights(enabled=self.reuse_weights):
             loss = self.pipe.step(inputs, targets, loss_divisor=n_tokens)
         sync_gradients(self.model.parameters(), self.grad_groups, self.tied, self.tied_group, device=self.device)
         loss = self._sum_over_replicas(loss.detach().double())

@@ -130,18 +130,26 @@ def test_offload_and_tiles_change_no_result() -> None:
     run_distributed(_check_offload, 1)
 
 
-@pytest.mark.parametrize("shard", ["none", "full"])
-def test_a_step_builds_each_fused_weight_once(shard: str, monkeypatch) -> None:
-    """Two micro-batches of four streamed windows each: q/k/v/gate and gate/up built once per layer and step (not
-    per pass); with parallel.shard (FSDP2 owns the weights) once per use."""
-    cfg = load_config(None, ["parallel.pp=1", "parallel.sp=1", "parallel.microbatches=2", "parallel.remat=never",
-                             "model.layout=L", "model.gate=true", "train.batch_size=4", "train.seq_len=16",
-                             "train.window=4", "data.num_pairs=2", f"parallel.shard={shard}",
-                             f"parallel.offload_optimizer={str(shard == 'full').lower()}"])
+@pytest.mark.parametrize("shard,window,microbatches,remat,once", [
+    ("none", 4, 2, "never", True), ("none", 0, 2, "always", True), ("none", 0, 1, "never", True),
+    ("none", 0, 1, "always", False), ("full", 4, 2, "never", False)])
+def test_a_step_builds_each_fused_weight_once(shard, window, microbatches, remat, once, monkeypatch) -> None:
+    """q/k/v/gate and gate/up are built once per layer and step where the step runs blocks several times with their
+    weights live anyway (streamed windows, micro-batches, no recomputation), per use where a kept copy would only
+    cost memory (one recomputed micro-batch) and under parallel.shard (FSDP2 owns the weights)."""
+    cfg = load_config(None, ["parallel.pp=1", "parallel.sp=1", f"parallel.microbatches={microbatches}",
+                             f"parallel.remat={remat}", "model.layout=L", "model.gate=true", "train.batch_size=4",
+                             "train.seq_len=16", f"train.window={window}", "data.num_pairs=2",
+                             f"parallel.shard={shard}", f"parallel.offload_optimizer={str(shard == 'full').lower()}"])
     trainer = Trainer(cfg, build_mesh(1, 1, 1))
     counting = CountingTorch()
     monkeypatch.setattr(fused_weights, "torch", counting)
     trainer.forward_backward(*trainer.data.batch(0))
-    per_use = 2 * (4 * 2 * cfg.model.n_layers  # micro-batches × (4 windows with gradients: both weights per layer
-                   + 3 * (2 * cfg.model.n_layers - 1))  # + the carry pass over 3: the last layer skips its MLP)
-    assert counting.cats == (2 * cfg.model.n_layers if shard == "none" else per_use)
+    n = cfg.model.n_layers
+    if once:
+        uses = 2 * n
+    elif window:  # micro-batches × (4 windows with gradients, both weights + the carry pass over 3 without the last MLP)
+        uses = microbatches * (4 * 2 * n + 3 * (2 * n - 1))
+    else:  # the forward and the recomputation in backward
+        uses = microbatches * 2 * 2 * n
+    assert counting.cats == uses
