@@ -148,7 +148,7 @@ def test_a_step_builds_each_fused_weight_once(shard, window, microbatches, remat
     n = cfg.model.n_layers
     if once:
         uses = 2 * n
-    elif window:  # micro-batches × (4 windows with gradients, both weights + the carry pass over 3 without the last MLP)
+    elif window:  # micro-batches × (4 windows with gradients, both weights + the carry pass over 3, no last MLP)
         uses = microbatches * (4 * 2 * n + 3 * (2 * n - 1))
     else:  # the forward and the recomputation in backward
         uses = microbatches * 2 * 2 * n
