@@ -2,6 +2,7 @@
 `chunk_gated_delta_rule` (issue 20).
 
     python benchmarks/delta_rule.py [--shapes 16x4096,1x65536,1x262144,1x1048576] [--out FILE] [--configs SPEC]
+        [--kernels]
 
 bf16 q, k (L2-normalized), v, β = σ(·), per-token gate g = −A·softplus(·) (Gated DeltaNet's, A ∈ [1, 16]), H = 16,
 K = V = 128, no λ. Per shape and method: forward and forward+backward medians of `triton.testing.do_bench`
@@ -12,6 +13,8 @@ gradients take a cotangent that is zero past the prefix). fla is optional: witho
 Hopper with Triton 3.4–3.7.0, fla 0.6.0 refuses its gated backward (fla issue #640: it computes wrong gradients
 there); this script switches that guard off only to time fla, says so in the output, and fla's error column then
 shows what the guard protects against. Rows that run out of memory show "—".
+`--kernels` adds, per shape, where one forward+backward spends its GPU time: each Triton / CUDA kernel's calls
+and device time under torch.profiler, ours (the first config) beside fla's.
 Goals (issue 20): fwd+bwd ≤ 0.8 × fla's time at T ≥ 64K and ≤ 1.0 × at 4K; peak memory at 1M ≤ 0.6 × fla's;
 error ≤ 1e-2.
 """
@@ -151,7 +154,7 @@ def measure(call, c: Case) -> dict:
     return res
 
 
-def run_shape(B: int, T: int, configs: dict[str, DeltaConfig], with_fla: bool) -> dict:
+def run_shape(B: int, T: int, configs: dict[str, DeltaConfig], with_fla: bool, kernels: bool = False) -> dict:
     c = Case(B, T)
     row: dict[str, object] = {"shape": f"{B}×{T // 1024}K", "ours": {}}
     for name, cfg in configs.items():
@@ -166,9 +169,54 @@ def run_shape(B: int, T: int, configs: dict[str, DeltaConfig], with_fla: bool) -
             res = measure(fla_call, c)
         row["fla"] = res
         print(f"  {row['shape']} fla: {row['fla']}", flush=True)
+    if kernels:
+        first = next(iter(configs))
+        named = {f"ours ({first})": profile_kernels(ours(configs[first]), c)}
+        if with_fla and row["fla"].get("fb") is not None:
+            named["fla"] = profile_kernels(fla_call, c)
+        row["kernels"] = render_kernels(row["shape"], named)
     del c
     torch.cuda.empty_cache()
     return row
+
+
+def kernel_times(events) -> list[tuple[str, int, float]]:
+    """(kernel name, calls, device ms) of the profiler's device-side events, longest first."""
+    total: dict[str, list] = {}
+    for e in events:
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            ms = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) / 1e3
+            entry = total.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += ms
+    return sorted(((name, n, ms) for name, (n, ms) in total.items()), key=lambda r: -r[2])
+
+
+def profile_kernels(call, c: Case) -> list[tuple[str, int, float]]:
+    """One forward+backward of `call` (after a warm-up call) under torch.profiler: its kernels' device time."""
+    xs = c.leaves()
+    torch.autograd.grad(call(*xs), xs, c.do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(call(*xs), xs, c.do)
+        torch.cuda.synchronize()
+    return kernel_times(prof.events())
+
+
+def render_kernels(shape: str, named: dict[str, list[tuple[str, int, float]]], top: int = 12) -> str:
+    """A table per implementation: its `top` longest kernels (name, calls, ms, share of its fwd+bwd)."""
+    lines = []
+    for impl, rows in named.items():
+        total = sum(ms for _, _, ms in rows) or float("nan")
+        lines += [f"{shape}, {impl}: {total:.2f} ms of kernels in one forward+backward", "",
+                  "| kernel | calls | ms | share |", "|---|---|---|---|"]
+        lines += [f"| `{name[:80]}` | {n} | {ms:.3f} | {100 * ms / total:.1f} % |" for name, n, ms in rows[:top]]
+        if len(rows) > top:
+            rest = sum(ms for _, _, ms in rows[top:])
+            lines.append(f"| {len(rows) - top} more | {sum(n for _, n, _ in rows[top:])} | {rest:.3f} | "
+                         f"{100 * rest / total:.1f} % |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -196,6 +244,7 @@ def render(rows: list[dict], names: list[str]) -> str:
     notes += [f"{r['shape']} ours {k}: {v['note']}" for r in rows for k, v in r["ours"].items() if v.get("note")]
     if notes:
         lines += ["", "Notes: " + "; ".join(dict.fromkeys(notes))]
+    lines += ["\n" + r["kernels"] for r in rows if r.get("kernels")]
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +254,7 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="named DeltaConfigs 'name:k=v,...;name2:...' (tuning)")
     ap.add_argument("--no-fla", action="store_true", help="our kernels only")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--kernels", action="store_true", help="per shape, each kernel's GPU time in one fwd+bwd")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("delta_rule benchmark: needs a CUDA device")
@@ -224,7 +274,7 @@ def main() -> None:
     configs = parse_configs(args.configs)
     rows = []
     for B, T in parse_shapes(args.shapes):
-        rows.append(run_shape(B, T, configs, with_fla))
+        rows.append(run_shape(B, T, configs, with_fla, args.kernels))
         if args.out:  # the table so far: a run stopped by a time limit keeps its finished rows
             Path(args.out).write_text(render(rows, list(configs)))
     print(render(rows, list(configs)))
