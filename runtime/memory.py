@@ -40,6 +40,11 @@ from runtime.errors import ConfigError
 ACTIVATION = 2.07  # live internals per token and layer, in units of (4d + 3f)·compute bytes (fitted, see above)
 LOSS_RESIDUE = 6.5  # bytes per token and vocabulary entry of a loss chunk still live in backward (fitted, above)
 NEVER_STORED = 1.5  # saved internals per token and layer without re-materialization, units as ACTIVATION (fitted)
+# A block's saved internals per token relative to a linear-attention (L) block's, by layer kind: the slope over T of
+# the bytes autograd saves for one block of the 1b / gdn-1b / mamba2-1b presets (Triton kernels under the
+# interpreter, T = 128 → 256): L 41.0K, D 51.4K, M 70.3K elements per token (L's, 1.54·(4d + 3f), agrees with the
+# GPU-fitted NEVER_STORED). Softmax (A) blocks are taken as L's. Scales NEVER_STORED and ACTIVATION for D and M.
+KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.71}
 MARGIN = 0.15  # the estimate's stated accuracy
 
 
@@ -91,14 +96,17 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
     layers = -(-m.n_layers // pp)
     rows = t.batch_size // dp
     local = t.seq_len // sp
-    per_token_layer = ACTIVATION * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
+    kinds = m.layer_kinds()
+    widest_internals = max(KIND_INTERNALS.get(k, 1.0) for k in kinds)  # the transient: one layer at a time
+    mean_internals = sum(KIND_INTERNALS.get(k, 1.0) for k in kinds) / len(kinds)
+    per_token_layer = ACTIVATION * widest_internals * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
     window = t.window or local
     kept = layers * rows * min(window, local)  # token-layers whose input (or internals) stay for backward
     layer_tokens = min(window, local) * rows // par.microbatches
-    widest = max(widening_width(cfg, k) for k in m.layer_kinds())
+    widest = max(widening_width(cfg, k) for k in kinds)
     layer = per_token_layer * layer_tokens
     if par.remat == "never":
-        stored = kept * NEVER_STORED * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
+        stored = kept * NEVER_STORED * mean_internals * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
     else:
         stored = kept * m.dim * compute_bytes
         if par.remat_policy == "selective":  # the widening matmuls' outputs, kept; not recomputed in backward
