@@ -276,6 +276,18 @@ def test_auto_remat_policy_keeps_selective_where_it_fits() -> None:
     assert h100.cfg.parallel.remat_policy == "full" and h100.peak_gib < 40
 
 
+def test_auto_remat_policy_is_full_for_mamba2_blocks() -> None:
+    """Stacks with Mamba-2 blocks resolve auto to full (their selective peak is not modelled: mamba2-1b at 128K ran
+    out of an H200's memory), even where the estimate would fit; an explicit selective stays."""
+    for layout in ("M", "MMMA"):
+        cfg = load_config(None, ["model.preset=mamba2-1b", f"model.layout={layout}", *BASE, "train.seq_len=32768"])
+        assert resolve_remat_policy(cfg, 1, 139.8) == "full"
+    cfg = load_config(None, ["model.preset=mamba2-1b", *BASE, "train.seq_len=32768", "parallel.remat_policy=selective"])
+    assert resolve_remat_policy(cfg, 1, 139.8) == "selective"
+    gdn = load_config(None, ["model.preset=gdn-1b", *BASE, "train.seq_len=32768"])
+    assert resolve_remat_policy(gdn, 1, 139.8) == "selective"
+
+
 def test_plan_command(capsys) -> None:
     config = str(Path(__file__).parents[2] / "configs" / "1b.toml")
     args = ["plan", "--config", config, "--gpus", "16", "--gpu", "h100", "--set", "train.seq_len=262144"]
