@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--seq-lens 4Kx32,32K,128K,256K,512K,1M] [--only longtrain|fla]
         [--variant NAME[@LEN+LEN]:KEY=V,KEY=V ...] [--set KEY=VALUE ...] [--steps-check 20] [--out FILE]
+        [--profile DIR] [--memory DIR]
 
 A length may carry a batch (`4Kx32`: 32 sequences of 4096 tokens per step, both impls; default 1); a variant
 may carry its own lengths (`win16k@128K+1M+4M:train.window=16384` runs only those).
@@ -321,7 +322,8 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
         total = max(max(job["warmup"], 1) + job["steps"], check)
         B = batch_of(job, T)
         with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
-            steps = total + bool(job.get("profile"))  # the profiled step is one more
+            extra = [k for k in ("profile", "memory") if job.get(k)]  # each one more step after the timed ones
+            steps = total + len(extra)
             overrides = [f"train.steps={steps}", *job["overrides"], f"train.batch_size={B}", f"train.seq_len={T}",
                          f"run.dir={run_dir}"]
             cfg = load_config(None, overrides)
@@ -334,6 +336,13 @@ def longtrain_worker(job: dict, device: torch.device) -> None:
                 if job.get("profile"):
                     profile_step(lambda: live["trainer"].step(total), device,
                                  Path(job["profile"]) / f"{job['variant']}_{T}.txt")
+                if job.get("memory") and device.type == "cuda":
+                    sys.path.insert(0, str(Path(__file__).resolve().parent))
+                    from memory_peak import record_step
+
+                    path = Path(job["memory"]) / f"{job['variant']}_{T}.md"
+                    record_step(lambda: live["trainer"].step(total + len(extra) - 1), path)
+                    print(f"train_step: what is alive at one step's peak → {path}", file=sys.stderr, flush=True)
             finally:
                 live.clear()
                 free_memory()
@@ -641,6 +650,9 @@ def main() -> None:
     ap.add_argument("--warmup-timeout", type=float, default=540.0, help="seconds for fla's first (autotuning) step")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="after each longtrain row, profile one more step: kernel table → DIR/VARIANT_T.txt")
+    ap.add_argument("--memory", type=Path, default=None, metavar="DIR",
+                    help="after each longtrain row (CUDA), one more step with the allocator's history: what is "
+                         "alive at its peak, by allocating line → DIR/VARIANT_T.md (benchmarks/memory_peak.py)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON list the rows are appended to")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -665,7 +677,8 @@ def main() -> None:
     fla_model = args.fla_model or fla_model_for(load_config(None, base).model.layer_kinds())
     fla_label = FLA_MODELS[fla_model]
     common = dict(seq_lens=list(lens), batches=lens, warmup=args.warmup, steps=args.steps, steps_check=0,
-                  fla_set=args.fla_set, fla_model=fla_model, profile=str(args.profile) if args.profile else None)
+                  fla_set=args.fla_set, fla_model=fla_model, profile=str(args.profile) if args.profile else None,
+                  memory=str(args.memory) if args.memory else None)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=version("triton"), fla=version("fla-core"),
                 git_commit=git_commit(), command=shlex.join([sys.executable, *sys.argv]),
