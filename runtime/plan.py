@@ -52,6 +52,7 @@ from models.config import RECURRENT_KINDS, ModelConfig
 from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
 from runtime.memory import (
+    KIND_INTERNALS,
     SHARD_MODES,
     activation_bytes,
     gradients_absent,
@@ -67,7 +68,10 @@ LOSS_BYTES = 6.0  # bytes per token and vocabulary entry moved by the chunked he
 LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
 OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
 GIB = 2.0**30
-DELTA_COST = 2.5  # a Gated DeltaNet layer's chunked kernels in units of a linear layer's (an estimate, not measured)
+# a Gated DeltaNet layer's chunked kernels in units of a (gated) linear layer's, fwd+bwd: measured on an H200
+# (benchmarks/RESULTS.md, twelfth session: `benchmarks/delta_rule.py` 1×64K, H 16, K = V 128: 43.07 ms against the
+# linear layer's 65536 / la_gate_tokens_per_s = 2.72 ms); today's kernels, 3–5× slower than fla's
+DELTA_COST = 16.0
 LIMIT_SHARE = 0.10  # `--scaling`: a method stops scaling where its communication passes this share of compute
 
 
@@ -304,8 +308,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
         for i in range(start, end):
             again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]
             c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)
-            c["elementwise"] += tokens * ELEMENTWISE_BYTES * (4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (
-                hw.copy_gbps * 1e9)
+            c["elementwise"] += tokens * ELEMENTWISE_BYTES * KIND_INTERNALS.get(kinds[i], 1.0) * (
+                4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (hw.copy_gbps * 1e9)  # bytes ∝ the block's internals
             passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
             if kinds[i] in RECURRENT_KINDS:  # L, D (its UT transform and sweeps: DELTA_COST linear layers), M
                 work, gated, state_floats, conv_channels = recurrence_geometry(m, kinds[i])

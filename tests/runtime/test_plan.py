@@ -176,19 +176,22 @@ def test_plan_matches_measured_h200_steps(extra: list[str], seq_len: int, tokens
     assert p.bubble_s == 0 and p.comm["small_collectives"] < 1e-3
 
 
-# benchmarks/RESULTS.md, twelfth session, one H200 at 128K: the other presets' peaks (their step times are not
-# modelled to the goal yet: the delta-rule kernels are slower than the linear layer's, Mamba-2's elementwise work wider)
-OTHER_PRESET_PEAKS = [(["model.preset=gdn-1b", "model.layout=D"], 112.7),
-                      (["model.preset=mamba2-1b", "parallel.remat_policy=full"], 44.8)]
+# benchmarks/RESULTS.md, twelfth session, one H200 at 128K: the other presets' peak GiB and step ms (None: Mamba-2's
+# step time is not modelled to the goal yet, −16 %: its elementwise work over the 2d-wide inner stream)
+OTHER_PRESETS = [(["model.preset=gdn-1b", "model.layout=D"], 112.7, 3475.7),
+                 (["model.preset=mamba2-1b", "parallel.remat_policy=full"], 44.8, None)]
 
 
-@pytest.mark.parametrize("extra,peak_gib", OTHER_PRESET_PEAKS)
-def test_plan_memory_of_delta_and_mamba2_blocks(extra: list[str], peak_gib: float) -> None:
+@pytest.mark.parametrize("extra,peak_gib,step_ms", OTHER_PRESETS)
+def test_plan_of_delta_and_mamba2_blocks(extra: list[str], peak_gib: float, step_ms: float | None) -> None:
     """Gated DeltaNet and Mamba-2 blocks keep more internals per token than a linear-attention block
-    (`runtime.memory.KIND_INTERNALS`, measured on the CPU): the measured peaks within 5 %."""
+    (`runtime.memory.KIND_INTERNALS`, measured on the CPU) and D's kernels cost DELTA_COST linear layers (measured on
+    an H200): the measured peaks within 5 %, the gdn-1b step within 15 %."""
     cfg = load_config(None, [*BASE, "train.seq_len=131072", *extra])
     p = plan.plan_job(cfg, 1, plan.load_hardware("h200"))
     assert abs(p.peak_gib - peak_gib) / peak_gib < 0.05
+    if step_ms is not None:
+        assert abs(1e3 * p.step_s - step_ms) / step_ms < 0.15
 
 
 def test_terms_follow_the_split() -> None:
