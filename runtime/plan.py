@@ -481,14 +481,15 @@ def scaling_table(cfg: JobConfig, hw: Hardware, gpus: list[int]) -> list[dict]:
     local = t.seq_len // max(1, cfg.parallel.sp)
     rows = t.batch_size // max(1, cfg.parallel.dp or 1)
     rows_tokens = rows * local
-    la = rows_tokens * (m.n_heads * m.head_dim**2 / REFERENCE_HKV) / hw.la_tokens_per_s
+    work, _, state_floats, _ = recurrence_geometry(m, "L")
+    la = rows_tokens * work / hw.la_tokens_per_s
     gemm_w = 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim
     dense = 2 * gemm_w * rows_tokens * 3 / (hw.gemm_tflops * 1e12)
     out = []
     for n in gpus:
         seq = local * n
         gbps = _link_gbps(hw, 1, n, n)
-        state = (n - 1) * 2 * rows * m.n_heads * m.head_dim * (m.head_dim + 1) * 4
+        state = (n - 1) * 2 * rows * state_floats * 4
         kv = rows * seq * 2 * m.kv_heads * m.head_dim * 2 * (n - 1) / n
         a2a = rows * local * (2 * m.n_heads + 2 * m.kv_heads) * m.head_dim * 2 * (n - 1) / n
         softmax = 2.0 * rows * seq**2 * m.n_heads * m.head_dim / n * 3.5 / (hw.attention_tflops * 1e12)
