@@ -23,7 +23,7 @@ from kernels.delta_rule.triton import (
     setup,
 )
 from kernels.delta_rule.triton.backward import DELTA, bwd_sweep
-from kernels.delta_rule.triton.forward import OUT, prepare, sweep
+from kernels.delta_rule.triton.forward import outputs, prepare
 from kernels.delta_rule.triton.function import restore_context, save_context
 from kernels.triton.common import checked_inputs
 
@@ -48,7 +48,7 @@ class _ShardedDeltaTriton(torch.autograd.Function):
         S0, final = exchange.forward(_shard_major(Pc, n_local), _shard_major(Mc, n_local), initial)
         s_in = boundary_states(p, P, M, _row_major(S0), False)
         del M
-        o, _ = sweep(p, OUT, q, k, w, u, G, lam, s_in)
+        o, _ = outputs(p, q, k, w, u, G, lam, s_in)
         ctx.exchange, ctx.n_local = exchange, n_local
         save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
         return o, final

@@ -39,6 +39,7 @@ import triton.language as tl
 from kernels.delta_rule.triton.common import (
     _decay_matrix,
     _load_state,
+    _load_state_rows,
     _load_tok,
     _tok_tile,
     _ut_transform,
@@ -147,6 +148,15 @@ def _grad_tile(tile, NC, T, H, C: tl.constexpr, offs_c, beta, lam_ptr, DECAY: tl
 
 
 @triton.jit
+def _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C: tl.constexpr, DECAY: tl.constexpr):
+    """(g, Γ, γ/Γ, γ) of a gradient kernel's chunk: its log2 decays and the row scales (0 on rows past T)."""
+    g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
+    if DECAY == 0:
+        return g, tl.where(mt, 1.0, 0.0), tl.where(mt, 1.0, 0.0), 1.0
+    return g, tl.where(mt, tl.exp2(g), 0.0), tl.where(mt, tl.exp2(g_last - g), 0.0), tl.exp2(g_last)
+
+
+@triton.jit
 def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta, dloga, scratch, T, H, NC, n_tiles,
                  scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
@@ -241,18 +251,45 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
 
 
 @triton.jit
-def _state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
-    """(pointers, mask) of rows [k0, k0 + BK) and columns [n0, n0 + BN) of the [K, N] matrix number `index`."""
-    r = k0 + tl.arange(0, BK)
-    c = n0 + tl.arange(0, BN)
-    return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
+def _state_products(do, un, du, h, dh, i_bh, st, T, H, K: tl.constexpr, V: tl.constexpr, t0, k0, C: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """Rows [k0, k0 + BK) of the state's side of a chunk's gradient, summed over V in blocks of BV: (dO Sᵀ, U dS_outᵀ,
+    dU Sᵀ) as [C, BK] fp32 and Σ_v S ⊙ dS_out per row [BK] (zeros unless NEED_DG)."""
+    dQi = tl.zeros([C, BK], dtype=tl.float32)
+    dKs = tl.zeros([C, BK], dtype=tl.float32)
+    dWm = tl.zeros([C, BK], dtype=tl.float32)
+    sds = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        v0 = i_v * BV
+        bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
+        bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
+        bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+        bh = _load_state_rows(h, st, K, V, k0, v0, BK, BV)
+        bdh = _load_state_rows(dh, st, K, V, k0, v0, BK, BV)
+        dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
+        dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
+        dWm = tl.dot(bdu, tl.trans(bh), dWm, input_precision=PREC)
+        if NEED_DG:
+            sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
+    return dQi, dKs, dWm, sds
 
 
 @triton.jit
-def _load_state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
-    """The `_state_rows` tile, loaded (zeros outside the matrix)."""
-    p, m = _state_rows(ptr, index, K, N, k0, n0, BK, BN)
-    return tl.load(p, mask=m, other=0.0)
+def _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V: tl.constexpr, t0, v0, C: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr):
+    """Stores dV = diag(β) Tᵀ dU on columns [v0, v0 + BV) (Tc: Tᵀ in dv's dtype); returns dβ's share v·(Tᵀ dU)."""
+    dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
+    pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
+    tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+    return tl.sum(dBv * bv.to(tl.float32), 1)
+
+
+@triton.jit
+def _dA_transposed(tb, dTt, C: tl.constexpr, PREC: tl.constexpr):
+    """dAᵀ = −T dTᵀ T of dA = −Tᵀ dT Tᵀ, with T read from the chunk's stored Tᵀ at tb."""
+    offs = tl.arange(0, C)
+    Tn = tl.load(tb + offs[None, :] * C + offs[:, None])
+    return -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
 
 
 @triton.jit
@@ -270,15 +307,7 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
     scratch += tl.program_id(0).to(tl.int64) * (2 * C * C)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
-        g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
-        if DECAY == 0:
-            Gam = tl.where(mt, 1.0, 0.0)
-            kg = Gam
-            gamma = 1.0
-        else:
-            Gam = tl.where(mt, tl.exp2(g), 0.0)
-            kg = tl.where(mt, tl.exp2(g_last - g), 0.0)
-            gamma = tl.exp2(g_last)
+        g, Gam, kg, gamma = _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C, DECAY)
         bg = b * Gam
         st = i_bh * NC + tile % NC
         tb = tt + st * (C * C)
@@ -301,12 +330,8 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
                 KS = tl.dot((bk * bg[:, None]).to(bh.dtype), bh, KS, input_precision=PREC)
             # dTᵀ of dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ with dW = −dU Sᵀ
             dTt = tl.dot((bv * b[:, None] - KS).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
-            dBv = tl.dot(Tc, bdu.to(Tc.dtype), input_precision=PREC)
-            pv, mv = _tok_tile(dv, i_bh, T, H, V, t0, v0, C, BV)
-            tl.store(pv, (dBv * b[:, None]).to(dv.dtype.element_ty), mask=mv)
-            db += tl.sum(dBv * bv.to(tl.float32), 1)
-        Tn = tl.load(tb + cct)  # T
-        dAt = -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
+            db += _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V, t0, v0, C, BV, PREC)
+        dAt = _dA_transposed(tb, dTt, C, PREC)
         if DECAY == 0:
             dPD = tl.where(offs_c[:, None] >= offs_c[None, :], dP * scale, 0.0)
             dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt, 0.0)
@@ -339,21 +364,9 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
         sds = tl.zeros([BK], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             k0 = i_k * BK
-            dQi = tl.zeros([C, BK], dtype=tl.float32)
-            dKs = tl.zeros([C, BK], dtype=tl.float32)
-            dWm = tl.zeros([C, BK], dtype=tl.float32)
-            for i_v in range(0, tl.cdiv(V, BV)):
-                v0 = i_v * BV
-                bdo = _load_tok(do, i_bh, T, H, V, t0, v0, C, BV)
-                bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
-                bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
-                bh = _load_state_rows(h, st, K, V, k0, v0, BK, BV)
-                bdh = _load_state_rows(dh, st, K, V, k0, v0, BK, BV)
-                dQi = tl.dot(bdo, tl.trans(bh.to(bdo.dtype)), dQi, input_precision=PREC)
-                dKs = tl.dot(bu, tl.trans(bdh), dKs, input_precision=PREC)
-                dWm = tl.dot(bdu, tl.trans(bh), dWm, input_precision=PREC)
-                if NEED_DG:
-                    sds += tl.sum(bh.to(tl.float32) * bdh.to(tl.float32), 1)
+            dQi, dKs, dWm, sds_k = _state_products(do, un, du, h, dh, i_bh, st, T, H, K, V, t0, k0, C, BK, BV,
+                                                   NEED_DG, PREC)
+            sds += sds_k
             bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
             bq = _load_tok(q, i_bh, T, H, K, t0, k0, C, BK)
             dq_inter = dQi * (Gam * scale)[:, None]
@@ -378,6 +391,134 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
             dg += bg * kdBk - nj
             n_valid = tl.minimum(T - t0, C)
             dg += tl.where(offs_c == n_valid - 1, gamma * tl.sum(sds, 0) + tl.sum(nj, 0), 0.0)
+            dg = tl.where(mt, dg, 0.0)
+            tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
+
+
+@triton.jit
+def _transposed_decay(g, offs_c, DECAY: tl.constexpr):
+    """Dᵀ: [i ≤ j] 2^{g_j − g_i} (the masked exponent is −inf)."""
+    if DECAY == 0:
+        return tl.where(offs_c[:, None] <= offs_c[None, :], 1.0, 0.0)
+    return tl.exp2(tl.where(offs_c[:, None] <= offs_c[None, :], g[None, :] - g[:, None], float("-inf")))
+
+
+@triton.jit
+def _grad_qk_kernel(q, k, beta, G, lam_ptr, do, un, h, dh, du, dq, dk, dw, dg_out, T, H, NC, n_tiles, scale,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """The split gradient's first kernel, chunks pid, pid + P, … (grad_split): everything that needs no T.
+
+    dq = scale [diag(Γ) dO Sᵀ + (dP ⊙ D) K] (final); into dk: scale (dP ⊙ D)ᵀ Q + diag(γ/Γ) U dS_outᵀ (the
+    second kernel adds the rest); into dw: dW = −dU Sᵀ; into dg_out: the shares of ∂L/∂G_i computed here (not yet
+    summed over the chunk). dP and dPᵀ are both accumulated from dO and U (no transpose of a computed tile)."""
+    offs_c = tl.arange(0, C)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
+        g, Gam, kg, gamma = _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C, DECAY)
+        if DECAY == 0:
+            D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
+        else:
+            D = _decay_matrix(g, offs_c, False)
+        st = i_bh * NC + tile % NC
+        dP = tl.zeros([C, C], dtype=tl.float32)
+        dPt = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            bdo = _load_tok(do, i_bh, T, H, V, t0, i_v * BV, C, BV)
+            bu = _load_tok(un, i_bh, T, H, V, t0, i_v * BV, C, BV).to(bdo.dtype)
+            dP = tl.dot(bdo, tl.trans(bu), dP, input_precision=PREC)
+            dPt = tl.dot(bu, tl.trans(bdo), dPt, input_precision=PREC)
+        dPD = dP * D * scale
+        dPDt = dPt * _transposed_decay(g, offs_c, DECAY) * scale
+        qk = tl.zeros([C, C], dtype=tl.float32)
+        dg = tl.zeros([C], dtype=tl.float32)
+        nj = tl.zeros([C], dtype=tl.float32)
+        sds = 0.0
+        for i_k in range(0, tl.cdiv(K, BK)):
+            k0 = i_k * BK
+            dQi, dKs, dWm, sds_k = _state_products(do, un, du, h, dh, i_bh, st, T, H, K, V, t0, k0, C, BK, BV,
+                                                   NEED_DG, PREC)
+            sds += tl.sum(sds_k, 0)
+            bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
+            bq = _load_tok(q, i_bh, T, H, K, t0, k0, C, BK)
+            dq_inter = dQi * (Gam * scale)[:, None]
+            gq = tl.dot(dPD.to(bk.dtype), bk, dq_inter, input_precision=PREC)
+            pq, mq = _tok_tile(dq, i_bh, T, H, K, t0, k0, C, BK)
+            tl.store(pq, gq.to(dq.dtype.element_ty), mask=mq)
+            dKs = dKs * kg[:, None]  # the state's K̃ = diag(γ/Γ) K
+            gk = tl.dot(dPDt.to(bq.dtype), bq, dKs, input_precision=PREC)
+            pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
+            tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
+            pw, mw = _tok_tile(dw, i_bh, T, H, K, t0, k0, C, BK)
+            tl.store(pw, (-dWm).to(dw.dtype.element_ty), mask=mw)
+            if NEED_DG:
+                dg += tl.sum(bq.to(tl.float32) * dq_inter, 1)
+                nj += tl.sum(bk.to(tl.float32) * dKs, 1)
+                qk = tl.dot(bq, tl.trans(bk), qk, input_precision=PREC)
+        if NEED_DG:
+            M = qk * dPD
+            dg += tl.sum(M, 1) - tl.sum(M, 0) - nj
+            n_valid = tl.minimum(T - t0, C)
+            dg += tl.where(offs_c == n_valid - 1, gamma * sds + tl.sum(nj, 0), 0.0)
+            tl.store(dg_out + i_bh * T + rows, dg, mask=mt)
+
+
+@triton.jit
+def _grad_wy_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, scratch, T, H, NC, n_tiles,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """The split gradient's second kernel: everything through T = (I + A)⁻¹ (Tᵀ from tt), chunks pid, pid + P, ….
+
+    dTᵀ = (diag(βΓ) K) dWᵀ + (diag(β) V) dUᵀ, dAᵀ = −T dTᵀ T (one product chain, in transposed form: no
+    transpose of a computed tile feeds a dot), Rᵀ = (dA ⊙ D ⊙ β 1ᵀ)ᵀ and R + Rᵀ through the program's [C, C] scratch;
+    dv = diag(β) Tᵀ dU, dβ, dk += diag(βΓ) Tᵀ dW + (R + Rᵀ) K (dk holds the first kernel's share), and d log a =
+    the reverse cumsum of both kernels' ∂L/∂G shares (dloga holds the first's)."""
+    offs_c = tl.arange(0, C)
+    cc = offs_c[:, None] * C + offs_c[None, :]
+    scratch += tl.program_id(0).to(tl.int64) * (C * C)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
+        g, Gam, kg, gamma = _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C, DECAY)
+        bg = b * Gam
+        tb = tt + (i_bh * NC + tile % NC) * (C * C)
+        dTt = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):  # the operands in dw's dtype, as dU's below
+            bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+            bdw = _load_tok(dw, i_bh, T, H, K, t0, i_k * BK, C, BK)
+            dTt = tl.dot((bk.to(tl.float32) * bg[:, None]).to(bdw.dtype), tl.trans(bdw), dTt, input_precision=PREC)
+        db = tl.zeros([C], dtype=tl.float32)
+        Tc = tl.load(tb + cc).to(dv.dtype.element_ty)  # Tᵀ
+        for i_v in range(0, tl.cdiv(V, BV)):  # dV = diag(β) Tᵀ dU, and dβ's share v·(Tᵀ dU)
+            v0 = i_v * BV
+            bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+            bv = _load_tok(v, i_bh, T, H, V, t0, v0, C, BV)
+            dTt = tl.dot((bv.to(tl.float32) * b[:, None]).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
+            db += _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V, t0, v0, C, BV, PREC)
+        dAt = _dA_transposed(tb, dTt, C, PREC)
+        dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt * _transposed_decay(g, offs_c, DECAY), 0.0)
+        Rt = dADt * b[None, :]
+        Rs = (Rt + _transposed(scratch, Rt, C)).to(dk.dtype.element_ty)  # R + Rᵀ
+        Tt = tl.load(tb + cc)
+        kk = tl.zeros([C, C], dtype=tl.float32)
+        kdBk = tl.zeros([C], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            k0 = i_k * BK
+            bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
+            bdw = _load_tok(dw, i_bh, T, H, K, t0, k0, C, BK).to(tl.float32)
+            pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
+            dBk = tl.dot(Tt, bdw, input_precision=PREC)  # Tᵀ dW
+            kdBk += tl.sum(dBk * bk.to(tl.float32), 1)
+            gk = tl.load(pk, mask=mk, other=0.0).to(tl.float32) + dBk * bg[:, None]
+            gk = tl.dot(Rs, bk.to(Rs.dtype), gk, input_precision=PREC)
+            tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
+            kk = tl.dot(bk, tl.trans(bk), kk, input_precision=PREC)
+        Yt = dADt * kk  # Yᵀ: dβ_i's share Σ_j Y_ij; (dA ⊙ A) = Y ⊙ β 1ᵀ (K Kᵀ is symmetric)
+        db += tl.sum(Yt, 0) + Gam * kdBk
+        tl.store(dbeta + hb + rows.to(tl.int64) * H, db.to(dbeta.dtype.element_ty), mask=mt)
+        if NEED_DG:
+            Et = Yt * b[None, :]
+            dg = tl.load(dloga + i_bh * T + rows, mask=mt, other=0.0)
+            dg += tl.sum(Et, 0) - tl.sum(Et, 1) + bg * kdBk
             dg = tl.where(mt, dg, 0.0)
             tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
 
@@ -407,9 +548,10 @@ def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Ten
 
 def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
     """The transient [B·H, NC, C, C] fp32 buffer through which the backward's `_prep_kernel` hands every chunk's Tᵀ
-    to `_grad_kb_kernel` (None for `_grad_kernel`, grad_block_k 0). fp32: Tᵀ enters dA = −Tᵀ dT Tᵀ and Tᵀ dW as
-    `_grad_kernel`'s solved fp32 T does; 16-bit would round T's entries (up to O(C) in size) before those products."""
-    if p.cfg.grad_block_k <= 0:
+    to `_grad_kb_kernel` or `_grad_wy_kernel` (None for `_grad_kernel`: grad_block_k 0, no grad_split). fp32: Tᵀ
+    enters dA = −Tᵀ dT Tᵀ and Tᵀ dW as `_grad_kernel`'s solved fp32 T does; 16-bit would round T's entries (up to
+    O(C) in size) before those products."""
+    if p.cfg.grad_block_k <= 0 and not p.cfg.grad_split:
         return None
     return _empty((p.B * p.H, p.NC, p.C, p.C), torch.float32, like.device)
 
@@ -417,7 +559,7 @@ def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
 def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool,
                 tt: torch.Tensor | None = None) -> tuple:
     """(dq, dk, dv, dβ, d log a [B·H, T] fp32 or None) from the chunk states and the sweeps' U, dU; tt: every
-    chunk's Tᵀ (`t_buffer`, filled by `forward.prepare`), needed when cfg.grad_block_k > 0."""
+    chunk's Tᵀ (`t_buffer`, filled by `forward.prepare`), needed when cfg.grad_block_k > 0 or cfg.grad_split."""
     B, T, H, K, V = p.B, p.T, p.H, p.K, p.V
     dev, cfg = q.device, p.cfg
     dq = _empty((B, T, H, K), q.dtype, dev)
@@ -428,6 +570,20 @@ def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool
     n_tiles = p.NC * B * H
     n_prog = min(n_tiles, max(1, cfg.grad_programs))
     bv = min(p.Vp, cfg.grad_bv)
+    if cfg.grad_split:
+        if tt is None:
+            raise ValueError("grad_split needs every chunk's Tᵀ (t_buffer, filled by forward.prepare)")
+        dw = _empty((B, T, H, K), state_dtype(q), dev)
+        dg = _empty((B * H, T), torch.float32, dev) if need_dg else None
+        bk = min(p.Kp, _pow2(cfg.grad_block_k or 64))
+        common = dict(K=K, V=V, C=p.C, BK=bk, BV=bv, DECAY=p.decay, NEED_DG=need_dg, PREC=p.prec,
+                      num_warps=cfg.split_warps, num_stages=cfg.num_stages)
+        _grad_qk_kernel[(n_prog,)](q, k, beta, G, lam, do, un, h, dh, du, dq, dk, dw, _arg(dg, dq), T, H, p.NC,
+                                   n_tiles, p.scale, **common)
+        scratch = torch.empty(n_prog, p.C, p.C, dtype=torch.float32, device=dev)
+        _grad_wy_kernel[(n_prog,)](k, v, beta, G, lam, du, dw, tt, dk, dv, dbeta, _arg(dg, dq), scratch, T, H, p.NC,
+                                   n_tiles, **common)
+        return dq, dk, dv, dbeta, dg
     if cfg.grad_block_k > 0:
         if tt is None:
             raise ValueError("grad_block_k > 0 needs every chunk's Tᵀ (t_buffer, filled by forward.prepare)")

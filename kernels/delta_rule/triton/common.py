@@ -34,6 +34,12 @@ class DeltaConfig:
     once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
     backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer; K blocks under 64 at chunk 64 are
     refused on sm_90, see `check_config`); scan_bn: column block of the segment scans.
+    out_split: outputs from a chunk-parallel kernel (`_out_kernel`, V-blocks of out_bv) after a sweep that only
+    carries the state and writes every chunk's entering state and U (a [B·H, NC, K, V] transient in the forward);
+    off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
+    kernels (`_grad_qk_kernel`: dq, dk's state and attention shares, dW; `_grad_wy_kernel`: through T — dv, dβ,
+    the rest of dk), K in blocks of grad_block_k (0: 64), Tᵀ from the backward's `_prep_kernel`; each holds a few
+    [C, C] and [C, BK] tiles, where `_grad_kernel` holds all of them at once.
     """
 
     chunk: int = 64
@@ -50,6 +56,11 @@ class DeltaConfig:
     scan_bn: int = 32
     scan_warps: int = 8
     num_stages: int = 2
+    out_split: bool = False
+    out_bv: int = 64
+    out_warps: int = 4
+    grad_split: bool = False
+    split_warps: int = 8
 
 
 DEFAULT_CONFIG = DeltaConfig()
@@ -89,6 +100,21 @@ def _load_tok(ptr, i_bh, T, H, D: tl.constexpr, t0, c0, BR: tl.constexpr, BC: tl
 def _load_state(ptr, index, K: tl.constexpr, N: tl.constexpr, n0, BK: tl.constexpr, BN: tl.constexpr):
     """The `_state_tile` tile, loaded (zeros outside the matrix)."""
     p, m = _state_tile(ptr, index, K, N, n0, BK, BN)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """(pointers, mask) of rows [k0, k0 + BK) and columns [n0, n0 + BN) of the [K, N] matrix number `index`."""
+    r = k0 + tl.arange(0, BK)
+    c = n0 + tl.arange(0, BN)
+    return ptr + index * (K * N) + r[:, None] * N + c[None, :], (r < K)[:, None] & (c < N)[None, :]
+
+
+@triton.jit
+def _load_state_rows(ptr, index, K: tl.constexpr, N: tl.constexpr, k0, n0, BK: tl.constexpr, BN: tl.constexpr):
+    """The `_state_rows` tile, loaded (zeros outside the matrix)."""
+    p, m = _state_rows(ptr, index, K, N, k0, n0, BK, BN)
     return tl.load(p, mask=m, other=0.0)
 
 

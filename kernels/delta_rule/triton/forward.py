@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_rule.triton.common import _decay_matrix, _ut_transform, state_dtype
+from kernels.delta_rule.triton.common import (
+    _decay_matrix,
+    _load_state_rows,
+    _load_tok,
+    _tok_tile,
+    _ut_transform,
+    state_dtype,
+)
 from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start
 
 OUT, STATES, SUM_M, SUM_P = 0, 1, 2, 3
@@ -180,6 +187,40 @@ def _scan_kernel(P, X, out, init, NS, K: tl.constexpr, N: tl.constexpr, BK: tl.c
         S = tl.dot(Ps, S, Xs, input_precision="ieee")
 
 
+@triton.jit
+def _out_kernel(q, k, un, h, G, lam_ptr, o, T, H, NC, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """O = scale [diag(Γ) Q S + (Q Kᵀ ⊙ D) U] of one chunk and columns [i_v·BV, …) from its entering state S (h) and
+    U (un), both written by the STATES sweep; K in blocks of BK (out_split)."""
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    t0 = i_c * C
+    v0 = i_v * BV
+    lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
+    st = i_bh * NC + i_c
+    A = tl.zeros([C, C], dtype=tl.float32)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        bq = _load_tok(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        bh = _load_state_rows(h, st, K, V, i_k * BK, v0, BK, BV)
+        A = tl.dot(bq, tl.trans(bk), A, input_precision=PREC)
+        acc = tl.dot(bq, bh.to(bq.dtype), acc, input_precision=PREC)
+    g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
+    if DECAY == 0:
+        A = tl.where(offs_c[:, None] >= offs_c[None, :], A * scale, 0.0)
+        acc = acc * scale
+    else:
+        A = A * _decay_matrix(g, offs_c, False) * scale
+        acc = acc * (tl.exp2(g) * scale)[:, None]
+    bu = _load_tok(un, i_bh, T, H, V, t0, v0, C, BV)
+    acc = tl.dot(A.to(bu.dtype), bu, acc, input_precision=PREC)
+    p, m = _tok_tile(o, i_bh, T, H, V, t0, v0, C, BV)
+    tl.store(p, acc.to(o.dtype.element_ty), mask=m)
+
+
 def prepare(p: Plan, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, G: torch.Tensor,
             lam: torch.Tensor, t_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [B, T, H, K] and u [B, T, H, V] of every chunk (the UT transform), in `state_dtype(k)`; with t_out
@@ -212,19 +253,35 @@ def sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     elif mode == STATES:
         h = _empty((B * H, p.NC, K, V), state_dtype(q), dev)
         un = _empty((B, p.T, H, V), state_dtype(q), dev)
+        s_out = _empty((B, H, K, V), torch.float32, dev) if need_final else None
     else:
         s_out = _empty((B * H, NS, K, N), torch.float32, dev)
     stand_in = w
     _sweep_kernel[(triton.cdiv(N, bn), NS, B * H)](
         q, k, w, u, G, lam, _arg(s_in, stand_in), _arg(o, stand_in), _arg(h, stand_in), _arg(un, stand_in),
         _arg(s_out, stand_in), p.T, H, p.NC, p.NCS, NS, p.scale, K=K, V=V, N=N, C=p.C, BK=p.Kp, BN=bn,
-        DECAY=p.decay, MODE=mode, LOAD_S=s_in is not None, STORE_FIN=mode == OUT and need_final, PREC=p.prec,
+        DECAY=p.decay, MODE=mode, LOAD_S=s_in is not None, STORE_FIN=mode <= STATES and need_final, PREC=p.prec,
         num_warps=cfg.sweep_warps, num_stages=cfg.num_stages)
     if mode == OUT:
         return o, s_out
     if mode == STATES:
-        return h, un
+        return (h, un, s_out) if need_final else (h, un)
     return s_out
+
+
+def outputs(p: Plan, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, G: torch.Tensor,
+            lam: torch.Tensor, s_in: torch.Tensor | None, need_final: bool = False) -> tuple:
+    """(o, final state or None) from the segments' entering states: the OUT sweep, or with cfg.out_split the
+    STATES sweep (every chunk's entering state and U) and the chunk-parallel `_out_kernel`."""
+    if not p.cfg.out_split:
+        return sweep(p, OUT, q, k, w, u, G, lam, s_in, need_final)
+    h, un, final = sweep(p, STATES, q, k, w, u, G, lam, s_in, True)
+    bv = min(p.Vp, p.cfg.out_bv)
+    o = _empty((p.B, p.T, p.H, p.V), q.dtype, q.device)
+    _out_kernel[(triton.cdiv(p.V, bv), p.NC, p.B * p.H)](
+        q, k, un, h, G, lam, o, p.T, p.H, p.NC, p.scale, K=p.K, V=p.V, C=p.C, BK=min(p.Kp, 64), BV=bv,
+        DECAY=p.decay, PREC=p.prec, num_warps=p.cfg.out_warps, num_stages=p.cfg.num_stages)
+    return o, (final if need_final else None)
 
 
 def scan(p: Plan, P: torch.Tensor, X: torch.Tensor, init: torch.Tensor | None, reverse: bool) -> torch.Tensor:

@@ -3,11 +3,12 @@
 Forward: UT transform (W, u) → if the sequence has several segments, each segment's affine map (P_s, M_s) and the
 scan S_in(s+1) = P_s S_in(s) + M_s → outputs, every segment starting from S_in(s). Saved for backward: the inputs,
 the gate cumsum and, per segment, S_in(s) and P_s (fp32) — no per-chunk or per-token intermediate.
-Backward: W, u again (and every chunk's Tᵀ when DeltaConfig.grad_block_k > 0) → each segment's Δ_s (the gradient
-its outputs send to its entering state) and the reverse scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s → the states
-entering every chunk and U (forward sweep) → dS_out of every chunk and dU (reverse sweep) → the chunk-parallel
-gradient kernel. The per-chunk states of that step (and the per-chunk Tᵀ) are the backward's only transients of
-state size.
+Backward: W, u again (and every chunk's Tᵀ when DeltaConfig.grad_block_k > 0 or grad_split) → each segment's
+Δ_s (the gradient its outputs send to its entering state) and the reverse scan dS_out(s−1) = P_sᵀ dS_out(s) + Δ_s →
+the states entering every chunk and U (forward sweep) → dS_out of every chunk and dU (reverse sweep) → the
+chunk-parallel gradient kernel (two with grad_split). With DeltaConfig.out_split the forward's outputs come from
+the STATES sweep's per-chunk states through a chunk-parallel kernel (`forward.outputs`). The per-chunk states of
+the backward (and the per-chunk Tᵀ) are its only transients of state size.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def boundary_states(p: Plan, P, X, init: torch.Tensor | None, reverse: bool) -> 
 def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0: bool, need_dg: bool,
                   tt: torch.Tensor | None = None):
     """(dq, dk, dv, dβ, d log a [B·H, T] or None, dS_init [B·H, K, V] or None) given the segments' entering states
-    and leaving gradients (tt: every chunk's Tᵀ from `restore_context`, for grad_block_k > 0)."""
+    and leaving gradients (tt: every chunk's Tᵀ from `restore_context`, for grad_block_k > 0 or grad_split)."""
     h, un = fwd.sweep(p, fwd.STATES, q, k, w, u, G, lam, s_in)
     dh, du, ds0 = bwd.bwd_sweep(p, bwd.FULL, q, k, w, do, G, lam, ds_out, need_ds0)
     dq, dk, dv, dbeta, dloga = bwd.chunk_grads(p, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg, tt)
@@ -92,7 +93,7 @@ def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
 
 def restore_context(ctx, do: torch.Tensor | None) -> tuple:
     """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed, every chunk's Tᵀ from the same
-    UT transform when cfg.grad_block_k > 0, else None)."""
+    UT transform when cfg.grad_block_k > 0 or cfg.grad_split, else None)."""
     saved = ctx.saved_tensors
     q, k, v, beta, G, lam = saved[:6]
     p: Plan = ctx.plan
@@ -114,7 +115,7 @@ class _DeltaRuleTriton(torch.autograd.Function):
             del M
         else:
             s_in = boundary_states(p, None, None, initial_state, False)
-        o, final = fwd.sweep(p, fwd.OUT, q, k, w, u, G, lam, s_in, output_final_state)
+        o, final = fwd.outputs(p, q, k, w, u, G, lam, s_in, output_final_state)
         ctx.has_init = initial_state is not None
         save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
         return o, final
