@@ -169,10 +169,11 @@ SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_
 WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64)
 SEGMENTED_KB = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16)
 WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16)
-# *_SPLIT: outputs from the chunk-parallel kernel (out_split) and the gradient in two kernels (grad_split)
+# *_SPLIT: outputs from the chunk-parallel kernel (out_split), the gradient in two kernels (grad_split) and dU's
+# chunk-local share before the backward sweeps (bwd_split)
 SEGMENTED_SPLIT = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16,
-                              grad_split=True, out_split=True, out_bv=16)
-WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True)
+                              grad_split=True, out_split=True, bwd_split=True, out_bv=16)
+WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True, bwd_split=True)
 GRAD_CONFIGS = {"grad": SEGMENTED, "grad-kb": SEGMENTED_KB, "split": SEGMENTED_SPLIT}
 GRAD_PATHS = pytest.mark.parametrize("path", list(GRAD_CONFIGS))
 
@@ -273,7 +274,8 @@ def test_triton_split_kernels_access_in_bounds(_bounds_checked):
     """The split paths at chunk 64 with two K and V blocks of 32, a tail chunk and fewer gradient programs than
     chunks: every load and store stays inside its tensors (the per-program scratch included), results exact."""
     x = _inputs(1, 112, 2, 64, 64, seed=14)
-    cfg = with_config(grad_split=True, grad_block_k=32, grad_bv=32, grad_programs=3, out_split=True, out_bv=32)
+    cfg = with_config(grad_split=True, grad_block_k=32, grad_bv=32, grad_programs=3, out_split=True, out_bv=32,
+                      bwd_split=True, seg_chunks=1)
     _compare(delta_rule_triton, x, 1e-5, chunk_size=64, config=cfg)
     assert _bounds_checked["accesses"] > 0
 
@@ -406,7 +408,7 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     # (`check_config`); its tiles are checked under the interpreter (test_triton_kb32_chunk64_accesses_in_bounds)
     "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
-    "bf16-split": dict(B=1, T=8176, cfg=dict(out_split=True, grad_split=True), **BF16),  # the split kernels
+    "bf16-split": dict(B=1, T=8176, cfg=dict(out_split=True, grad_split=True, bwd_split=True), **BF16),
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,
                                    cfg=dict(chunk=32, grad_block_k=64)),

@@ -93,13 +93,14 @@ def _check_triton(rank: int, world: int, split: bool) -> None:
 
     triton_common.POISON_OUTPUTS = not torch.cuda.is_available()
     common.DEFAULT_CONFIG = common.with_config(seg_chunks=1, sweep_bv=16,  # two segments per shard
-                                               out_split=split, grad_split=split, out_bv=16)
+                                               out_split=split, grad_split=split, bwd_split=split, out_bv=16)
     _check(rank, world, 64, backend="triton", cases=CASES[1:2])
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 def test_lasp2_delta_on_the_triton_kernels(split: bool) -> None:
     """The kernels' sharded path (parallel.lasp2_delta_triton): zigzag, two batch rows, λ, gate, initial state;
-    outputs and gradients from the sweeps (fused) or from the chunk-parallel kernels (out_split, grad_split)."""
+    outputs and gradients from the sweeps (fused) or with the chunk-parallel kernels (out_split, grad_split,
+    bwd_split)."""
     pytest.importorskip("triton")
     run_distributed(_check_triton, 2, split)

@@ -51,14 +51,39 @@ DELTA, FULL = 0, 1
 
 
 @triton.jit
-def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, T, H, NC, NCS, NS, scale,
+def _du_local_kernel(q, k, do, G, lam_ptr, du_loc, T, H, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """The chunk-local share of dU, scale (Q Kᵀ ⊙ D)ᵀ dO, of one chunk and columns [i_v·BV, …) (bwd_split): the
+    backward sweeps then add only K̃ dS_out, one product fewer in their sequential chain."""
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    t0 = i_c * C
+    At = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        bq = _load_tok(q, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        At = tl.dot(bk, tl.trans(bq), At, input_precision=PREC)  # [j, i] = k_j·q_i
+    g, g_last = _chunk_decay(G + i_bh * T, _head_log2_decay(lam_ptr, i_bh, H, DECAY), t0, T, offs_c, C, DECAY)
+    At = At * _transposed_decay(g, offs_c, DECAY) * scale
+    bdo = _load_tok(do, i_bh, T, H, V, t0, i_v * BV, C, BV)
+    dU = tl.dot(At.to(bdo.dtype), bdo, input_precision=PREC)
+    p, m = _tok_tile(du_loc, i_bh, T, H, V, t0, i_v * BV, C, BV)
+    tl.store(p, dU.to(du_loc.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, du_loc, T, H, NC, NCS, NS, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       DECAY: tl.constexpr, MODE: tl.constexpr, LOAD_S: tl.constexpr, STORE_DS0: tl.constexpr,
-                      PREC: tl.constexpr):
+                      LOCAL: tl.constexpr, PREC: tl.constexpr):
     """One segment, columns [i_v·BV, …) of dS, backward over its chunks.
 
     DELTA: from dS_out = 0, stores the segment's Δ_s (the gradient reaching its entering state) in ds_end.
-    FULL: from dS_out(s) (ds_in), stores every chunk's dS_out and dU; segment 0 stores dS_init in ds_end."""
+    FULL: from dS_out(s) (ds_in), stores every chunk's dS_out and dU; segment 0 stores dS_init in ds_end.
+    LOCAL: the chunk-local share of dU, scale (Q Kᵀ ⊙ D)ᵀ dO, is read from du_loc (`_du_local_kernel`, bwd_split)
+    instead of computed in the sweep."""
     i_v = tl.program_id(0)
     i_s = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -72,6 +97,7 @@ def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, T,
     w += _head_start(i_bh, T, H, K)
     do += _head_start(i_bh, T, H, V)
     du_out += _head_start(i_bh, T, H, V)
+    du_loc += _head_start(i_bh, T, H, V)
     G += i_bh * T
     lam2 = _head_log2_decay(lam_ptr, i_bh, H, DECAY)
     tile = offs_k[:, None] * V + offs_v[None, :]
@@ -96,21 +122,23 @@ def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, T,
         bdo = tl.load(do + r64[:, None] * (H * V) + offs_v[None, :], mask=mcv, other=0.0)
         if MODE == 1:
             tl.store(dh_out + ((i_bh * NC + c) * K) * V + tile, dS.to(dh_out.dtype.element_ty), mask=tmask)
-        At = tl.dot(bk, tl.trans(bq), input_precision=PREC)  # [j, i] = k_j·q_i
+        if LOCAL:
+            dU = tl.load(du_loc + r64[:, None] * (H * V) + offs_v[None, :], mask=mcv, other=0.0).to(tl.float32)
+        else:
+            dU = tl.zeros([C, BV], dtype=tl.float32)
+        g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
         if DECAY == 0:
-            At = tl.where(offs_c[:, None] <= offs_c[None, :], At * scale, 0.0)
-            dU = tl.dot(bk, dS.to(bk.dtype), input_precision=PREC)
+            dU = tl.dot(bk, dS.to(bk.dtype), dU, input_precision=PREC)
             qs = (bq * scale).to(bq.dtype)
             decay_last = 1.0
         else:
-            g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
-            At = At * tl.exp2(tl.where(offs_c[:, None] <= offs_c[None, :], g[None, :] - g[:, None],
-                                       float("-inf"))) * scale
             wk = tl.where(mt, tl.exp2(g_last - g), 0.0)
-            dU = tl.dot((bk * wk[:, None]).to(bk.dtype), dS.to(bk.dtype), input_precision=PREC)
+            dU = tl.dot((bk * wk[:, None]).to(bk.dtype), dS.to(bk.dtype), dU, input_precision=PREC)
             qs = (bq * (tl.exp2(g) * scale)[:, None]).to(bq.dtype)
             decay_last = tl.exp2(g_last)
-        dU = tl.dot(At.to(bdo.dtype), bdo, dU, input_precision=PREC)
+        if not LOCAL:
+            At = tl.dot(bk, tl.trans(bq), input_precision=PREC) * _transposed_decay(g, offs_c, DECAY) * scale
+            dU = tl.dot(At.to(bdo.dtype), bdo, dU, input_precision=PREC)  # At[j, i] = scale k_j·q_i D_ij
         if MODE == 1:
             tl.store(du_out + r64[:, None] * (H * V) + offs_v[None, :], dU.to(du_out.dtype.element_ty), mask=mcv)
         dS = tl.dot(tl.trans(qs), bdo, dS * decay_last, input_precision=PREC)
@@ -523,10 +551,26 @@ def _grad_wy_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, sc
             tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
 
 
+def local_du(p: Plan, q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, G: torch.Tensor,
+             lam: torch.Tensor) -> torch.Tensor | None:
+    """With cfg.bwd_split, every chunk's local share of dU [B, T, H, V] (in `state_dtype(q)`) for both backward
+    sweeps; None otherwise (the sweeps compute it)."""
+    if not p.cfg.bwd_split:
+        return None
+    bv = min(p.Vp, p.cfg.out_bv)
+    du = _empty((p.B, p.T, p.H, p.V), state_dtype(q), q.device)
+    _du_local_kernel[(triton.cdiv(p.V, bv), p.NC, p.B * p.H)](
+        q, k, do, G, lam, du, p.T, p.H, p.scale, K=p.K, V=p.V, C=p.C, BK=min(p.Kp, 64), BV=bv, DECAY=p.decay,
+        PREC=p.prec, num_warps=p.cfg.out_warps, num_stages=p.cfg.num_stages)
+    return du
+
+
 def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, do: torch.Tensor,
-              G: torch.Tensor, lam: torch.Tensor, ds_out: torch.Tensor | None, need_ds0: bool = False) -> tuple:
+              G: torch.Tensor, lam: torch.Tensor, ds_out: torch.Tensor | None, need_ds0: bool = False,
+              du_loc: torch.Tensor | None = None) -> tuple:
     """DELTA → Δ [B·H, NS, K, V] fp32 (ds_out ignored); FULL → (dS_out of every chunk [B·H, NC, K, V],
-    dU [B, T, H, V], dS_init [B·H, K, V] fp32 or None) from the segments' dS_out [B·H, NS, K, V] (None: zeros)."""
+    dU [B, T, H, V], dS_init [B·H, K, V] fp32 or None) from the segments' dS_out [B·H, NS, K, V] (None: zeros).
+    du_loc: `local_du`'s buffer or None; FULL overwrites it with dU."""
     B, H, K, V, NS = p.B, p.H, p.K, p.V, p.NS
     dev, cfg = q.device, p.cfg
     bv = min(p.Vp, cfg.sweep_bv)
@@ -535,14 +579,15 @@ def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Ten
         end = _empty((B * H, NS, K, V), torch.float32, dev)
     else:
         dh = _empty((B * H, p.NC, K, V), state_dtype(q), dev)
-        du = _empty((B, p.T, H, V), state_dtype(q), dev)
+        du = du_loc if du_loc is not None else _empty((B, p.T, H, V), state_dtype(q), dev)
         end = _empty((B * H, K, V), torch.float32, dev) if need_ds0 else None
     stand_in = w
     _bwd_sweep_kernel[(triton.cdiv(V, bv), NS, B * H)](
         q, k, w, do, G, lam, _arg(ds_out if mode == FULL else None, stand_in), _arg(dh, stand_in),
-        _arg(du, stand_in), _arg(end, stand_in), p.T, H, p.NC, p.NCS, NS, p.scale, K=K, V=V, C=p.C, BK=p.Kp,
-        BV=bv, DECAY=p.decay, MODE=mode, LOAD_S=mode == FULL and ds_out is not None,
-        STORE_DS0=mode == FULL and need_ds0, PREC=p.prec, num_warps=cfg.sweep_warps, num_stages=cfg.num_stages)
+        _arg(du, stand_in), _arg(end, stand_in), _arg(du_loc, stand_in), p.T, H, p.NC, p.NCS, NS, p.scale, K=K, V=V,
+        C=p.C, BK=p.Kp, BV=bv, DECAY=p.decay, MODE=mode, LOAD_S=mode == FULL and ds_out is not None,
+        STORE_DS0=mode == FULL and need_ds0, LOCAL=du_loc is not None, PREC=p.prec, num_warps=cfg.sweep_warps,
+        num_stages=cfg.num_stages)
     return end if mode == DELTA else (dh, du, end)
 
 

@@ -39,7 +39,9 @@ class DeltaConfig:
     off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
     kernels (`_grad_qk_kernel`: dq, dk's state and attention shares, dW; `_grad_wy_kernel`: through T — dv, dβ,
     the rest of dk), K in blocks of grad_block_k (0: 64), Tᵀ from the backward's `_prep_kernel`; each holds a few
-    [C, C] and [C, BK] tiles, where `_grad_kernel` holds all of them at once.
+    [C, C] and [C, BK] tiles, where `_grad_kernel` holds all of them at once. bwd_split: the chunk-local share
+    of dU, scale (Q Kᵀ ⊙ D)ᵀ dO, from a chunk-parallel kernel (`_du_local_kernel`, a [B, T, H, V] transient) before
+    the backward sweeps, which then skip two of their five products per chunk.
     """
 
     chunk: int = 64
@@ -60,6 +62,7 @@ class DeltaConfig:
     out_bv: int = 64
     out_warps: int = 4
     grad_split: bool = False
+    bwd_split: bool = False
     split_warps: int = 8
 
 

@@ -62,11 +62,11 @@ def boundary_states(p: Plan, P, X, init: torch.Tensor | None, reverse: bool) -> 
 
 
 def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0: bool, need_dg: bool,
-                  tt: torch.Tensor | None = None):
+                  tt: torch.Tensor | None = None, du_loc: torch.Tensor | None = None):
     """(dq, dk, dv, dβ, d log a [B·H, T] or None, dS_init [B·H, K, V] or None) given the segments' entering states
     and leaving gradients (tt: every chunk's Tᵀ from `restore_context`, for grad_block_k > 0 or grad_split)."""
     h, un = fwd.sweep(p, fwd.STATES, q, k, w, u, G, lam, s_in)
-    dh, du, ds0 = bwd.bwd_sweep(p, bwd.FULL, q, k, w, do, G, lam, ds_out, need_ds0)
+    dh, du, ds0 = bwd.bwd_sweep(p, bwd.FULL, q, k, w, do, G, lam, ds_out, need_ds0, du_loc)
     dq, dk, dv, dbeta, dloga = bwd.chunk_grads(p, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg, tt)
     return dq, dk, dv, dbeta, dloga, ds0
 
@@ -123,13 +123,14 @@ class _DeltaRuleTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt = restore_context(ctx, do)
-        delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None) if p.NS > 1 else None
+        du_loc = bwd.local_du(p, q, k, do, G, lam)
+        delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None, du_loc=du_loc) if p.NS > 1 else None
         ds_out = boundary_states(p, P, delta, dfinal, True)
         del delta
         need_ds0 = ctx.has_init and ctx.needs_input_grad[6]
         need_dg = ctx.gate_dtype is not None or ctx.lam_dtype is not None
         dq, dk, dv, dbeta, dloga, ds0 = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0,
-                                                      need_dg, tt)
+                                                      need_dg, tt, du_loc)
         dgate, dlam = decay_grads(p, dloga, ctx.gate_dtype, ctx.lam_dtype)
         if ds0 is not None:
             ds0 = ds0.view(p.B, p.H, p.K, p.V)
