@@ -57,10 +57,18 @@ def parse_configs(spec: str | None) -> dict[str, DeltaConfig]:
         name, _, kv = part.partition(":")
         kw = {}
         for item in filter(None, kv.split(",")):
-            key, val = item.split("=")
+            key, eq, val = item.partition("=")
             if not hasattr(DEFAULT_CONFIG, key):
                 raise SystemExit(f"unknown DeltaConfig field {key!r}; fields: {', '.join(vars(DEFAULT_CONFIG))}")
-            kw[key] = int(val)
+            flag = isinstance(getattr(DEFAULT_CONFIG, key), bool)
+            words = {"1": True, "true": True, "0": False, "false": False} if flag else {}
+            if val.lower() in words:
+                kw[key] = words[val.lower()]
+            elif not flag and eq and val.lstrip("-").isdigit():
+                kw[key] = int(val)
+            else:
+                raise SystemExit(f"--configs {name}: {key}={val!r} is not {'0/1' if flag else 'an integer'}; "
+                                 f"write it as {key}={'1' if flag else getattr(DEFAULT_CONFIG, key)}")
         out[name] = with_config(**kw)
     return out
 

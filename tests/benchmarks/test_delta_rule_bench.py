@@ -1,10 +1,13 @@
-"""benchmarks/delta_rule.py's `--kernels` table: device kernels grouped by name, host events left out."""
+"""benchmarks/delta_rule.py: its `--kernels` table (device kernels grouped by name, host events left out) and its
+`--configs` parsing."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -30,3 +33,19 @@ def test_render_kernels_lists_the_longest_and_sums_the_rest():
     assert "1×64K, ours (default): 10.00 ms of kernels" in text
     assert "| `a` | 1 | 6.000 | 60.0 % |" in text
     assert "| 1 more | 4 | 1.000 | 10.0 % |" in text
+
+
+def test_configs_take_flags_and_integers():
+    cfgs = delta_rule.parse_configs("default:;split:out_split=1,grad_split=true,bwd_split=0,grad_warps=4")
+    assert cfgs["default"] == delta_rule.DEFAULT_CONFIG
+    split = cfgs["split"]
+    assert (split.out_split, split.grad_split, split.bwd_split, split.grad_warps) == (True, True, False, 4)
+
+
+@pytest.mark.parametrize("spec,needle", [("x:nosuch=1", "unknown DeltaConfig field 'nosuch'"),
+                                         ("x:out_split=yes", "out_split='yes' is not 0/1"),
+                                         ("x:grad_warps=four", "grad_warps='four' is not an integer"),
+                                         ("x:grad_warps", "grad_warps='' is not an integer")])
+def test_configs_refuse_bad_values_in_one_line(spec, needle):
+    with pytest.raises(SystemExit, match=needle):
+        delta_rule.parse_configs(spec)
