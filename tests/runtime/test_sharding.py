@@ -238,6 +238,31 @@ def test_sharded_checkpoint_resumes_at_other_world_sizes(tmp_path) -> None:
         verify_checkpoint(ckpt)
 
 
+def _state_bytes(trainer: Trainer) -> int:
+    """Bytes of the parameters, their gradients and the optimizer state this rank holds (local shards)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    tensors = list(trainer.model.parameters())
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    tensors += [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return sum(local(t).numel() * t.element_size() for t in tensors)
+
+
+def _check_world_one(rank: int, world: int) -> None:
+    held = {}
+    for shard in ("none", "full", "optimizer"):
+        trainer = Trainer(_cfg(1, 1, 1, shard, 1), build_mesh(1, 1, 1))
+        trainer.step(0)
+        assert not trainer.sharded and not any(isinstance(p, DTensor) for p in trainer.model.parameters())
+        held[shard] = _state_bytes(trainer)
+    assert held["full"] == held["optimizer"] == held["none"] > 0, held
+
+
+def test_shard_at_world_one_holds_what_the_unsharded_run_holds() -> None:
+    """One rank per stage: parallel.shard=full (or optimizer) builds the plain model — no FSDP wrapper, no
+    gathered copies — and after a step holds the same parameter, gradient and optimizer bytes as shard=none."""
+    run_distributed(_check_world_one, 1)
+
+
 @pytest.mark.parametrize(("world", "sp", "cuda", "window", "offload", "want"), [
     (4, 2, True, 0, False, "full"),   # dp 2 × sp 2 on GPUs: sharded by default
     (2, 2, True, 0, False, "full"),   # sp alone is a sharding axis
