@@ -40,6 +40,9 @@ class ModelConfig:
     # softmax-attention kernel (A layers, every sp method): auto (cuDNN where it runs, else flash, else math) |
     # cudnn | flash (an error where it cannot run) | math (PyTorch / SDPA's efficient or math kernel)
     attention_backend: str = "auto"
+    # Gated DeltaNet (D) layers on the Triton path: the chunk-parallel split kernels (outputs, dU's local share and
+    # the gradients in fla's order; kernels.delta_rule.split_config) instead of the fused sweeps and gradient kernel
+    delta_split: bool = False
 
     @property
     def head_dim(self) -> int:

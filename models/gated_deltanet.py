@@ -30,7 +30,7 @@ class GatedDeltaNet(nn.Module):
 
         super().__init__()
         self.heads, self.head_dim, self.width = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
-        self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
+        self.chunk_size, self.backend, self.split = cfg.chunk_size, cfg.backend, cfg.delta_split
         # q | k | v | output gate | β | a in one GEMM
         self.in_proj = nn.Linear(cfg.dim, 4 * self.width + 2 * self.heads, bias=False)
         self.conv = ShortConv(3 * self.width, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
@@ -64,7 +64,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b.to(ft))
         gate = -torch.exp(self.A_log.to(ft)) * F.softplus(a.to(ft) + self.dt_bias.to(ft))
         kw = dict(gate=gate, chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
-                  output_final_state=carry is not None)
+                  output_final_state=carry is not None, split=self.split)
         if self.sp.world > 1:
             o = lasp2_delta_rule(q, k, v, beta, group=self.sp.group, layout=self.sp.layout, **kw)
             if carry is not None:

@@ -48,6 +48,25 @@ def test_mixer_equals_the_definition() -> None:
     assert rel_err(mixer(x), _definition(mixer, x)) < 1e-10
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_mixer_on_the_triton_kernels(split: bool) -> None:
+    """model.backend=triton (the interpreter on a CPU), with and without model.delta_split: the mixer's output and
+    its input and parameter gradients equal the PyTorch path's (fp32)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    outs = {}
+    for backend in ("torch", "triton"):
+        model = LinearLlama(preset("tiny", layout="D", backend=backend, delta_split=split))
+        model.reset_parameters(1)
+        mixer = model.layers["0"].mixer
+        x = torch.randn(2, 37, model.cfg.dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = mixer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        outs[backend] = [y, x.grad, *(p.grad for p in mixer.parameters())]
+    for got, want in zip(outs["triton"], outs["torch"], strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
 def _check_sp(rank: int, world: int) -> None:
     check_sp_model(rank, world, preset("tiny", **TINY))
 
