@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAM
 : >"$DIR/status.txt"
 step gpu_tests 180 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "split or kb64 or 16K" -rs
 step kernels 240 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md" \
-    --configs "default:;split:out_split=1,grad_split=1,bwd_split=1;gradsplit:grad_split=1;split-sweep4:out_split=1,grad_split=1,bwd_split=1,sweep_warps=4,sweep_bv=32"
+    --configs "default:;split:out_split=1,grad_split=1,bwd_split=1;gradsplit:grad_split=1;split-sweep4:out_split=1,grad_split=1,bwd_split=1,sweep_warps=4,sweep_bv=32;split-solve1:out_split=1,grad_split=1,bwd_split=1,solve_passes=1"
 step train_step 300 python3 benchmarks/train_step.py --preset gdn-1b --set model.layout=D --seq-lens 128K \
     --warmup 1 --steps 2 --variant fused: --variant split:model.delta_split=true --out "$DIR/train_step.json"
 cat "$DIR/status.txt"

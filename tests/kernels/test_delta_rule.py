@@ -280,6 +280,15 @@ def test_triton_split_kernels_access_in_bounds(_bounds_checked):
     assert _bounds_checked["accesses"] > 0
 
 
+def test_triton_solve_passes():
+    """DeltaConfig.solve_passes = 1 runs (the interpreter computes every dot in fp32, so this checks the plumbing;
+    its accuracy on the GPU is in `delta_rule.py`'s error column); other values are refused in one line."""
+    x = _inputs(1, 40, 1, 16, 16, dtype=torch.float16, seed=15)
+    _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=with_config(solve_passes=1), ref=delta_rule_chunked)
+    with pytest.raises(ValueError, match=r"solve_passes=2: use 3 \(tf32x3\) or 1"):
+        _run(delta_rule_triton, x, None, None, chunk_size=16, config=with_config(solve_passes=2))
+
+
 def test_triton_kb_config_check():
     """K blocks under 64 at chunk 64 are refused on sm_90 (an illegal memory access in Triton's code there), in one
     line naming the fix; K blocks of 64, chunk 32, other GPUs and the interpreter are not."""

@@ -43,6 +43,7 @@ from kernels.delta_rule.triton.common import (
     _load_tok,
     _tok_tile,
     _ut_transform,
+    solve_precision,
     state_dtype,
 )
 from kernels.triton.common import Plan, _arg, _chunk_decay, _empty, _head_log2_decay, _head_start, _pow2
@@ -187,7 +188,8 @@ def _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C: tl.constexpr, DECAY: tl.c
 @triton.jit
 def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta, dloga, scratch, T, H, NC, n_tiles,
                  scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr,
+                 SOLVE: tl.constexpr):
     """dq, dk, dv, dβ and d log a of chunks pid, pid + P, … (persistent: the scratch is per program). All of K; V in
     blocks of BV: one pass for the products with dO, U, dU, S, dS_out, one for dV = diag(β) Tᵀ dU."""
     offs_c = tl.arange(0, C)
@@ -219,7 +221,7 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
         bq = _load_tok(q, i_bh, T, H, K, t0, 0, C, BK)
         bk = _load_tok(k, i_bh, T, H, K, t0, 0, C, BK)
         g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
-        Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC)
+        Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC, SOLVE)
         Tt = _transposed(scratch, Tm, C)
         if DECAY == 0:
             Gam = tl.where(mt, 1.0, 0.0)
@@ -642,5 +644,6 @@ def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool
     _grad_kernel[(n_prog,)](
         q, k, v, beta, G, lam, do, un, du, h, dh, dq, dk, dv, dbeta, _arg(dloga, dq), scratch, T, H, p.NC, n_tiles,
         p.scale, K=K, V=V, C=p.C, LOG2C=p.C.bit_length() - 1, BK=p.Kp, BV=bv, DECAY=p.decay,
-        NEED_DG=need_dg, PREC=p.prec, num_warps=cfg.grad_warps, num_stages=cfg.num_stages)
+        NEED_DG=need_dg, PREC=p.prec, SOLVE=solve_precision(p.prec, p.cfg), num_warps=cfg.grad_warps,
+        num_stages=cfg.num_stages)
     return dq, dk, dv, dbeta, dloga

@@ -33,7 +33,9 @@ class DeltaConfig:
     programs (each walks chunks and owns a [C, C] fp32 scratch); grad_block_k: 0 = `_grad_kernel` (all of K at
     once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
     backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer; K blocks under 64 at chunk 64 are
-    refused on sm_90, see `check_config`); scan_bn: column block of the segment scans.
+    refused on sm_90, see `check_config`); scan_bn: column block of the segment scans. solve_passes: tf32 products
+    per dot of the UT transform's inverse for 16-bit inputs, 3 (tf32x3) or 1 (sm_90: 250 registers and no spill in
+    `_prep_kernel` at chunk 64, against 624 bytes spilled with 3; accuracy to be measured).
     out_split: outputs from a chunk-parallel kernel (`_out_kernel`, V-blocks of out_bv) after a sweep that only
     carries the state and writes every chunk's entering state and U (a [B·H, NC, K, V] transient in the forward);
     off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
@@ -58,6 +60,7 @@ class DeltaConfig:
     scan_bn: int = 32
     scan_warps: int = 8
     num_stages: int = 2
+    solve_passes: int = 3
     out_split: bool = False
     out_bv: int = 64
     out_warps: int = 4
@@ -150,19 +153,25 @@ def _unit_lower_inverse(A, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.conste
 
 @triton.jit
 def _ut_transform(bk, b, g, offs_c, C: tl.constexpr, LOG2C: tl.constexpr, DECAY: tl.constexpr,
-                  PREC: tl.constexpr):
-    """(T, A, D, K Kᵀ) of one chunk: k [C, BK] (padded rows 0), β [C] fp32 (padded 0), g its log2 decay."""
+                  PREC: tl.constexpr, SOLVE: tl.constexpr):
+    """(T, A, D, K Kᵀ) of one chunk: k [C, BK] (padded rows 0), β [C] fp32 (padded 0), g its log2 decay; SOLVE is
+    the precision of the inverse's dots (`solve_precision`)."""
     kk = tl.dot(bk, tl.trans(bk), input_precision=PREC)
     if DECAY == 0:
         D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
     else:
         D = _decay_matrix(g, offs_c, False)
     A = tl.where(offs_c[:, None] > offs_c[None, :], b[:, None] * kk * D, 0.0)
-    if PREC == "ieee":
-        Tm = _unit_lower_inverse(A, C, LOG2C, "ieee")
-    else:
-        Tm = _unit_lower_inverse(A, C, LOG2C, "tf32x3")
+    Tm = _unit_lower_inverse(A, C, LOG2C, SOLVE)
     return Tm, A, D, kk
+
+
+def solve_precision(prec: str, cfg: DeltaConfig) -> str:
+    """The inverse's dot precision: IEEE for fp32 inputs; else tf32x3 (three tf32 products per dot: T's entries
+    grow to O(C), and one tf32 pass keeps 10 bits of them) or, with cfg.solve_passes = 1, one tf32 pass."""
+    if prec == "ieee":
+        return "ieee"
+    return "tf32x3" if cfg.solve_passes == 3 else "tf32"
 
 
 def _chunk_size(chunk: int) -> int:
@@ -180,6 +189,8 @@ def check_config(cfg: DeltaConfig, C: int, Kp: int, arch: tuple[int, int] | None
     code for those tiles (upstream reports: Hopper wgmma shared-memory reads out of bounds in chunk-64 kernels with K
     blocks of 32, from Triton 3.6; not confirmed on the GPU). K blocks of 64 at chunk 32 pass there. Elsewhere
     (interpreter, meta tensors, other GPUs) nothing is refused."""
+    if cfg.solve_passes not in (1, 3):
+        raise ValueError(f"DeltaConfig solve_passes={cfg.solve_passes}: use 3 (tf32x3) or 1 (one tf32 pass)")
     if cfg.grad_block_k <= 0 or C < 64 or arch is None or arch[0] != 9:
         return
     bk = min(Kp, _pow2(cfg.grad_block_k))
