@@ -313,6 +313,20 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
             cells = ", ".join(f"{r['world']} GPUs {r['tokens_per_s_per_gpu']:,.0f} "
                               f"({r['tokens_per_s_per_gpu'] / base:.0%})" for r in points)
             lines += ["", f"{kind} scaling, {label}: {cells}"]
+    split = [r for r in sorted(rows, key=lambda r: r.get("index", 0))
+             if r.get("status") == "ok" and _finite(r.get("comm_s"))]
+    if split:
+        lines += ["", "## Where the step went (ms, measured / predicted)", "",
+                  "Measured: host time in blocking collectives (communication), in the pipeline's send / recv "
+                  "(bubble: waiting for the other stages, and the transfer), and the rest (compute); medians over "
+                  "the timed steps of rank 0. Only where collectives block the host (gloo on CPUs).", "",
+                  "| id | dp×pp×sp | seq_len | compute | communication | bubble |", "|---|---|---|---|---|---|"]
+        for r in split:
+            cells = [r["id"], _split(r), r.get("train.seq_len")]
+            cells += [f"{_fmt(1e3 * r[m], '.1f')} / {_fmt(1e3 * (r.get(p) or math.nan), '.1f')}"
+                      for m, p in (("compute_s", "pred_compute_s"), ("comm_s", "pred_comm_s"),
+                                   ("bubble_s", "pred_bubble_s"))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     pairs = [(_err(r.get("pred_peak_mem_gib"), r.get("peak_mem_gib")), _err(r.get("pred_step_time_s"),
               r.get("step_time_s"))) for r in rows if r.get("status") == "ok"]
     mem = [abs(m) for m, _ in pairs if _finite(m)]

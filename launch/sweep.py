@@ -194,12 +194,29 @@ def measured(run_dir: Path, warmup: int, stdout: str) -> dict:
                tokens_per_step=tokens_step, tokens_per_s=tokens_step / step,
                mfu=mfu_per_tps[0] * tokens_step / step if mfu_per_tps else math.nan,
                peak_mem_gib=max(r["max_mem_gib"] for r in rows), final_loss=rows[-1]["loss"])
+    out.update(step_split(timed))
     found = PEAK_RE.findall(stdout)
     if found:
         per_rank = [float(x) for x in found[-1][0].split()]
         out.update(peak_mem_per_rank=per_rank, peak_mem_gib=max(per_rank),
                    mem_kind="rss" if found[-1][1].endswith("RSS") else "cuda")
     return out
+
+
+def step_split(timed: list[dict]) -> dict:
+    """The measured split of the step (medians over the timed steps of rank 0's metrics): communication (host
+    time in blocking collectives), bubble (in the pipeline's send / recv) and compute (the rest); NaN where the
+    run did not measure them (CUDA jobs: `parallel.comm_clock`)."""
+    comm = [r.get("comm_s", math.nan) for r in timed]
+    bubble = [r.get("bubble_s", math.nan) for r in timed]
+    if not comm or not all(_finite(c) and _finite(b) for c, b in zip(comm, bubble, strict=True)):
+        return dict(compute_s=math.nan, comm_s=math.nan, bubble_s=math.nan)
+    rest = [r["step_time_s"] - c - b for r, c, b in zip(timed, comm, bubble, strict=True)]
+    return dict(compute_s=statistics.median(rest), comm_s=statistics.median(comm), bubble_s=statistics.median(bubble))
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def config_columns(point: Point) -> dict:

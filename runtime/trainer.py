@@ -22,6 +22,7 @@ from kernels.linear_cross_entropy import linear_argmax_hits, linear_cross_entrop
 from models import num_parameters, token_loss_sum
 from models.fused_weights import reuse_fused_weights
 from parallel.attention.backends import explicit_backend_problem
+from parallel.comm_clock import CommClock
 from parallel.gradients import clip_gradients_, global_grad_norm, sync_gradients
 from parallel.offload import ActivationOffloader
 from parallel.pipeline import GPipe
@@ -53,6 +54,8 @@ class StepResult:
     lr: float
     seconds: float
     skipped: bool = False  # a non-finite loss or gradient: no update was made
+    comm_s: float = math.nan  # host time in blocking collectives (CPU jobs: `parallel.comm_clock`; NaN on CUDA)
+    bubble_s: float = math.nan  # host time in the pipeline's send / recv: waiting on the other stages + transfer
 
 
 class Trainer:
@@ -113,6 +116,8 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.offloader = ActivationOffloader(self.device) if cfg.parallel.offload else None
         self.skipped_steps = 0
+        # the measured compute / communication / bubble split: host timers, so only where collectives block (gloo)
+        self.comm_clock = CommClock() if self.device.type == "cpu" else None
         background = cfg.run.checkpoint_async
         self.checkpoints = CheckpointWriter(background=self.device.type == "cuda" if background is None else background,
                                             timeout_s=max(cfg.parallel.timeout_s, 300.0))
@@ -157,16 +162,18 @@ class Trainer:
         """One optimizer step on global batch `step`. A non-finite loss or gradient norm (the same on every
         rank) makes no update: it is skipped while `train.skip_nonfinite` allows, else a TrainingError."""
         start = time.perf_counter()
-        loss = self.forward_backward(*self.data.batch(step))
-        norm = self.grad_norm()
-        lr = learning_rate(self.cfg, step)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # one host sync
-        if finite:
-            clip_gradients_(self.model.parameters(), norm, self.cfg.train.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.comm_clock if self.comm_clock is not None else contextlib.nullcontext():
+            loss = self.forward_backward(*self.data.batch(step))
+            norm = self.grad_norm()
+            lr = learning_rate(self.cfg, step)
+            finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # one host sync
+            if finite:
+                clip_gradients_(self.model.parameters(), norm, self.cfg.train.grad_clip)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        comm, bubble = self.comm_clock.take() if self.comm_clock is not None else (math.nan, math.nan)
         if not finite:
             self.skipped_steps += 1
             if self.skipped_steps > self.cfg.train.skip_nonfinite:
@@ -174,7 +181,8 @@ class Trainer:
                     f"step {step + 1}: non-finite loss {float(loss)} or gradient norm {float(norm)}; no update was "
                     f"made and no checkpoint is written — lower train.lr (now {self.cfg.train.lr:g}), check the data, "
                     f"or allow skipping with --set train.skip_nonfinite=N")
-        return StepResult(float(loss), float(norm), lr, time.perf_counter() - start, skipped=not finite)
+        return StepResult(float(loss), float(norm), lr, time.perf_counter() - start, skipped=not finite, comm_s=comm,
+                          bubble_s=bubble)
 
     @property
     def writes_params(self) -> bool:
@@ -312,18 +320,20 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
             if ckpt_every and step == start_step:
                 trainer.prepare_saves()
             losses.append(res.loss)
-            window.append(res.seconds)
+            window.append(res)
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == t.steps):
                 trainer.save(checkpoint_dir(cfg.run.dir) / f"step_{step + 1:08d}", step + 1)
             if (step + 1) % cfg.run.log_every == 0 or step == t.steps - 1:
-                secs = sum(window) / len(window)
+                secs, comm, bubble = (sum(getattr(r, f) for r in window) / len(window)
+                                      for f in ("seconds", "comm_s", "bubble_s"))
                 window = []
                 tps = tokens_per_step / secs
                 mem = torch.tensor(peak_memory_gib(mesh.device), device=mesh.device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 row = dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm,
                            tokens=tokens_per_step * (step + 1), tokens_per_s=tps, mfu=tps * flops_tok / peak,
-                           max_mem_gib=float(mem), step_time_s=secs, skipped_steps=trainer.skipped_steps,
+                           max_mem_gib=float(mem), step_time_s=secs, comm_s=comm, bubble_s=bubble,
+                           skipped_steps=trainer.skipped_steps,
                            **trainer.checkpoints.take_metrics(), wall_time=time.time())
                 if is_main:
                     log.log(row)

@@ -10,6 +10,7 @@ import torch
 
 from parallel.attention.block import Accumulator, local_job, remote_jobs, run_jobs, run_jobs_backward
 from parallel.comm import all_gather_async, group_rank_world, reduce_scatter_async
+from parallel.comm_clock import timed_wait
 from parallel.layout import shard_ids, shard_owners
 
 
@@ -27,7 +28,7 @@ class AllGatherAttention(torch.autograd.Function):
         acc = Accumulator(q)
         local = [local_job(n_local, size, causal)]
         run_jobs(acc, local, q, k, v, scale, backend)  # overlaps the all-gather
-        work.wait()
+        timed_wait(work)
         # remote shards in global order, as one key buffer [2, B, n_remote·size, Hkv, D]
         owner = [(r, j, c) for c, (r, j) in sorted(shard_owners(world, layout).items()) if r != rank]
         g = gathered.view(world, 2, B, n_local, size, Hkv, D)
@@ -61,7 +62,7 @@ class AllGatherAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         run_jobs_backward(local, dout, q, k, v, out, lse, scale, aux, backend, dq, dk, dv)  # overlaps it
-        work.wait()
+        timed_wait(work)
         dk += mine[0]
         dv += mine[1]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None

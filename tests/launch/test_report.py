@@ -136,6 +136,18 @@ def test_markdown_summary(written) -> None:
     assert "strong scaling, preset=125m, seq_len=4096: 1 GPUs 1,000 (100%)" in text and "4 GPUs 700 (70%)" in text
 
 
+def test_measured_split_beside_the_predicted(tmp_path) -> None:
+    split = dict(compute_s=0.030, comm_s=0.012, bubble_s=0.004, pred_compute_s=0.028, pred_comm_s=0.010,
+                 pred_bubble_s=0.005, mem_kind="rss", device="cpu (x86_64, 2 cores)")
+    rows = [row(0, 2, 2, 1, 64, 1000.0, 0.4, math.nan, **split), row(1, 1, 1, 1, 64, 2000.0, 0.4, math.nan)]
+    write_rows(tmp_path / "sweep.parquet", rows)
+    report.write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Where the step went (ms, measured / predicted)" in text
+    assert "| p0 | 1×2×1 | 64 | 30.0 / 28.0 | 12.0 / 10.0 | 4.0 / 5.0 |" in text
+    assert "| p1 | 1×1×1 | 64 |" not in text  # no measured split (a CUDA run): not in that table
+
+
 def test_report_of_a_missing_sweep_is_one_line(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -55,6 +55,10 @@ def test_six_points_five_ok_one_failed(swept) -> None:
         assert r["tokens_per_s"] == pytest.approx(2 * r["train.seq_len"] / step)
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["world"])
         assert r["device"].startswith("cpu") and "torch" in r["versions"] and r["wall_s"] > 0
+        # the measured split: medians of rank 0's per-step communication and bubble; compute is the rest
+        assert r["comm_s"] == pytest.approx(statistics.median(m["comm_s"] for m in metrics[1:]))
+        assert r["bubble_s"] == 0 and 0 < r["compute_s"] <= r["step_time_s"]  # one stage: nothing to wait for
+        assert (r["comm_s"] > 0) == (r["parallel.sp"] > 1)  # LASP-2's all-gathers
     assert any("[6/6]" in line for line in lines) and "5 ok, 1 not ok" in lines[-1]
 
 
