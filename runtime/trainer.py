@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,9 +241,14 @@ class Trainer:
 
 
 def check_attention_backend(cfg: JobConfig, device: torch.device) -> None:
-    """An explicit model.attention_backend (cudnn / flash) that cannot run the softmax layers here: a ConfigError
-    now rather than an error at the first step. Under CUDA autocast the layers see bf16 (fp64 runs stay fp64)."""
+    """An explicit model.attention_backend (cudnn / flash) that cannot run the softmax layers here, or
+    model.backend=triton without a GPU or Triton's interpreter: a ConfigError now rather than an error at the
+    first step. Under CUDA autocast the layers see bf16 (fp64 runs stay fp64)."""
     m = cfg.model
+    if m.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"model.backend=triton needs a CUDA device (this job runs on {device.type}); use "
+                          f"model.backend=auto or torch, or set TRITON_INTERPRET=1 to run the kernels in Triton's "
+                          f"interpreter (slow)")
     if "A" not in m.layer_kinds():
         return
     dtype = getattr(torch, cfg.train.dtype)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch.cli import main
 
@@ -57,6 +58,16 @@ def test_presets_command(capsys) -> None:
     none, optimizer, full = (float(x) for x in line.split("state/GPU")[1].replace("GiB", "").split("|"))
     assert 55 < none < 65 and full < optimizer < none / 3 and full < 1.3 * none / 8  # 16 B/param over 8 ranks
     assert main(["presets", "--world", "3", "--pp", "2"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for jobs without a GPU")
+def test_triton_backend_without_a_gpu_is_one_line(monkeypatch, capsys) -> None:
+    """model.backend=triton on a CPU without Triton's interpreter: refused before the first step, in one line."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["train", "--nproc", "1", "--set", "parallel.pp=1", "parallel.sp=1", "model.backend=triton"]) == 2
+    err = capsys.readouterr().err
+    assert "model.backend=triton needs a CUDA device" in err and "TRITON_INTERPRET=1" in err, err
+    assert err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("name,world", [("tiny", 4), ("125m", 8), ("400m", 8), ("1b", 8), ("1m-tokens", 8), ("8b", 8)])
