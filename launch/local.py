@@ -178,7 +178,8 @@ def _failure(procs: list, stuck: list[int], log_dir: Path, timeout_s: float | No
                           f"the job was stopped — see {log_dir}, then rerun with --resume auto")
     if errors:
         first = errors[0]
-        return RankFailed(f"rank {first['rank']}: {first['message']} (traceback: {log_dir}/rank_{first['rank']}.log)",
-                          int(first.get("exit_code", 1)))
+        code = int(first.get("exit_code", 1))  # 2: a configuration error, whose message is all there is to it
+        where = "" if code == 2 else f" (traceback: {log_dir}/rank_{first['rank']}.log)"
+        return RankFailed(f"rank {first['rank']}: {first['message']}{where}", code)
     codes = {r: p.exitcode for r, p in enumerate(procs)}
     return RankFailed(f"the job failed (exit codes {codes}); see {log_dir}")

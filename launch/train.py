@@ -86,9 +86,12 @@ def _rank_error(logs, rank: int) -> str:
     import json
 
     try:
-        message = json.loads((logs / f"rank_{rank}.error").read_text())["message"]
+        error = json.loads((logs / f"rank_{rank}.error").read_text())
+        message = error["message"]
     except (OSError, ValueError, KeyError):
         return f"rank {rank} failed; see {logs}"
+    if int(error.get("exit_code", 1)) == 2:  # a configuration error: its message is all there is to it
+        return message
     return f"{message} (traceback: {logs}/rank_{rank}.log)"
 
 
