@@ -15,8 +15,10 @@
                          `layer_overhead_ms` (Python and op dispatch per layer, forward + backward), the rest
                          `step_overhead_ms`; that process's peak resident memory is `process_gib` (the runtime
                          itself: a CPU rank's measured memory is its resident set, not the model's tensors alone);
-                         then the same probe as two ranks at once (parallel.sp=2): their host time over what the
-                         one-rank constants predict is `shared_host_factor` (ranks sharing the node's cores)
+                         then the same probe as two ranks at once (parallel.sp=2): the time they spend inside
+                         collectives beyond the plan's latency and bytes, per unit of one-rank host time per layer,
+                         is `peer_wait_factor` (the ranks waiting for each other), and the rest of their host time
+                         over what the one-rank constants predict is `shared_host_factor` (sharing the node's cores)
 
 The inter-node bandwidth is a parameter (`--inter-node-gbit`, per GPU); the file's `source` line records the
 device, the versions and what was copied. `longtrain plan --gpu FILE` reads it.
@@ -185,15 +187,18 @@ def _host_rank(out: str, reps: int) -> None:
             torch.manual_seed(0)
             trainers[layers] = Trainer(_probe_config(layers, world), mesh)
         times = {layers: [] for layers in HOST_PROBE_LAYERS}
+        comms = {layers: [] for layers in HOST_PROBE_LAYERS}
         for i in range(reps + 1):  # the depths' steps alternate: a shared machine's load drifts over both alike
             for layers, trainer in trainers.items():
-                seconds = trainer.step(i).seconds
+                res = trainer.step(i)
                 if i:  # the first step warms up
-                    times[layers].append(seconds)
+                    times[layers].append(res.seconds)
+                    comms[layers].append(res.comm_s)
     finally:
         for trainer in trainers.values():
             trainer.close()
     result = {layers: statistics.median(t) for layers, t in times.items()}
+    result["comm"] = {layers: statistics.median(t) for layers, t in comms.items()}  # inside collectives
     result["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
@@ -220,15 +225,15 @@ def _probe(ranks: int, reps: int) -> dict:
 
 
 def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> dict:
-    """`layer_overhead_ms`, `step_overhead_ms`, `process_gib` and `shared_host_factor` of a CPU (module
-    docstring): the measured steps minus what `runtime.plan` predicts for them from `hw`'s compute, copy and
+    """`layer_overhead_ms`, `step_overhead_ms`, `process_gib`, `shared_host_factor` and `peer_wait_factor` of a
+    CPU (module docstring): the measured steps minus what `runtime.plan` predicts for them from `hw`'s compute, copy and
     collective rates. The host terms are fitted in the plan's own units (`unit`: its host_overhead per ms of
     layer_overhead_ms, i.e. layers × micro-batches × (3 + r)/3), so they mean what the plan multiplies them by."""
     from launch.local import RankFailed
     from runtime.plan import plan_job
 
     bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0,
-                               shared_host_factor=1.0)
+                               shared_host_factor=1.0, peer_wait_factor=0.0)
 
     def fit(ranks: int, measured: dict) -> tuple[dict, dict]:
         rest, unit = {}, {}
@@ -247,13 +252,27 @@ def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> di
     # collectives, over what the one-rank host constants predict for them (least squares over both depths)
     constants = dict(layer_overhead_ms=layer, step_overhead_ms=1e3 * step, process_gib=one["rss_gib"])
     try:
-        rest2, unit2 = fit(shared_ranks, _probe(shared_ranks, reps))
+        two = _probe(shared_ranks, reps)
+        rest2, unit2 = fit(shared_ranks, two)
     except RankFailed as e:  # the one-rank constants stand; the factor stays "not modelled", and the file says why
         print(f"longtrain: calibrate: {e} — shared_host_factor left at 1 (not modelled)", file=sys.stderr)
-        return dict(constants, shared_host_factor=1.0, note=f"shared_host_factor not measured: {e}")
+        return dict(constants, shared_host_factor=1.0, peer_wait_factor=0.0,
+                    note=f"shared_host_factor not measured: {e}")
     host = {n: unit2[n] * layer + step for n in HOST_PROBE_LAYERS}
-    factor = sum(rest2[n] * host[n] for n in host) / sum(h * h for h in host.values()) if any(host.values()) else 1.0
-    return dict(constants, shared_host_factor=max(1.0, factor))
+    if not any(host.values()):
+        return dict(constants, shared_host_factor=1.0, peer_wait_factor=0.0)
+
+    def lsq(y: dict, x: dict) -> float:  # the least-squares slope of y = a·x over the probe's depths
+        return sum(y[n] * x[n] for n in x) / sum(v * v for v in x.values()) if any(x.values()) else 0.0
+
+    # of what is left, the time inside collectives beyond the plan's own (latency and bytes) is the ranks waiting
+    # for each other: modelled on the per-layer host time, as communication; the rest scales the host terms
+    per_layer = {n: unit2[n] * layer for n in HOST_PROBE_LAYERS}
+    wait = {n: float(two["comm"][str(n)]) - plan_job(_probe_config(n, shared_ranks), shared_ranks, bare).comm_s
+            for n in HOST_PROBE_LAYERS} if "comm" in two else {n: 0.0 for n in HOST_PROBE_LAYERS}
+    wait_factor = max(0.0, lsq(wait, per_layer))
+    factor = lsq({n: rest2[n] - wait_factor * per_layer[n] for n in host}, host)
+    return dict(constants, shared_host_factor=max(1.0, factor), peer_wait_factor=wait_factor)
 
 
 def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: float = 400.0,

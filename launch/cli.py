@@ -135,7 +135,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     hw = calibrate(args.name, args.base, args.inter_node_gbit, args.quick)
     Path(args.out).write_text(to_toml(hw))
     host = (f", host {hw.layer_overhead_ms:.3g} ms per layer + {hw.step_overhead_ms:.3g} ms per step, process "
-            f"{hw.process_gib:.2f} GiB, × {hw.shared_host_factor:.3g} with ranks sharing the cores"
+            f"{hw.process_gib:.2f} GiB, × {hw.shared_host_factor:.3g} with ranks sharing the cores "
+            f"(+ {hw.peer_wait_factor:.3g} × the per-layer host time waiting in collectives)"
             if hw.layer_overhead_ms or hw.step_overhead_ms or hw.process_gib else "")
     print(f"longtrain: {hw.name}: GEMM {hw.gemm_tflops:.3g} TFLOP/s, attention {hw.attention_tflops:.3g} TFLOP/s, "
           f"linear attention {hw.la_tokens_per_s / 1e6:.3g}M tokens/s (fwd+bwd, H·K·V 16·128·128), copy "

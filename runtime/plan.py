@@ -23,7 +23,8 @@ Step time (busiest stage, one step):
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
     host      per layer and micro-batch layer_overhead · (3 + r)/3, and step_overhead once per step: the host time
               a CPU spends dispatching ops (`longtrain calibrate` measures both on a CPU; 0 on CUDA); both
-              × shared_host_factor when several ranks share one node's cores (calibrate: two probe ranks at once)
+              × shared_host_factor when several ranks share one node's cores (calibrate: two probe ranks at once),
+              and the per-layer part × peer_wait_factor as communication (their waits for each other in collectives)
     bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
     sync      the gradient all-reduce over sp and dp and the tied embedding pair, after backward; sharded: one
               reduce-scatter of the stage's fp32 gradients over dp·sp instead of the all-reduce
@@ -105,6 +106,9 @@ class Hardware:
     # the host terms above × this when several ranks run on one node and share its CPU cores (a CPU: `longtrain
     # calibrate` times its host probe as one rank and as two ranks at once); 1: not modelled (CUDA, older files)
     shared_host_factor: float = 1.0
+    # ranks sharing a node's cores also wait in their collectives for each other: this × a stage's one-rank host
+    # time per layer, as communication (a CPU: calibrate's two-rank probe, timed inside its collectives); 0: none
+    peer_wait_factor: float = 0.0
 
 
 def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
@@ -130,6 +134,9 @@ def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node
         if not ok:
             raise ConfigError(f"hardware file {str(path)!r}: {f.name} = {value!r} is not a {kind.__name__}; "
                               f"write it as in configs/hardware/h200.toml")
+    if hw.peer_wait_factor < 0:
+        raise ConfigError(f"hardware file {str(path)!r}: peer_wait_factor = {hw.peer_wait_factor} is negative; "
+                          f"0 means not modelled, as the shipped profiles have")
     if hw.shared_host_factor < 1:
         raise ConfigError(f"hardware file {str(path)!r}: shared_host_factor = {hw.shared_host_factor} is below 1; "
                           f"1 means not modelled (ranks sharing cores are never faster), as calibrate writes")
@@ -297,7 +304,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     cudnn = m.attention_backend in ("auto", "cudnn") and hw.attention_cudnn_tflops > 0
     attention_tflops = hw.attention_cudnn_tflops if cudnn else hw.attention_tflops
 
-    shared = hw.shared_host_factor if min(world, hw.gpus_per_node) > 1 else 1.0  # ranks sharing a node's cores
+    sharing = min(world, hw.gpus_per_node) > 1  # ranks sharing a node's cores
+    shared = hw.shared_host_factor if sharing else 1.0
 
     stages = []
     for s, (start, end) in enumerate(ranges):
@@ -305,6 +313,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
                  host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3 * shared,
                  window_overhead=(end - start) * M * n_windows * hw.window_overhead_ms / 1e3)
         k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
+        if sharing and hw.peer_wait_factor:
+            k["peer_wait"] = hw.peer_wait_factor * c["host_overhead"] / shared
         for i in range(start, end):
             again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]
             c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)

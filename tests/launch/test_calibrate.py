@@ -51,24 +51,27 @@ def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys) -> None:
 
 
 def test_host_fit_recovers_the_plans_host_constants(monkeypatch) -> None:
-    """measure_host_overheads fits in the plan's own units: probe steps that the plan itself predicts (per layer
-    and micro-batch, step, two ranks × shared_host_factor) give back the constants that made them."""
+    """measure_host_overheads fits in the plan's own units: probe steps (and their time inside collectives) that
+    the plan itself predicts (per layer and micro-batch, step, two ranks × shared_host_factor, their waits for each
+    other × peer_wait_factor) give back the constants that made them."""
     from launch import calibrate
     from runtime.plan import plan_job
 
     hw = dataclasses.replace(load_hardware("h200"), gemm_tflops=0.1, copy_gbps=30.0, gpus_per_node=2,
                              autocast_bf16=False, latency_us=500.0, intra_node_gbps=0.4)
-    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, step_overhead_ms=4.0, shared_host_factor=2.0)
+    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, step_overhead_ms=4.0, shared_host_factor=2.0,
+                                peer_wait_factor=0.5)
 
     def probe(ranks: int, reps: int) -> dict:
-        steps = {str(n): plan_job(calibrate._probe_config(n, ranks), ranks, truth).step_s
-                 for n in calibrate.HOST_PROBE_LAYERS}
-        return {**steps, "rss_gib": 0.4}
+        plans = {str(n): plan_job(calibrate._probe_config(n, ranks), ranks, truth) for n in calibrate.HOST_PROBE_LAYERS}
+        comm = {n: p.comm_s if ranks > 1 else 0.0 for n, p in plans.items()}
+        return {**{n: p.step_s for n, p in plans.items()}, "comm": comm, "rss_gib": 0.4}
 
     monkeypatch.setattr(calibrate, "_probe", probe)
     fitted = calibrate.measure_host_overheads(hw, reps=1)
     assert fitted["layer_overhead_ms"] == pytest.approx(3.0) and fitted["step_overhead_ms"] == pytest.approx(4.0)
     assert fitted["shared_host_factor"] == pytest.approx(2.0) and fitted["process_gib"] == 0.4
+    assert fitted["peer_wait_factor"] == pytest.approx(0.5)
 
 
 def test_a_failed_shared_probe_keeps_the_one_rank_constants(monkeypatch, capsys) -> None:

@@ -264,6 +264,22 @@ def test_shared_host_factor_scales_host_terms_of_ranks_sharing_a_node() -> None:
     assert plan.plan_job(two, 2, spread).compute["host_overhead"] == pytest.approx(base.compute["host_overhead"])
 
 
+def test_peer_wait_is_communication_of_ranks_sharing_a_node() -> None:
+    """peer_wait_factor (calibrate: the two-rank probe's time inside collectives beyond the plan's) adds that
+    factor × the one-rank per-layer host time as communication, only where ranks share a node's cores."""
+    assert all(plan.load_hardware(n).peer_wait_factor == 0.0 for n in ("h200", "h100", "a100"))
+    cpu = dataclasses.replace(plan.load_hardware("h200"), layer_overhead_ms=2.0, step_overhead_ms=5.0,
+                              gpus_per_node=2, autocast_bf16=False, shared_host_factor=2.5)
+    waiting = dataclasses.replace(cpu, peer_wait_factor=0.75)
+    two = load_config(None, ["model.preset=tiny", "parallel.pp=1", "parallel.microbatches=1", "train.batch_size=2",
+                             "train.seq_len=64", "parallel.sp=2"])
+    base, waited = plan.plan_job(two, 2, cpu), plan.plan_job(two, 2, waiting)
+    assert "peer_wait" not in base.comm and waited.comm["peer_wait"] == pytest.approx(0.75 * 4 * 2e-3)
+    assert waited.compute == base.compute and waited.step_s - base.step_s == pytest.approx(0.75 * 4 * 2e-3)
+    spread = dataclasses.replace(waiting, gpus_per_node=1)
+    assert "peer_wait" not in plan.plan_job(two, 2, spread).comm
+
+
 def test_auto_remat_policy_keeps_selective_where_it_fits() -> None:
     """parallel.remat_policy=auto: selective where the estimate with it (+ its margin) fits the GPU — the 1b at
     128K on an H200 (101.5 GiB measured), not on an 80 GB H100 — full with windows, without remat, on a CPU."""
@@ -321,5 +337,9 @@ def test_plan_errors_are_one_line(capsys, tmp_path) -> None:
     below.write_text((plan.HARDWARE_DIR / "h200.toml").read_text() + "shared_host_factor = 0.5\n")
     assert main(["plan", "--gpus", "4", "--gpu", str(below)]) == 2
     assert "shared_host_factor = 0.5 is below 1; 1 means not modelled" in capsys.readouterr().err
+    negative = tmp_path / "negative.toml"
+    negative.write_text((plan.HARDWARE_DIR / "h200.toml").read_text() + "peer_wait_factor = -0.2\n")
+    assert main(["plan", "--gpus", "4", "--gpu", str(negative)]) == 2
+    assert "peer_wait_factor = -0.2 is negative; 0 means not modelled" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3"]) == 2
     assert "launch a multiple of 4" in capsys.readouterr().err
