@@ -30,7 +30,7 @@ def test_calibrate_writes_a_profile_plan_reads(tmp_path, capsys) -> None:
             continue
         # a fit's intercept (0 within the noise), and what a CPU does not have: ≥ 0
         zero_ok = ("step_overhead_ms", "attention_cudnn_tflops", "host_link_gbps", "host_optimizer_ns",
-                   "window_overhead_ms")
+                   "window_overhead_ms", "peer_wait_factor")
         least = 0 if f.name in zero_ok else 1e-12
         assert (value != "") if isinstance(value, str) else (math.isfinite(value) and value >= least), f.name
     # on a CPU the collectives are measured between two local gloo processes, and the host overheads of a
