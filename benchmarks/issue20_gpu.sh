@@ -9,27 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 DIR="${OUT:-benchmarks/results/issue20}"
-mkdir -p "$DIR"
-export PYTHONPATH="$PWD"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="/tmp/site:$PWD"
-fi
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
-      torch.cuda.get_device_name())' | tee "$DIR/env.txt"
-
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name: $*"
-    timeout "$limit" "$@" >"$DIR/$name.log" 2>&1
-    local rc=$?
-    tail -n 30 "$DIR/$name.log"
-    echo "== $name: exit $rc"
-    echo "$name $rc" >>"$DIR/status.txt"
-}
-
-: >"$DIR/status.txt"
+. benchmarks/gpu_steps.sh  # wheels, PYTHONPATH, env.txt, `step`
 step gpu_tests 180 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "split or kb64 or 16K" -rs
 step kernels 240 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md" \
     --configs "default:;split:out_split=1,grad_split=1,bwd_split=1;gradsplit:grad_split=1;split-sweep4:out_split=1,grad_split=1,bwd_split=1,sweep_warps=4,sweep_bv=32;split-solve1:out_split=1,grad_split=1,bwd_split=1,solve_passes=1"

@@ -8,27 +8,7 @@
 set -u
 cd "$(dirname "$0")/.."
 DIR="${OUT:-benchmarks/results/issue24}"
-mkdir -p "$DIR"
-export PYTHONPATH="$PWD"
-if compgen -G ".whl/*.whl" >/dev/null; then  # zarr & co. for the trainer's data path (see .whl/INSTALL.txt)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="/tmp/site:$PWD"
-fi
-python3 -c 'import torch; print("torch", torch.__version__, "cuDNN", torch.backends.cudnn.version(),
-      torch.cuda.get_device_name())' | tee "$DIR/env.txt"
-
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name: $*"
-    timeout "$limit" "$@" >"$DIR/$name.log" 2>&1
-    local rc=$?
-    tail -n 25 "$DIR/$name.log"
-    echo "== $name: exit $rc"
-    echo "$name $rc" >>"$DIR/status.txt"
-}
-
-: >"$DIR/status.txt"
+. benchmarks/gpu_steps.sh  # wheels, PYTHONPATH, env.txt, `step`
 step gpu_tests 150 python3 -m pytest -q -m gpu tests/parallel/test_attention_backends.py -rs
 step kernels 150 python3 benchmarks/sp_attention.py --backends cudnn,flash --seq-lens 32768,131072 \
     --out "$DIR/sp_attention_backends.md"
