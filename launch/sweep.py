@@ -207,16 +207,12 @@ def step_split(timed: list[dict]) -> dict:
     """The measured split of the step (medians over the timed steps of rank 0's metrics): communication (host
     time in blocking collectives), bubble (in the pipeline's send / recv) and compute (the rest); NaN where the
     run did not measure them (CUDA jobs: `parallel.comm_clock`)."""
-    comm = [r.get("comm_s", math.nan) for r in timed]
-    bubble = [r.get("bubble_s", math.nan) for r in timed]
-    if not comm or not all(_finite(c) and _finite(b) for c, b in zip(comm, bubble, strict=True)):
+    comm = [r.get("comm_s") for r in timed]
+    bubble = [r.get("bubble_s") for r in timed]
+    if not timed or not all(x is not None and math.isfinite(x) for x in comm + bubble):
         return dict(compute_s=math.nan, comm_s=math.nan, bubble_s=math.nan)
     rest = [r["step_time_s"] - c - b for r, c, b in zip(timed, comm, bubble, strict=True)]
     return dict(compute_s=statistics.median(rest), comm_s=statistics.median(comm), bubble_s=statistics.median(bubble))
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def config_columns(point: Point) -> dict:

@@ -22,7 +22,7 @@ from kernels.delta_rule.triton import (
     segment_summaries,
     setup,
 )
-from kernels.delta_rule.triton.backward import DELTA, bwd_sweep, local_du
+from kernels.delta_rule.triton.backward import DELTA, bwd_sweep
 from kernels.delta_rule.triton.forward import outputs, prepare
 from kernels.delta_rule.triton.function import restore_context, save_context
 from kernels.triton.common import checked_inputs
@@ -55,8 +55,7 @@ class _ShardedDeltaTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_final):
-        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt = restore_context(ctx, do)
-        du_loc = local_du(p, q, k, do, G, lam)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt, du_loc = restore_context(ctx, do)
         delta = bwd_sweep(p, DELTA, q, k, w, do, G, lam, None, du_loc=du_loc)
         d_local = entering_grad(p, P, delta)
         d_out, d_initial = ctx.exchange.backward(_shard_major(d_local, ctx.n_local), d_final)

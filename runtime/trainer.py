@@ -76,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, mesh: ParallelMesh):
         self.cfg, self.mesh, self.device = cfg, mesh, mesh.device
         self.dp, self.pp, self.sp = mesh.size("dp"), mesh.size("pp"), mesh.size("sp")
-        check_attention_backend(cfg, self.device)
+        check_backends(cfg, self.device)
         cfg.parallel.shard = resolve_shard(cfg.parallel.shard, self.dp * self.sp, self.device.type == "cuda",
                                            bool(cfg.train.window) and self.pp > 1,
                                            cfg.parallel.offload_optimizer)  # a cfg that skipped validate
@@ -240,7 +240,7 @@ class Trainer:
             self.data.close()
 
 
-def check_attention_backend(cfg: JobConfig, device: torch.device) -> None:
+def check_backends(cfg: JobConfig, device: torch.device) -> None:
     """An explicit model.attention_backend (cudnn / flash) that cannot run the softmax layers here, or
     model.backend=triton without a GPU or Triton's interpreter: a ConfigError now rather than an error at the
     first step. Under CUDA autocast the layers see bf16 (fp64 runs stay fp64)."""

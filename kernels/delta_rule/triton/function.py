@@ -93,14 +93,16 @@ def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
 
 def restore_context(ctx, do: torch.Tensor | None) -> tuple:
     """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed, every chunk's Tᵀ from the same
-    UT transform when cfg.grad_block_k > 0 or cfg.grad_split, else None)."""
+    UT transform when cfg.grad_block_k > 0 or cfg.grad_split, else None, and with cfg.bwd_split dU's chunk-local
+    share for both backward sweeps, else None)."""
     saved = ctx.saved_tensors
     q, k, v, beta, G, lam = saved[:6]
     p: Plan = ctx.plan
     do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
+    do = do.to(q.dtype).contiguous()
     tt = bwd.t_buffer(p, q)
     w, u = fwd.prepare(p, k, v, beta, G, lam, tt)
-    return p, saved, do.to(q.dtype).contiguous(), w, u, tt
+    return p, saved, do, w, u, tt, bwd.local_du(p, q, k, do, G, lam)
 
 
 class _DeltaRuleTriton(torch.autograd.Function):
@@ -122,8 +124,7 @@ class _DeltaRuleTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt = restore_context(ctx, do)
-        du_loc = bwd.local_du(p, q, k, do, G, lam)
+        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt, du_loc = restore_context(ctx, do)
         delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None, du_loc=du_loc) if p.NS > 1 else None
         ds_out = boundary_states(p, P, delta, dfinal, True)
         del delta
