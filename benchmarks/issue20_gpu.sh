@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Issue 20 on one GPU, one command (≈ 8–10 minutes on an H200): the delta-rule GPU tests (the split paths and the
-# K-blocked gradient kernel), the kernels against fla 0.6.0's chunk_gated_delta_rule with the split configs and
-# each kernel's GPU time, then the gdn-1b training step (pure D layout) at 128K, fused vs split kernels, with fla's
-# GatedDeltaNetForCausalLM in the same run. Every step runs even if an earlier one fails; outputs go to $OUT
-# (default benchmarks/results/issue20), the log of each step next to them.
+# Issue 20 on one GPU, in two calls of under 10 minutes each (one H200). Every step runs even if an earlier one
+# fails; outputs go to $OUT (default benchmarks/results/issue20), the log of each step next to them.
 #
-#     bash benchmarks/issue20_gpu.sh            # from the repository root; .whl/ (fla wheels, if carried) first
+#   kernels: the delta-rule GPU tests (every case: the default split paths, the fused ones, K-blocked, fp16, fp32),
+#            the kernels against fla 0.6.0's chunk_gated_delta_rule at the issue's four shapes (default config and
+#            the fused paths with the tf32x3 solve, each kernel's GPU time), then our gdn-1b step (pure D layout)
+#            at 128K and at 1M in 64K windows.
+#   models:  the gdn-1b step at 128K against fla's GatedDeltaNetForCausalLM in the same run (fla autotunes for
+#            minutes on its first step).
+#
+#     bash benchmarks/issue20_gpu.sh kernels|models   # from the repository root; .whl/ (fla wheels) carried
 set -u
 cd "$(dirname "$0")/.."
+PART="${1:-kernels}"
 DIR="${OUT:-benchmarks/results/issue20}"
 . benchmarks/gpu_steps.sh  # wheels, PYTHONPATH, env.txt, `step`
-step gpu_tests 180 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "split or kb64 or 16K" -rs
-step kernels 240 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md" \
-    --configs "default:;split:out_split=1,grad_split=1,bwd_split=1;gradsplit:grad_split=1;split-sweep4:out_split=1,grad_split=1,bwd_split=1,sweep_warps=4,sweep_bv=32;split-solve1:out_split=1,grad_split=1,bwd_split=1,solve_passes=1"
-step train_step 300 python3 benchmarks/train_step.py --preset gdn-1b --set model.layout=D --seq-lens 128K \
-    --warmup 1 --steps 2 --variant fused: --variant split:model.delta_split=true --out "$DIR/train_step.json"
+GDN=(python3 benchmarks/train_step.py --preset gdn-1b --set model.layout=D --warmup 1 --steps 2)
+case "$PART" in
+kernels)
+    step gpu_tests 170 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -rs
+    step kernels 260 python3 benchmarks/delta_rule.py --kernels --out "$DIR/delta_rule.md" \
+        --configs "default:;fused:out_split=0,grad_split=0,bwd_split=0,solve_passes=3"
+    step train_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant "default@128K:" \
+        --variant "w64k@1M:train.window=65536" --out "$DIR/train_step.json"
+    ;;
+models)
+    step train_step 560 "${GDN[@]}" --seq-lens 128K --out "$DIR/train_step.json"
+    ;;
+*)
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|models" >&2
+    exit 2
+    ;;
+esac
 cat "$DIR/status.txt"

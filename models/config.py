@@ -41,8 +41,9 @@ class ModelConfig:
     # cudnn | flash (an error where it cannot run) | math (PyTorch / SDPA's efficient or math kernel)
     attention_backend: str = "auto"
     # Gated DeltaNet (D) layers on the Triton path: the chunk-parallel split kernels (outputs, dU's local share and
-    # the gradients in fla's order; kernels.delta_rule.split_config) instead of the fused sweeps and gradient kernel
-    delta_split: bool = False
+    # the gradients in fla's order; the default) or, false, the fused sweeps and gradient kernel
+    # (kernels.delta_rule.fused_config)
+    delta_split: bool = True
 
     @property
     def head_dim(self) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.api import resolve_backend
-from kernels.delta_rule import check_beta, delta_rule, delta_rule_chunked, delta_rule_summary, split_config
+from kernels.delta_rule import check_beta, delta_rule, delta_rule_chunked, delta_rule_summary, fused_config
 from kernels.reference import state_dtype
 from parallel.comm import all_gather_tensor, group_rank_world
 from parallel.layout import num_shards, shard_ids, shard_owners, stack_local_shards, unstack_local_shards
@@ -118,7 +118,7 @@ def lasp2_delta_rule(
     log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
     group: dist.ProcessGroup | None = None, layout: str = "contiguous", chunk_size: int = 64,
     backend: str = "auto", initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    split: bool = False,
+    split: bool = True,
 ):
     """The gated delta rule over a sequence split across the ranks of `group` (DESIGN §12).
 
@@ -127,7 +127,7 @@ def lasp2_delta_rule(
     [B, T_local, H, V] (and, with `output_final_state`, the state after the whole sequence, the same on every
     rank), equal to the matching slices of `kernels.delta_rule.delta_rule` on the whole sequence; gradients
     likewise (a replicated log_decay or initial_state receives this rank's share: sum it over the group). split:
-    the Triton path's chunk-parallel split kernels (`kernels.delta_rule.delta_rule`).
+    the Triton path's chunk-parallel split kernels (default; False: the fused ones, `kernels.delta_rule.delta_rule`).
     """
     rank, world = group_rank_world(group)
     check_beta(q, beta)
@@ -151,7 +151,7 @@ def lasp2_delta_rule(
         o, final = delta_rule_triton_sharded(
             rows(q), rows(k), rows(v), rows(beta), exchange, n_local, log_decay=log_decay,
             gate=rows(gate) if gate is not None else None, scale=scale, chunk_size=chunk_size,
-            initial_state=initial_state, config=split_config() if split else None)
+            initial_state=initial_state, config=None if split else fused_config())
         o = o.view(B, T_local, H, V)
         return (o, final) if output_final_state else o
 

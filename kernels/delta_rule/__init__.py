@@ -15,7 +15,7 @@ from kernels.api import _check, resolve_backend
 from kernels.delta_rule.reference import delta_rule_chunked, delta_rule_recurrent, delta_rule_summary
 
 __all__ = ["delta_rule", "gated_delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_summary",
-           "split_config"]
+           "fused_config"]
 
 
 def check_beta(q: torch.Tensor, beta: torch.Tensor) -> None:
@@ -27,7 +27,7 @@ def delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
     log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    chunk_size: int = 64, backend: str = "auto", split: bool = False,
+    chunk_size: int = 64, backend: str = "auto", split: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal gated delta rule with per-head decay λ_h and per-token gate g (DESIGN §12).
 
@@ -36,8 +36,9 @@ def delta_rule(
     float64 inputs). Returns (o [B, T, H, V] in q's dtype, final_state or None); scale defaults to K^-1/2.
     Differentiable in q, k, v, beta, gate, log_decay and initial_state; a gradient on final_state is used.
     backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
-    split: on the Triton path, the chunk-parallel split kernels (`split_config`: DeltaConfig's out_split, grad_split
-    and bwd_split; same results up to rounding); ignored by the PyTorch path.
+    split: on the Triton path, the chunk-parallel split kernels (DeltaConfig's out_split, grad_split and bwd_split,
+    the default); False runs the fused sweeps and gradient kernel (`fused_config`; same results up to rounding).
+    Ignored by the PyTorch path.
     """
     _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
     check_beta(q, beta)
@@ -46,16 +47,16 @@ def delta_rule(
     if resolve_backend(q, backend) == "triton":
         from kernels.delta_rule.triton import delta_rule_triton
 
-        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, config=split_config() if split else None, **kw)
+        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, config=None if split else fused_config(), **kw)
     return delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kw)
 
 
-def split_config():
-    """The Triton kernels' DeltaConfig at call time with the split paths on (outputs, dU's local share and the
-    gradients from chunk-parallel kernels: `kernels.delta_rule.triton.common.DeltaConfig`)."""
+def fused_config():
+    """The Triton kernels' DeltaConfig at call time with the split paths off (outputs from the forward sweep, every
+    gradient from one kernel: `kernels.delta_rule.triton.common.fused_config`)."""
     from kernels.delta_rule.triton import common
 
-    return common.with_config(out_split=True, grad_split=True, bwd_split=True)
+    return common.fused_config()
 
 
 gated_delta_rule = delta_rule

@@ -161,16 +161,18 @@ def test_dispatch_defaults_and_errors() -> None:
 
 triton = pytest.importorskip("triton")
 
-from kernels.delta_rule.triton import delta_rule_triton, with_config  # noqa: E402
+from kernels.delta_rule.triton import FUSED, delta_rule_triton, with_config  # noqa: E402
 
-# two-chunk segments (segment maps, scans) with column blocks of 16 and 3 persistent gradient programs; and one
-# segment with whole-V tiles. *_KB: the K-blocked gradient kernel (grad_block_k 16: two K blocks at K = 24 or 32)
-SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3)
-WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64)
-SEGMENTED_KB = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16)
-WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16)
-# *_SPLIT: outputs from the chunk-parallel kernel (out_split), the gradient in two kernels (grad_split) and dU's
-# chunk-local share before the backward sweeps (bwd_split)
+# The fused paths (FUSED: outputs from the forward sweep, one gradient kernel): two-chunk segments (segment maps,
+# scans) with column blocks of 16 and 3 persistent gradient programs; and one segment with whole-V tiles. *_KB: the
+# K-blocked gradient kernel (grad_block_k 16: two K blocks at K = 24 or 32)
+SEGMENTED = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, **FUSED)
+WHOLE = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, **FUSED)
+SEGMENTED_KB = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16,
+                           **FUSED)
+WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16, **FUSED)
+# *_SPLIT (the default paths): outputs from the chunk-parallel kernel (out_split), the gradient in two kernels
+# (grad_split) and dU's chunk-local share before the backward sweeps (bwd_split)
 SEGMENTED_SPLIT = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16,
                               grad_split=True, out_split=True, bwd_split=True, out_bv=16)
 WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True, bwd_split=True)
@@ -264,7 +266,7 @@ def test_triton_kb32_chunk64_accesses_in_bounds(_bounds_checked):
     tail chunk and fewer gradient programs than chunks: every load and store of every kernel stays inside its
     tensors, and the results are exact."""
     x = _inputs(1, 112, 2, 64, 64, seed=13)
-    cfg = with_config(grad_block_k=32, grad_bv=32, grad_programs=3)
+    cfg = with_config(grad_block_k=32, grad_bv=32, grad_programs=3, **FUSED)
     _compare(delta_rule_triton, x, 1e-5, chunk_size=64, config=cfg)
     assert _bounds_checked["accesses"] > 0
 
@@ -280,11 +282,14 @@ def test_triton_split_kernels_access_in_bounds(_bounds_checked):
     assert _bounds_checked["accesses"] > 0
 
 
-def test_triton_solve_passes():
-    """DeltaConfig.solve_passes = 1 runs (the interpreter computes every dot in fp32, so this checks the plumbing;
-    its accuracy on the GPU is in `delta_rule.py`'s error column); other values are refused in one line."""
+@pytest.mark.parametrize("passes", [1, 3])
+def test_triton_solve_passes(passes):
+    """DeltaConfig.solve_passes = 1 (the default) and 3 run (the interpreter computes every dot in fp32, so this
+    checks the plumbing; their accuracy on the GPU is in `delta_rule.py`'s error column and the GPU cases); other
+    values are refused in one line."""
     x = _inputs(1, 40, 1, 16, 16, dtype=torch.float16, seed=15)
-    _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=with_config(solve_passes=1), ref=delta_rule_chunked)
+    _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=with_config(solve_passes=passes),
+             ref=delta_rule_chunked)
     with pytest.raises(ValueError, match=r"solve_passes=2: use 3 \(tf32x3\) or 1"):
         _run(delta_rule_triton, x, None, None, chunk_size=16, config=with_config(solve_passes=2))
 
@@ -409,18 +414,19 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 
 BF16 = dict(H=16, K=128, V=128, dtype="bfloat16")  # the model's layer: 16 heads of 128
 GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; always λ, a final state, every gradient
-    "bf16-16K": dict(B=2, T=16384, **BF16),  # default config: 32 chunks per segment, 8 segments
+    "bf16-16K": dict(B=2, T=16384, **BF16),  # default config (split paths): 32 chunks per segment, 8 segments
     "bf16-tail": dict(B=1, T=8176, **BF16),  # default config: 16 × 8 segments, the last chunk 48 tokens long
     "bf16-short-segments": dict(B=1, T=8176, cfg=dict(seg_chunks=12), **BF16),  # 11 segments, the last one 8 chunks
     "bf16-one-segment": dict(B=1, T=8176, cfg=dict(seg_chunks=100000), **BF16),  # no segment maps, no scans
     # K blocks of 32 at chunk 64 (grad_block_k=32) are refused on sm_90: an illegal memory access there
     # (`check_config`); its tiles are checked under the interpreter (test_triton_kb32_chunk64_accesses_in_bounds)
-    "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32), **BF16),
+    "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32, **FUSED), **BF16),
+    # the fused paths with the tf32x3 solve (the default before the split paths were timed)
+    "bf16-fused": dict(B=1, T=8176, cfg=dict(solve_passes=3, **FUSED), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
-    "bf16-split": dict(B=1, T=8176, cfg=dict(out_split=True, grad_split=True, bwd_split=True), **BF16),
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,
-                                   cfg=dict(chunk=32, grad_block_k=64)),
+                                   cfg=dict(chunk=32, grad_block_k=64, **FUSED)),
     "fp32-chunk16": dict(B=1, T=12289, H=4, K=64, V=128, dtype="float32", cfg=dict(chunk=16)),
 }
 GPU_TOL = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-4}

@@ -6,7 +6,7 @@ the chunk sweeps, the segment scans), ``backward`` (the reverse sweep and the ch
 the sequence-sharded form (LASP-2 for affine recurrences, `parallel.lasp2_delta_triton`) is built from.
 """
 
-from kernels.delta_rule.triton.common import DEFAULT_CONFIG, DeltaConfig, with_config
+from kernels.delta_rule.triton.common import DEFAULT_CONFIG, FUSED, DeltaConfig, fused_config, with_config
 from kernels.delta_rule.triton.function import (
     backward_pass,
     boundary_states,
@@ -19,4 +19,4 @@ from kernels.delta_rule.triton.function import (
 )
 
 __all__ = ["DEFAULT_CONFIG", "DeltaConfig", "backward_pass", "boundary_states", "decay_grads", "delta_rule_triton",
-           "entering_grad", "row_summary", "segment_summaries", "setup", "with_config"]
+           "entering_grad", "row_summary", "segment_summaries", "setup", "with_config", "fused_config", "FUSED"]

@@ -34,8 +34,9 @@ class DeltaConfig:
     once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
     backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer; K blocks under 64 at chunk 64 are
     refused on sm_90, see `check_config`); scan_bn: column block of the segment scans. solve_passes: tf32 products
-    per dot of the UT transform's inverse for 16-bit inputs, 3 (tf32x3) or 1 (sm_90: 250 registers and no spill in
-    `_prep_kernel` at chunk 64, against 624 bytes spilled with 3; accuracy to be measured).
+    per dot of the UT transform's inverse for 16-bit inputs, 1 (default; sm_90: 250 registers and no spill in
+    `_prep_kernel` at chunk 64; H200: 1.2–1.4× faster forward+backward than 3, the same error against the fp32
+    reference, benchmarks/RESULTS.md) or 3 (tf32x3: 624 bytes spilled); fp32 inputs always solve in IEEE fp32.
     out_split: outputs from a chunk-parallel kernel (`_out_kernel`, V-blocks of out_bv) after a sweep that only
     carries the state and writes every chunk's entering state and U (a [B·H, NC, K, V] transient in the forward);
     off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
@@ -43,7 +44,9 @@ class DeltaConfig:
     the rest of dk), K in blocks of grad_block_k (0: 64), Tᵀ from the backward's `_prep_kernel`; each holds a few
     [C, C] and [C, BK] tiles, where `_grad_kernel` holds all of them at once. bwd_split: the chunk-local share
     of dU, scale (Q Kᵀ ⊙ D)ᵀ dO, from a chunk-parallel kernel (`_du_local_kernel`, a [B, T, H, V] transient) before
-    the backward sweeps, which then skip two of their five products per chunk.
+    the backward sweeps, which then skip two of their five products per chunk. The three split switches are on by
+    default (H200, bf16: 1.5–1.9× faster forward+backward than all three off, the fused path); `fused_config()`
+    turns them off.
     """
 
     chunk: int = 64
@@ -60,12 +63,12 @@ class DeltaConfig:
     scan_bn: int = 32
     scan_warps: int = 8
     num_stages: int = 2
-    solve_passes: int = 3
-    out_split: bool = False
+    solve_passes: int = 1
+    out_split: bool = True
     out_bv: int = 64
     out_warps: int = 4
-    grad_split: bool = False
-    bwd_split: bool = False
+    grad_split: bool = True
+    bwd_split: bool = True
     split_warps: int = 8
 
 
@@ -75,6 +78,15 @@ DEFAULT_CONFIG = DeltaConfig()
 def with_config(**kw) -> DeltaConfig:
     """DEFAULT_CONFIG with some fields replaced (benchmarks and tests)."""
     return replace(DEFAULT_CONFIG, **kw)
+
+
+FUSED = dict(out_split=False, grad_split=False, bwd_split=False)  # the fused sweeps and gradient kernel
+
+
+def fused_config() -> DeltaConfig:
+    """DEFAULT_CONFIG at call time with the split paths off: outputs from the forward sweep, dU's local share inside
+    the backward sweeps and every gradient from one kernel (`_grad_kernel`, or `_grad_kb_kernel`)."""
+    return with_config(**FUSED)
 
 
 @triton.jit

@@ -158,8 +158,9 @@ def _sweep_kernel(q, k, w, u, G, lam_ptr, s_in, o, h_out, un_out, s_out, T, H, N
 
 @triton.jit
 def _scan_kernel(P, X, out, init, NS, K: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Columns [i_n·BN, …) of the boundary states, sequentially over segments (fp32, IEEE dots).
+                 REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    """Columns [i_n·BN, …) of the boundary states, sequentially over segments in fp32; PREC: IEEE dots for fp32
+    inputs, tf32x3 for 16-bit ones (sm_90: IEEE's FMA dot spills about 7 KB per thread here, tf32x3 none).
 
     Forward: out[s] = S_in(s), S_in(0) = init, S_in(s+1) = P_s S_in(s) + X_s (X = M).
     Reverse: out[s] = dS_out(s), dS_out(NS−1) = init, dS_out(s−1) = P_sᵀ dS_out(s) + X_s (X = Δ)."""
@@ -186,7 +187,7 @@ def _scan_kernel(P, X, out, init, NS, K: tl.constexpr, N: tl.constexpr, BK: tl.c
         if REVERSE:
             Ps = tl.trans(Ps)
         Xs = tl.load(X + (i_bh * NS + s) * (K * N) + tile, mask=tmask, other=0.0)
-        S = tl.dot(Ps, S, Xs, input_precision="ieee")
+        S = tl.dot(Ps, S, Xs, input_precision=PREC)
 
 
 @triton.jit
@@ -293,7 +294,7 @@ def scan(p: Plan, P: torch.Tensor, X: torch.Tensor, init: torch.Tensor | None, r
     out = _empty((p.B * p.H, p.NS, p.K, p.V), torch.float32, X.device)
     _scan_kernel[(triton.cdiv(p.V, bn), p.B * p.H)](
         P, X, out, _arg(init, X), p.NS, K=p.K, N=p.V, BK=p.Kp, BN=bn, REVERSE=reverse, HAS_INIT=init is not None,
-        num_warps=p.cfg.scan_warps)
+        PREC="ieee" if p.prec == "ieee" else "tf32x3", num_warps=p.cfg.scan_warps)
     return out
 
 
