@@ -6,10 +6,13 @@
 #            the kernels against fla 0.6.0's chunk_gated_delta_rule at the issue's four shapes (default config and
 #            the fused paths with the tf32x3 solve, each kernel's GPU time), then our gdn-1b step (pure D layout)
 #            at 128K and at 1M in 64K windows.
-#   models:  the gdn-1b step at 128K against fla's GatedDeltaNetForCausalLM in the same run (fla autotunes for
-#            minutes on its first step).
+#   tune:    the solve_block GPU case; the kernels at 16×4K and 1×128K against fla with tile and solve configs
+#            (this also compiles fla's kernels into Triton's cache for the next step); then the gdn-1b step at 128K,
+#            selective (default) and full recomputation, against fla's GatedDeltaNetForCausalLM in the same run
+#            (fla autotunes for minutes on its first step).
+#   models:  that gdn-1b step alone.
 #
-#     bash benchmarks/issue20_gpu.sh kernels|models   # from the repository root; .whl/ (fla wheels) carried
+#     bash benchmarks/issue20_gpu.sh kernels|tune|models   # from the repository root; .whl/ (fla wheels) carried
 set -u
 cd "$(dirname "$0")/.."
 PART="${1:-kernels}"
@@ -24,11 +27,19 @@ kernels)
     step train_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant "default@128K:" \
         --variant "w64k@1M:train.window=65536" --out "$DIR/train_step.json"
     ;;
+tune)
+    step gpu_tests 90 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "16K or solve16" -rs
+    step kernels 170 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --out "$DIR/delta_rule_tune.md" \
+        --configs "default:;solve16:solve_block=16;solve32:solve_block=32;prep4:prep_warps=4;solve16-prep4:solve_block=16,prep_warps=4;gp512:grad_programs=512;gp2048:grad_programs=2048"
+    step train_step 320 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
+        --warmup-timeout 240 --out "$DIR/train_step.json"
+    ;;
 models)
-    step train_step 560 "${GDN[@]}" --seq-lens 128K --out "$DIR/train_step.json"
+    step train_step 560 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
+        --out "$DIR/train_step.json"
     ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|models" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|models" >&2
     exit 2
     ;;
 esac

@@ -294,6 +294,16 @@ def test_triton_solve_passes(passes):
         _run(delta_rule_triton, x, None, None, chunk_size=16, config=with_config(solve_passes=2))
 
 
+@pytest.mark.parametrize("C,block", [(32, 16), (64, 16), (64, 32)], ids=["C32-b16", "C64-b16", "C64-b32"])
+def test_triton_solve_block(C, block):
+    """DeltaConfig.solve_block: T's diagonal blocks inverted first (batched), then the doubling over whole tiles —
+    outputs, final state and every gradient as the recurrence's, with a tail chunk and keys that repeat (T's
+    entries grow there)."""
+    x = _inputs(1, C + 24, 2, 32, 16, seed=16 + C + block)
+    x["k"][:, 8:16] = x["k"][:, :8].clone()  # repeated keys: (I + A)⁻¹ far from I
+    _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=with_config(solve_block=block))
+
+
 def test_triton_kb_config_check():
     """K blocks under 64 at chunk 64 are refused on sm_90 (an illegal memory access in Triton's code there), in one
     line naming the fix; K blocks of 64, chunk 32, other GPUs and the interpreter are not."""
@@ -421,6 +431,8 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     # K blocks of 32 at chunk 64 (grad_block_k=32) are refused on sm_90: an illegal memory access there
     # (`check_config`); its tiles are checked under the interpreter (test_triton_kb32_chunk64_accesses_in_bounds)
     "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32, **FUSED), **BF16),
+    # T's diagonal 16-blocks inverted first (DeltaConfig.solve_block)
+    "bf16-solve16": dict(B=1, T=8176, cfg=dict(solve_block=16), **BF16),
     # the fused paths with the tf32x3 solve (the default before the split paths were timed)
     "bf16-fused": dict(B=1, T=8176, cfg=dict(solve_passes=3, **FUSED), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state

@@ -221,7 +221,7 @@ def _grad_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, dq, dk, dv, dbeta
         bq = _load_tok(q, i_bh, T, H, K, t0, 0, C, BK)
         bk = _load_tok(k, i_bh, T, H, K, t0, 0, C, BK)
         g, g_last = _chunk_decay(G + i_bh * T, lam2, t0, T, offs_c, C, DECAY)
-        Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC, SOLVE)
+        Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC, SOLVE, 0, 0)
         Tt = _transposed(scratch, Tm, C)
         if DECAY == 0:
             Gam = tl.where(mt, 1.0, 0.0)

@@ -37,6 +37,9 @@ class DeltaConfig:
     per dot of the UT transform's inverse for 16-bit inputs, 1 (default; sm_90: 250 registers and no spill in
     `_prep_kernel` at chunk 64; H200: 1.2–1.4× faster forward+backward than 3, the same error against the fp32
     reference, benchmarks/RESULTS.md) or 3 (tf32x3: 624 bytes spilled); fp32 inputs always solve in IEEE fp32.
+    solve_block: 0 = `_prep_kernel` inverts T by doubling over whole [C, C] tiles (log2 C steps of two C³ products);
+    16 (or 32) = the diagonal blocks of that size first, batched (`_unit_lower_inverse_blocked`), then the doubling
+    steps from there (two of five steps on whole tiles at chunk 64).
     out_split: outputs from a chunk-parallel kernel (`_out_kernel`, V-blocks of out_bv) after a sweep that only
     carries the state and writes every chunk's entering state and U (a [B·H, NC, K, V] transient in the forward);
     off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
@@ -64,6 +67,7 @@ class DeltaConfig:
     scan_warps: int = 8
     num_stages: int = 2
     solve_passes: int = 1
+    solve_block: int = 0
     out_split: bool = True
     out_bv: int = 64
     out_warps: int = 4
@@ -164,17 +168,52 @@ def _unit_lower_inverse(A, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.conste
 
 
 @triton.jit
+def _unit_lower_inverse_blocked(A, C: tl.constexpr, LOG2C: tl.constexpr, BS: tl.constexpr, LOG2BS: tl.constexpr,
+                                PREC: tl.constexpr):
+    """`_unit_lower_inverse` with the diagonal [BS, BS] blocks inverted first, all C/BS of them in one batched
+    [C/BS, BS, BS] product chain (the doubling steps below BS, on BS³ instead of C³ products each), then the block
+    diagonal laid out as a [C, C] tile for the doubling steps from BS up. Same steps, same result up to rounding."""
+    NB: tl.constexpr = C // BS
+    offs = tl.arange(0, BS)
+    blk = tl.arange(0, NB)
+    same = blk[:, None, None, None] == blk[None, None, :, None]  # [NB, 1, NB, 1]
+    Ab = tl.sum(tl.where(same, tl.reshape(A, [NB, BS, NB, BS]), 0.0), axis=2)  # the diagonal blocks [NB, BS, BS]
+    lower = offs[:, None] > offs[None, :]
+    pairs = lower & (offs[:, None] // 2 == offs[None, :] // 2)
+    Tb = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)[None, :, :] - tl.where(pairs[None, :, :], Ab, 0.0)
+    for lvl in tl.static_range(1, LOG2BS):
+        s = 1 << lvl
+        block = offs // (2 * s)
+        off = lower & (block[:, None] == block[None, :]) & (offs[:, None] // s != offs[None, :] // s)
+        Tb = Tb - tl.dot(tl.dot(Tb, tl.where(off[None, :, :], Ab, 0.0), input_precision=PREC), Tb,
+                         input_precision=PREC)
+    Tm = tl.reshape(tl.where(same, Tb[:, :, None, :], 0.0), [C, C])
+    offs_c = tl.arange(0, C)
+    lower_c = offs_c[:, None] > offs_c[None, :]
+    for lvl in tl.static_range(LOG2BS, LOG2C):
+        s = 1 << lvl
+        block = offs_c // (2 * s)
+        off = lower_c & (block[:, None] == block[None, :]) & (offs_c[:, None] // s != offs_c[None, :] // s)
+        Tm = Tm - tl.dot(tl.dot(Tm, tl.where(off, A, 0.0), input_precision=PREC), Tm, input_precision=PREC)
+    return Tm
+
+
+@triton.jit
 def _ut_transform(bk, b, g, offs_c, C: tl.constexpr, LOG2C: tl.constexpr, DECAY: tl.constexpr,
-                  PREC: tl.constexpr, SOLVE: tl.constexpr):
+                  PREC: tl.constexpr, SOLVE: tl.constexpr, SOLVE_BLOCK: tl.constexpr, LOG2SB: tl.constexpr):
     """(T, A, D, K Kᵀ) of one chunk: k [C, BK] (padded rows 0), β [C] fp32 (padded 0), g its log2 decay; SOLVE is
-    the precision of the inverse's dots (`solve_precision`)."""
+    the precision of the inverse's dots (`solve_precision`); SOLVE_BLOCK > 0: `_unit_lower_inverse_blocked` with
+    diagonal blocks of that size (a power of two, 16 ≤ SOLVE_BLOCK < C; LOG2SB its log2)."""
     kk = tl.dot(bk, tl.trans(bk), input_precision=PREC)
     if DECAY == 0:
         D = tl.where(offs_c[:, None] >= offs_c[None, :], 1.0, 0.0)
     else:
         D = _decay_matrix(g, offs_c, False)
     A = tl.where(offs_c[:, None] > offs_c[None, :], b[:, None] * kk * D, 0.0)
-    Tm = _unit_lower_inverse(A, C, LOG2C, SOLVE)
+    if SOLVE_BLOCK > 0:
+        Tm = _unit_lower_inverse_blocked(A, C, LOG2C, SOLVE_BLOCK, LOG2SB, SOLVE)
+    else:
+        Tm = _unit_lower_inverse(A, C, LOG2C, SOLVE)
     return Tm, A, D, kk
 
 
@@ -184,6 +223,15 @@ def solve_precision(prec: str, cfg: DeltaConfig) -> str:
     if prec == "ieee":
         return "ieee"
     return "tf32x3" if cfg.solve_passes == 3 else "tf32"
+
+
+def solve_block(cfg: DeltaConfig, C: int) -> int:
+    """The diagonal blocks `_prep_kernel` inverts first (cfg.solve_block rounded to a power of two ≥ 16), or 0 for
+    the doubling over whole [C, C] tiles (solve_block 0, or blocks as large as the chunk)."""
+    if cfg.solve_block <= 0:
+        return 0
+    sb = max(16, _pow2(cfg.solve_block))
+    return sb if sb < C else 0
 
 
 def _chunk_size(chunk: int) -> int:

@@ -25,6 +25,7 @@ from kernels.delta_rule.triton.common import (
     _load_tok,
     _tok_tile,
     _ut_transform,
+    solve_block,
     solve_precision,
     state_dtype,
 )
@@ -37,9 +38,10 @@ OUT, STATES, SUM_M, SUM_P = 0, 1, 2, 3
 def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, t_out, T, H,
                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_T: tl.constexpr,
-                 SOLVE: tl.constexpr):
+                 SOLVE: tl.constexpr, SOLVE_BLOCK: tl.constexpr, LOG2SB: tl.constexpr):
     """W and u of one chunk, in column blocks of BN (rows past T are written nowhere; their inputs load as 0);
-    STORE_T: also Tᵀ (fp32, whole [C, C] tile) into t_out [B·H, NC, C, C]."""
+    STORE_T: also Tᵀ (fp32, whole [C, C] tile) into t_out [B·H, NC, C, C]; SOLVE_BLOCK (> 0): the inverse's
+    diagonal blocks first (`_unit_lower_inverse_blocked`)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, C)
@@ -58,7 +60,7 @@ def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, t_out, T, H,
     bk = tl.load(k + r64[:, None] * (H * K) + offs_k[None, :], mask=mt[:, None] & (offs_k < K)[None, :], other=0.0)
     b = tl.load(beta + r64 * H, mask=mt, other=0.0).to(tl.float32)
     g, g_last = _chunk_decay(G, lam2, t0, T, offs_c, C, DECAY)
-    Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC, SOLVE)
+    Tm, A, D, kk = _ut_transform(bk, b, g, offs_c, C, LOG2C, DECAY, PREC, SOLVE, SOLVE_BLOCK, LOG2SB)
     if STORE_T:
         t_out += (i_bh * tl.num_programs(0) + i_c) * (C * C)
         tl.store(t_out + offs_c[None, :] * C + offs_c[:, None], Tm)
@@ -231,10 +233,12 @@ def prepare(p: Plan, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, G: to
     dt = state_dtype(k)
     w = _empty(tuple(k.shape), dt, k.device)
     u = _empty(tuple(v.shape), dt, k.device)
+    sb = solve_block(p.cfg, p.C)
     _prep_kernel[(p.NC, p.B * p.H)](
         k, v, beta, G, lam, w, u, _arg(t_out, w), p.T, p.H, K=p.K, V=p.V, C=p.C, LOG2C=p.C.bit_length() - 1,
         BK=p.Kp, BN=min(p.Kp, p.Vp, p.cfg.prep_bn), DECAY=p.decay, PREC=p.prec, STORE_T=t_out is not None,
-        SOLVE=solve_precision(p.prec, p.cfg), num_warps=p.cfg.prep_warps)
+        SOLVE=solve_precision(p.prec, p.cfg), SOLVE_BLOCK=sb, LOG2SB=max(sb, 1).bit_length() - 1,
+        num_warps=p.cfg.prep_warps)
     return w, u
 
 
