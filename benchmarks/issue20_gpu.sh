@@ -10,9 +10,11 @@
 #            (this also compiles fla's kernels into Triton's cache for the next step); then the gdn-1b step at 128K,
 #            selective (default) and full recomputation, against fla's GatedDeltaNetForCausalLM in the same run
 #            (fla autotunes for minutes on its first step).
+#   verify:  (3 minutes) the delta-rule GPU tests and the kernels against fla at 16×4K and 1×64K with each kernel's
+#            time: a check of a changed default.
 #   models:  that gdn-1b step alone.
 #
-#     bash benchmarks/issue20_gpu.sh kernels|tune|models   # from the repository root; .whl/ (fla wheels) carried
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models   # from the repository root; .whl/ (fla wheels) carried
 set -u
 cd "$(dirname "$0")/.."
 PART="${1:-kernels}"
@@ -34,12 +36,16 @@ tune)
     step train_step 320 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
         --warmup-timeout 240 --out "$DIR/train_step.json"
     ;;
+verify)
+    step gpu_tests 80 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -rs
+    step kernels 100 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md"
+    ;;
 models)
     step train_step 560 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
         --out "$DIR/train_step.json"
     ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|models" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|models" >&2
     exit 2
     ;;
 esac

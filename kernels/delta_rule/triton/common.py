@@ -37,9 +37,11 @@ class DeltaConfig:
     per dot of the UT transform's inverse for 16-bit inputs, 1 (default; sm_90: 250 registers and no spill in
     `_prep_kernel` at chunk 64; H200: 1.2–1.4× faster forward+backward than 3, the same error against the fp32
     reference, benchmarks/RESULTS.md) or 3 (tf32x3: 624 bytes spilled); fp32 inputs always solve in IEEE fp32.
-    solve_block: 0 = `_prep_kernel` inverts T by doubling over whole [C, C] tiles (log2 C steps of two C³ products);
-    16 (or 32) = the diagonal blocks of that size first, batched (`_unit_lower_inverse_blocked`), then the doubling
-    steps from there (two of five steps on whole tiles at chunk 64).
+    solve_block: 16 (default) or 32 = `_prep_kernel` inverts T's diagonal blocks of that size first, batched
+    (`_unit_lower_inverse_blocked`), then doubles over whole tiles from there (two of five steps on whole tiles at
+    chunk 64); 0 = every doubling step over whole [C, C] tiles (log2 C steps of two C³ products). With prep_warps=4
+    (184 → 158 registers: two programs per SM) the H200 ran a bf16 forward+backward 1.24× (16×4K) and 1.20× (1×128K)
+    faster than solve_block 0 with 8 warps, the same error.
     out_split: outputs from a chunk-parallel kernel (`_out_kernel`, V-blocks of out_bv) after a sweep that only
     carries the state and writes every chunk's entering state and U (a [B·H, NC, K, V] transient in the forward);
     off: the sweep computes the outputs as it goes (no per-chunk transient). grad_split: the gradient in two
@@ -56,7 +58,7 @@ class DeltaConfig:
     seg_chunks: int = 0
     target_programs: int = 256
     prep_bn: int = 64
-    prep_warps: int = 8
+    prep_warps: int = 4
     sweep_bv: int = 64
     sweep_warps: int = 8
     grad_bv: int = 64
@@ -67,7 +69,7 @@ class DeltaConfig:
     scan_warps: int = 8
     num_stages: int = 2
     solve_passes: int = 1
-    solve_block: int = 0
+    solve_block: int = 16
     out_split: bool = True
     out_bv: int = 64
     out_warps: int = 4
