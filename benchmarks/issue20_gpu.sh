@@ -3,9 +3,9 @@
 # fails; outputs go to $OUT (default benchmarks/results/issue20), the log of each step next to them.
 #
 #   kernels: the delta-rule GPU tests (every case: the default split paths, the fused ones, K-blocked, fp16, fp32),
-#            the kernels against fla 0.6.0's chunk_gated_delta_rule at the issue's four shapes (default config and
-#            the fused paths with the tf32x3 solve, each kernel's GPU time), then our gdn-1b step (pure D layout)
-#            at 128K and at 1M in 64K windows.
+#            the kernels against fla 0.6.0's chunk_gated_delta_rule at the issue's four shapes (the default config,
+#            window_tokens=65536 for peak memory, the fused paths with the tf32x3 solve; each kernel's GPU time),
+#            then our gdn-1b step (pure D layout) at 128K and at 1M in 64K windows.
 #   tune:    the solve_block GPU case; the kernels at 16×4K and 1×128K against fla with tile and solve configs
 #            (this also compiles fla's kernels into Triton's cache for the next step); then the gdn-1b step at 128K,
 #            selective (default) and full recomputation, against fla's GatedDeltaNetForCausalLM in the same run
@@ -25,7 +25,7 @@ case "$PART" in
 kernels)
     step gpu_tests 170 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -rs
     step kernels 260 python3 benchmarks/delta_rule.py --kernels --out "$DIR/delta_rule.md" \
-        --configs "default:;fused:out_split=0,grad_split=0,bwd_split=0,solve_passes=3"
+        --configs "default:;w64k:window_tokens=65536;fused:out_split=0,grad_split=0,bwd_split=0,solve_passes=3"
     step train_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant "default@128K:" \
         --variant "w64k@1M:train.window=65536" --out "$DIR/train_step.json"
     ;;

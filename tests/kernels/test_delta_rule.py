@@ -304,6 +304,68 @@ def test_triton_solve_block(C, block):
     _compare(delta_rule_triton, x, 1e-5, chunk_size=C, config=with_config(solve_block=block))
 
 
+WINDOWED = {  # windows of two one-chunk segments (the last window of a row one segment, its chunk a tail)
+    "split": with_config(window_tokens=32, seg_chunks=1, sweep_bv=16, grad_bv=16, out_bv=16, grad_programs=3),
+    "fused": with_config(window_tokens=32, seg_chunks=1, sweep_bv=16, grad_bv=16, grad_programs=3, **FUSED),
+    "kb": with_config(window_tokens=32, seg_chunks=1, sweep_bv=16, grad_bv=16, grad_programs=3, grad_block_k=16,
+                      **FUSED),
+}
+
+
+@pytest.mark.parametrize("path", list(WINDOWED))
+@pytest.mark.parametrize("init,final", [(True, True), (False, False)], ids=["states", "no-states"])
+def test_triton_windows_match_recurrence(path, init, final):
+    """DeltaConfig.window_tokens: the per-chunk stages window by window (one batch row and whole segments at a
+    time, B = 2, T = 77: three windows per row, the last a 13-token tail chunk): outputs, final state and every
+    gradient as the recurrence's."""
+    from kernels.delta_rule.triton.common import make_plan
+    from kernels.delta_rule.triton.function import windows
+
+    x = _inputs(2, 77, 2, 16, 16, init=init, seed=17)
+    _compare(delta_rule_triton, x, 1e-5, final=final, chunk_size=16, config=WINDOWED[path])
+    p = make_plan(x["q"], x["v"], 2, 0.25, WINDOWED[path], 16)
+    assert [(w.b, w.s0, w.s1, w.t0, w.t1) for w in windows(p)] == [
+        (b, s, min(s + 2, 5), 16 * s, min(16 * s + 32, 77)) for b in (0, 1) for s in (0, 2, 4)]
+
+
+@pytest.mark.parametrize("window", [64, 0], ids=["windows", "whole-call"])
+def test_triton_window_transients(window, monkeypatch):
+    """With window_tokens no per-chunk buffer spans the call ([B·H, NC, …]: only a window's [H, ≤ 4, …]) and the
+    only [B, T, …] buffers are the forward's W, u and o and the gradients dq, dk, dv; the whole-call control has
+    both kinds (B = 2, T = 77, chunks of 16, segments of 2 chunks, windows of 2 segments)."""
+    from kernels.delta_rule.triton import backward, forward, function
+
+    shapes = []
+    for mod in (backward, forward, function):
+        def record(shape, dtype, device, real=mod._empty):
+            shapes.append(tuple(shape))
+            return real(shape, dtype, device)
+        monkeypatch.setattr(mod, "_empty", record)
+    x = _inputs(2, 77, 2, 32, 16, seed=18)
+    cfg = with_config(window_tokens=window, seg_chunks=2, sweep_bv=16, grad_bv=16, out_bv=16, grad_programs=3)
+    do, df = _cotangents(x, True, 5)
+    _run(delta_rule_triton, x, do, df, chunk_size=16, config=cfg)
+    per_chunk = [s for s in shapes if len(s) == 4 and s[2] != 2 and s[1] == 5]  # [B·H, NC = 5, K or C, V or C]
+    per_token = [s for s in shapes if len(s) == 4 and s[:3] == (2, 77, 2)]
+    if window:
+        assert not per_chunk and len(per_token) == 6, (per_chunk, per_token)
+    else:
+        assert per_chunk and len(per_token) > 6, (per_chunk, per_token)
+
+
+def test_triton_window_segments():
+    """window_tokens sizes segments so that one window of one row has about target_programs (h, segment)
+    programs (at least 16 chunks each); no windows when one would hold the whole call."""
+    from kernels.delta_rule.triton.common import make_plan
+    from kernels.delta_rule.triton.function import windows
+
+    q = torch.empty(1, 1 << 20, 16, 128, device="meta")
+    p = make_plan(q, q, 2, 1.0, with_config(window_tokens=65536), 64)
+    assert (p.NCS, p.NS, len(windows(p))) == (64, 256, 16)
+    p = make_plan(q[:, :65536], q[:, :65536], 2, 1.0, with_config(window_tokens=65536), 64)
+    assert windows(p) is None
+
+
 def test_triton_kb_config_check():
     """K blocks under 64 at chunk 64 are refused on sm_90 (an illegal memory access in Triton's code there), in one
     line naming the fix; K blocks of 64, chunk 32, other GPUs and the interpreter are not."""
@@ -433,6 +495,8 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     "bf16-grad-kb64": dict(B=1, T=8176, cfg=dict(grad_block_k=64, grad_bv=32, **FUSED), **BF16),
     # T's diagonal 16-blocks inverted first (DeltaConfig.solve_block)
     "bf16-solve16": dict(B=1, T=8176, cfg=dict(solve_block=16), **BF16),
+    # two windows of 4 segments (DeltaConfig.window_tokens)
+    "bf16-windows": dict(B=1, T=8176, cfg=dict(window_tokens=4096), **BF16),
     # the fused paths with the tf32x3 solve (the default before the split paths were timed)
     "bf16-fused": dict(B=1, T=8176, cfg=dict(solve_passes=3, **FUSED), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state

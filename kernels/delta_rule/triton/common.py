@@ -51,7 +51,11 @@ class DeltaConfig:
     of dU, scale (Q Kᵀ ⊙ D)ᵀ dO, from a chunk-parallel kernel (`_du_local_kernel`, a [B, T, H, V] transient) before
     the backward sweeps, which then skip two of their five products per chunk. The three split switches are on by
     default (H200, bf16: 1.5–1.9× faster forward+backward than all three off, the fused path); `fused_config()`
-    turns them off.
+    turns them off. window_tokens: 0 = every stage over the whole [B, T] call; > 0 = the stages whose transients
+    are per chunk (the out_split forward's states, the backward's W, u, Tᵀ, chunk states, dS, U, dU) run on one
+    batch row and about window_tokens tokens (whole segments) at a time, segments sized so that one window still
+    has about target_programs (h, segment) programs: those transients shrink from the call's size to a window's
+    (peak memory at long T), at the cost of one more UT transform and dU local share per window in the backward.
     """
 
     chunk: int = 64
@@ -76,6 +80,7 @@ class DeltaConfig:
     grad_split: bool = True
     bwd_split: bool = True
     split_warps: int = 8
+    window_tokens: int = 0
 
 
 DEFAULT_CONFIG = DeltaConfig()
@@ -273,6 +278,9 @@ def make_plan(q: torch.Tensor, v: torch.Tensor, decay: int, scale: float, cfg: D
     NC = -(-T // C)
     if cfg.seg_chunks > 0:
         NCS = cfg.seg_chunks
+    elif cfg.window_tokens > 0:  # about target_programs (h, segment) programs within one window of one row
+        want = -(-cfg.target_programs // H)
+        NCS = max(16, -(-min(NC, max(1, cfg.window_tokens // C)) // want))
     else:  # one segment when the heads alone fill the device; otherwise about target_programs programs
         want = -(-cfg.target_programs // (B * H))
         NCS = max(16, -(-NC // want))

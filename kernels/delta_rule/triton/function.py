@@ -8,17 +8,21 @@ Backward: W, u again (and every chunk's Tᵀ when DeltaConfig.grad_block_k > 0 o
 the states entering every chunk and U (forward sweep) → dS_out of every chunk and dU (reverse sweep) → the
 chunk-parallel gradient kernel (two with grad_split). With DeltaConfig.out_split the forward's outputs come from
 the STATES sweep's per-chunk states through a chunk-parallel kernel (`forward.outputs`). The per-chunk states of
-the backward (and the per-chunk Tᵀ) are its only transients of state size.
+the backward (and the per-chunk Tᵀ) are its only transients of state size. With DeltaConfig.window_tokens the
+stages with per-chunk transients run window by window (`Window`: one batch row, whole segments), each from its
+segments' boundary states, so those transients are a window's size.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from kernels.delta_rule.triton import backward as bwd
 from kernels.delta_rule.triton import forward as fwd
 from kernels.delta_rule.triton.common import DeltaConfig, decay_inputs, make_plan
-from kernels.triton.common import Plan, checked_inputs
+from kernels.triton.common import Plan, _empty, checked_inputs
 
 
 def setup(q, v, log_decay, gate, scale: float, chunk: int | None, cfg: DeltaConfig | None):
@@ -71,6 +75,107 @@ def backward_pass(p: Plan, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_d
     return dq, dk, dv, dbeta, dloga, ds0
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Segments [s0, s1) of batch row b: tokens [t0, t1), and the plan of a call on just that part (B = 1)."""
+
+    p: Plan
+    b: int
+    s0: int
+    s1: int
+    t0: int
+    t1: int
+
+    def tok(self, x: torch.Tensor) -> torch.Tensor:
+        """The window's rows of a [B, T, …] tensor (a contiguous view)."""
+        return x[self.b:self.b + 1, self.t0:self.t1]
+
+    def gate(self, G: torch.Tensor, full: Plan) -> torch.Tensor:
+        """Its part of the gate cumsum G [B·H, T] (chunk-local, so a slice at chunk starts is exact); a dummy as is."""
+        if G.numel() != full.B * full.H * full.T:
+            return G
+        return G.view(full.B, full.H, full.T)[self.b, :, self.t0:self.t1].contiguous()
+
+    def seg(self, x: torch.Tensor, full: Plan) -> torch.Tensor:
+        """Its segments of a per-segment [B·H, NS, …] tensor, as [H, s1 − s0, …]."""
+        return x.view(full.B, full.H, full.NS, *x.shape[2:])[self.b, :, self.s0:self.s1].contiguous()
+
+    def put_seg(self, dst: torch.Tensor, x: torch.Tensor, full: Plan) -> None:
+        dst.view(full.B, full.H, full.NS, *dst.shape[2:])[self.b, :, self.s0:self.s1] = x
+
+    def put_tok(self, dst: torch.Tensor, x: torch.Tensor) -> None:
+        dst[self.b:self.b + 1, self.t0:self.t1] = x
+
+
+def windows(p: Plan) -> list[Window] | None:
+    """The windows of a call under DeltaConfig.window_tokens (None: off, or one window would be the whole call)."""
+    if p.cfg.window_tokens <= 0 or p.NS <= 1:
+        return None
+    per = max(1, p.cfg.window_tokens // p.C // p.NCS)  # segments per window
+    if per >= p.NS and p.B == 1:
+        return None
+    out = []
+    for b in range(p.B):
+        for s0 in range(0, p.NS, per):
+            s1 = min(s0 + per, p.NS)
+            c0, c1 = s0 * p.NCS, min(s1 * p.NCS, p.NC)
+            t0, t1 = c0 * p.C, min(c1 * p.C, p.T)
+            wp = dataclasses.replace(p, B=1, T=t1 - t0, NC=c1 - c0, NS=s1 - s0)
+            out.append(Window(wp, b, s0, s1, t0, t1))
+    return out
+
+
+def windowed_outputs(p: Plan, wins: list[Window], q, k, w, u, G, lam, s_in, need_final: bool) -> tuple:
+    """`forward.outputs` window by window: (o, final state or None)."""
+    o = _empty((p.B, p.T, p.H, p.V), q.dtype, q.device)
+    final = _empty((p.B, p.H, p.K, p.V), torch.float32, q.device) if need_final else None
+    for x in wins:
+        last = x.s1 == p.NS
+        o_w, f_w = fwd.outputs(x.p, x.tok(q), x.tok(k), x.tok(w), x.tok(u), x.gate(G, p), lam, x.seg(s_in, p),
+                               need_final and last)
+        x.put_tok(o, o_w)
+        if f_w is not None:
+            final[x.b] = f_w[0]
+    return o, final
+
+
+def windowed_backward(p: Plan, wins: list[Window], q, k, v, beta, G, lam, s_in, P, do, dfinal, need_ds0: bool,
+                      need_dg: bool) -> tuple:
+    """The backward window by window: each window's Δ (its own W, u and dU local share), the reverse scan over all
+    segments, then per window W, u, Tᵀ and dU's local share again and `backward_pass`; (dq, dk, dv, dβ, d log a
+    [B·H, T] or None, dS_init [B·H, K, V] or None)."""
+    dev = q.device
+    delta = _empty((p.B * p.H, p.NS, p.K, p.V), torch.float32, dev)
+    for x in wins:
+        Gw = x.gate(G, p)
+        w, u = fwd.prepare(x.p, x.tok(k), x.tok(v), x.tok(beta), Gw, lam)
+        du_loc = bwd.local_du(x.p, x.tok(q), x.tok(k), x.tok(do), Gw, lam)
+        x.put_seg(delta, bwd.bwd_sweep(x.p, bwd.DELTA, x.tok(q), x.tok(k), w, x.tok(do), Gw, lam, None,
+                                       du_loc=du_loc), p)
+        del w, u, du_loc
+    ds_out = boundary_states(p, P, delta, dfinal, True)
+    del delta
+    dq, dk = (_empty((p.B, p.T, p.H, p.K), q.dtype, dev) for _ in range(2))
+    dv = _empty((p.B, p.T, p.H, p.V), q.dtype, dev)
+    dbeta = _empty((p.B, p.T, p.H), beta.dtype, dev)
+    dloga = _empty((p.B * p.H, p.T), torch.float32, dev) if need_dg else None
+    ds0 = _empty((p.B * p.H, p.K, p.V), torch.float32, dev) if need_ds0 else None
+    for x in wins:
+        Gw = x.gate(G, p)
+        tt = bwd.t_buffer(x.p, q)
+        w, u = fwd.prepare(x.p, x.tok(k), x.tok(v), x.tok(beta), Gw, lam, tt)
+        du_loc = bwd.local_du(x.p, x.tok(q), x.tok(k), x.tok(do), Gw, lam)
+        g = backward_pass(x.p, x.tok(q), x.tok(k), x.tok(v), x.tok(beta), Gw, lam, w, u, x.seg(s_in, p),
+                          x.tok(do), x.seg(ds_out, p), need_ds0 and x.s0 == 0, need_dg, tt, du_loc)
+        for dst, part in zip((dq, dk, dv, dbeta), g[:4]):
+            x.put_tok(dst, part)
+        if need_dg:
+            dloga.view(p.B, p.H, p.T)[x.b, :, x.t0:x.t1] = g[4]
+        if g[5] is not None:
+            ds0.view(p.B, p.H, p.K, p.V)[x.b] = g[5]
+    return dq, dk, dv, dbeta, dloga, ds0
+
+
 def decay_grads(p: Plan, dloga: torch.Tensor | None, gate_dtype, lam_dtype) -> tuple:
     """(d gate [B, T, H] in gate_dtype or None, dλ [H] in lam_dtype or None) from d log a [B·H, T]."""
     if dloga is None:
@@ -91,15 +196,21 @@ def save_context(ctx, p: Plan, log_decay, gate, *tensors) -> None:
     ctx.save_for_backward(*tensors)
 
 
+def saved_context(ctx, do: torch.Tensor | None) -> tuple:
+    """(plan, the saved tensors, do in q's dtype (zeros if None))."""
+    saved = ctx.saved_tensors
+    q = saved[0]
+    p: Plan = ctx.plan
+    do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
+    return p, saved, do.to(q.dtype).contiguous()
+
+
 def restore_context(ctx, do: torch.Tensor | None) -> tuple:
     """(plan, the saved tensors, do in q's dtype (zeros if None), W, u recomputed, every chunk's Tᵀ from the same
     UT transform when cfg.grad_block_k > 0 or cfg.grad_split, else None, and with cfg.bwd_split dU's chunk-local
     share for both backward sweeps, else None)."""
-    saved = ctx.saved_tensors
+    p, saved, do = saved_context(ctx, do)
     q, k, v, beta, G, lam = saved[:6]
-    p: Plan = ctx.plan
-    do = torch.zeros(p.B, p.T, p.H, p.V, dtype=q.dtype, device=q.device) if do is None else do
-    do = do.to(q.dtype).contiguous()
     tt = bwd.t_buffer(p, q)
     w, u = fwd.prepare(p, k, v, beta, G, lam, tt)
     return p, saved, do, w, u, tt, bwd.local_du(p, q, k, do, G, lam)
@@ -117,21 +228,32 @@ class _DeltaRuleTriton(torch.autograd.Function):
             del M
         else:
             s_in = boundary_states(p, None, None, initial_state, False)
-        o, final = fwd.outputs(p, q, k, w, u, G, lam, s_in, output_final_state)
+        wins = windows(p)
+        if wins is not None and p.cfg.out_split:  # the OUT sweep has no per-chunk transient: no windows for it
+            o, final = windowed_outputs(p, wins, q, k, w, u, G, lam, s_in, output_final_state)
+        else:
+            o, final = fwd.outputs(p, q, k, w, u, G, lam, s_in, output_final_state)
+        del w, u
         ctx.has_init = initial_state is not None
         save_context(ctx, p, log_decay, gate, q, k, v, beta, G, lam, s_in, P)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt, du_loc = restore_context(ctx, do)
-        delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None, du_loc=du_loc) if p.NS > 1 else None
-        ds_out = boundary_states(p, P, delta, dfinal, True)
-        del delta
         need_ds0 = ctx.has_init and ctx.needs_input_grad[6]
         need_dg = ctx.gate_dtype is not None or ctx.lam_dtype is not None
-        dq, dk, dv, dbeta, dloga, ds0 = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out, need_ds0,
-                                                      need_dg, tt, du_loc)
+        wins = windows(ctx.plan)
+        if wins is not None:
+            p, (q, k, v, beta, G, lam, s_in, P), do = saved_context(ctx, do)
+            dq, dk, dv, dbeta, dloga, ds0 = windowed_backward(p, wins, q, k, v, beta, G, lam, s_in, P, do, dfinal,
+                                                              need_ds0, need_dg)
+        else:
+            p, (q, k, v, beta, G, lam, s_in, P), do, w, u, tt, du_loc = restore_context(ctx, do)
+            delta = bwd.bwd_sweep(p, bwd.DELTA, q, k, w, do, G, lam, None, du_loc=du_loc) if p.NS > 1 else None
+            ds_out = boundary_states(p, P, delta, dfinal, True)
+            del delta
+            dq, dk, dv, dbeta, dloga, ds0 = backward_pass(p, q, k, v, beta, G, lam, w, u, s_in, do, ds_out,
+                                                          need_ds0, need_dg, tt, du_loc)
         dgate, dlam = decay_grads(p, dloga, ctx.gate_dtype, ctx.lam_dtype)
         if ds0 is not None:
             ds0 = ds0.view(p.B, p.H, p.K, p.V)
