@@ -1,6 +1,7 @@
 # Sourced by the benchmarks/issue*_gpu.sh scripts (not run on its own): from the repository root, with DIR set to
 # the output folder, it installs the carried wheels of .whl/ (if any) into /tmp/site, puts the project on
-# PYTHONPATH, records the versions and the device in $DIR/env.txt and defines `step`; $DIR/status.txt starts empty.
+# PYTHONPATH, records the versions and the device in $DIR/env.txt, points Triton's cache at $TRITON_CACHE_DIR (seeded
+# from a carried .autotune/) and defines `step` and `save_autotune`; $DIR/status.txt starts empty.
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
 if compgen -G ".whl/*.whl" >/dev/null; then  # zarr, fla & co. (see .whl/INSTALL.txt)
@@ -9,6 +10,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # zarr, fla & co. (see .whl/INSTALL
 fi
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuDNN",
       torch.backends.cudnn.version(), torch.cuda.get_device_name())' | tee "$DIR/env.txt"
+
+# Triton's autotuning results (fla autotunes for minutes on its first call; its kernels cache their timings on disk):
+# a carried .autotune/ (an earlier call's $DIR/autotune, copied to the repository root) seeds this call's Triton
+# cache, and `save_autotune` (the scripts' last step) hands this call's *.autotune.json files back in $DIR/autotune.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -d .autotune ]; then
+    cp -r .autotune/. "$TRITON_CACHE_DIR/"
+fi
+
+save_autotune() {
+    local dest
+    dest="$(cd "$DIR" && pwd)/autotune"
+    mkdir -p "$dest"
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$dest" \;)
+    echo "autotune: $(find "$dest" -name '*.autotune.json' | wc -l) cached tunings in $dest"
+}
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status
     local name=$1 limit=$2

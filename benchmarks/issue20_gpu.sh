@@ -14,7 +14,8 @@
 #            time: a check of a changed default.
 #   models:  that gdn-1b step alone.
 #
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models   # from the repository root; .whl/ (fla wheels) carried
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models   # from the repository root; carry .whl/ (fla wheels)
+#     # and .autotune/ (a previous call's $OUT/autotune: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
 PART="${1:-kernels}"
@@ -49,4 +50,5 @@ models)
     exit 2
     ;;
 esac
+save_autotune
 cat "$DIR/status.txt"

@@ -15,4 +15,5 @@ step kernels 150 python3 benchmarks/sp_attention.py --backends cudnn,flash --seq
 step train_step 300 python3 benchmarks/train_step.py --only longtrain --seq-lens 128K --warmup 1 --steps 3 \
     --variant hybrid-cudnn:model.layout=LLLA,model.attention_backend=cudnn \
     --variant hybrid-flash:model.layout=LLLA,model.attention_backend=flash --out "$DIR/train_step.json"
+save_autotune
 cat "$DIR/status.txt"
