@@ -32,12 +32,15 @@ def test_prep_kernel_row(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "benchmarks/kernel_registers.py", "--arch", "90", "--heads", "1", "--seq-len", "64",
-           "--head-dim", "16", "--set", "chunk=16", "--set", "prep_warps=4", "--kernels", "_prep_kernel"]
+           "--head-dim", "16", "--set", "chunk=16", "--set", "prep_warps=8", "--kernels", "_prep_kernel"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| _prep_kernel")]
-    assert len(rows) == 1, res.stdout
-    name, regs, spill_st, spill_ld, stack, smem, warps, stages, notes = (c.strip() for c in rows[0])
-    assert 0 < int(regs) <= 255
-    assert min(int(spill_st), int(spill_ld), int(stack), int(smem)) >= 0
-    assert int(warps) == 4 and int(stages) >= 1  # the launcher's num_warps, from the --set config
+    # the forward's UT transform, and the backward's that also stores every chunk's Tᵀ (the default split gradient)
+    assert sorted(r[0].strip() for r in rows) == ["_prep_kernel[STORE_T=False]", "_prep_kernel[STORE_T=True]"], \
+        res.stdout
+    for row in rows:
+        name, regs, spill_st, spill_ld, stack, smem, warps, stages, notes = (c.strip() for c in row)
+        assert 0 < int(regs) <= 255
+        assert min(int(spill_st), int(spill_ld), int(stack), int(smem)) >= 0
+        assert int(warps) == 8 and int(stages) >= 1  # the launcher's num_warps, from the --set config
