@@ -13,8 +13,11 @@
 #   verify:  (3 minutes) the delta-rule GPU tests and the kernels against fla at 16×4K and 1×64K with each kernel's
 #            time: a check of a changed default.
 #   models:  that gdn-1b step alone.
+#   mamba2:  the mamba2-1b step at 128K (auto: full recomputation for M stacks) against fla's Mamba2ForCausalLM,
+#            and under selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond
+#            the estimate are; at 128K selective ran out of memory where 114 GiB was estimated).
 #
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models   # from the repository root; carry .whl/ (fla wheels)
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models|mamba2   # from the repository root; carry .whl/ (fla wheels)
 #     # and .autotune/ (a previous call's $OUT/autotune: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
@@ -41,12 +44,17 @@ verify)
     step gpu_tests 80 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -rs
     step kernels 100 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md"
     ;;
+mamba2)
+    step train_step 560 python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2 --seq-lens 128K \
+        --variant default@128K: --variant selective@64K:parallel.remat_policy=selective --memory "$DIR/memory" \
+        --out "$DIR/train_step.json"
+    ;;
 models)
     step train_step 560 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
         --out "$DIR/train_step.json"
     ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|models" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|models|mamba2" >&2
     exit 2
     ;;
 esac
