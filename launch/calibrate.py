@@ -334,6 +334,7 @@ def to_toml(hw: Hardware) -> str:
 
 def add_calibrate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="hardware.toml", help="the TOML file to write (default hardware.toml)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--name", default=None, help="the profile's name (default: from the device)")
     parser.add_argument("--base", default="h200", help="profile whose collective numbers are used where they "
                                                        "cannot be measured (one GPU, CPU)")

@@ -132,8 +132,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     folder = Path(args.out).resolve().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):  # before minutes of measuring, not after
         raise ConfigError(f"--out {args.out}: cannot write into {folder}; create the folder or pick another path")
+    if Path(args.out).exists() and not args.overwrite:  # an earlier calibration is kept unless asked
+        raise ConfigError(f"--out {args.out} exists (an earlier calibration?); pass --overwrite to replace it or "
+                          f"pick another path")
     hw = calibrate(args.name, args.base, args.inter_node_gbit, args.quick)
-    Path(args.out).write_text(to_toml(hw))
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+    tmp.write_text(to_toml(hw))
+    tmp.replace(args.out)  # whole or not at all
     host = (f", host {hw.layer_overhead_ms:.3g} ms per layer + {hw.step_overhead_ms:.3g} ms per step, process "
             f"{hw.process_gib:.2f} GiB, × {hw.shared_host_factor:.3g} with ranks sharing the cores "
             f"(+ {hw.peer_wait_factor:.3g} × the per-layer host time waiting in collectives)"

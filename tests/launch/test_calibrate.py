@@ -50,6 +50,19 @@ def test_unwritable_out_is_refused_before_measuring(tmp_path, capsys) -> None:
     assert err.startswith("longtrain: error: --out") and "create the folder" in err and "\n" not in err
 
 
+def test_existing_out_is_kept_without_overwrite(tmp_path, capsys) -> None:
+    """An earlier calibration is refused in one line before measuring, left as it was; --overwrite replaces it."""
+    out = tmp_path / "cpu.toml"
+    out.write_text("# an earlier calibration\n")
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longtrain: error: --out") and "--overwrite" in err and "\n" not in err
+    assert out.read_text() == "# an earlier calibration\n"
+    assert main(["calibrate", "--quick", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("# written by `longtrain calibrate`")
+    assert not out.with_name("cpu.toml.tmp").exists()
+
+
 def test_host_fit_recovers_the_plans_host_constants(monkeypatch) -> None:
     """measure_host_overheads fits in the plan's own units: probe steps (and their time inside collectives) that
     the plan itself predicts (per layer and micro-batch, step, two ranks × shared_host_factor, their waits for each
