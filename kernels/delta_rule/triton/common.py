@@ -166,7 +166,16 @@ def _unit_lower_inverse(A, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.conste
     lower = offs[:, None] > offs[None, :]
     pairs = lower & (offs[:, None] // 2 == offs[None, :] // 2)
     Tm = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0) - tl.where(pairs, A, 0.0)  # blocks of 2: I − A21
-    for lvl in tl.static_range(1, LOG2C):
+    return _doubling_steps(Tm, A, C, 1, LOG2C, PREC)
+
+
+@triton.jit
+def _doubling_steps(Tm, A, C: tl.constexpr, FIRST: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
+    """The doubling steps FIRST … LOG2C − 1 on whole [C, C] tiles: Tm, the inverse of I + A's block diagonal in
+    blocks of 2^FIRST, becomes (I + A)⁻¹ (`_unit_lower_inverse`)."""
+    offs = tl.arange(0, C)
+    lower = offs[:, None] > offs[None, :]
+    for lvl in tl.static_range(FIRST, LOG2C):
         s = 1 << lvl
         block = offs // (2 * s)
         off = lower & (block[:, None] == block[None, :]) & (offs[:, None] // s != offs[None, :] // s)
@@ -195,14 +204,7 @@ def _unit_lower_inverse_blocked(A, C: tl.constexpr, LOG2C: tl.constexpr, BS: tl.
         Tb = Tb - tl.dot(tl.dot(Tb, tl.where(off[None, :, :], Ab, 0.0), input_precision=PREC), Tb,
                          input_precision=PREC)
     Tm = tl.reshape(tl.where(same, Tb[:, :, None, :], 0.0), [C, C])
-    offs_c = tl.arange(0, C)
-    lower_c = offs_c[:, None] > offs_c[None, :]
-    for lvl in tl.static_range(LOG2BS, LOG2C):
-        s = 1 << lvl
-        block = offs_c // (2 * s)
-        off = lower_c & (block[:, None] == block[None, :]) & (offs_c[:, None] // s != offs_c[None, :] // s)
-        Tm = Tm - tl.dot(tl.dot(Tm, tl.where(off, A, 0.0), input_precision=PREC), Tm, input_precision=PREC)
-    return Tm
+    return _doubling_steps(Tm, A, C, LOG2BS, LOG2C, PREC)
 
 
 @triton.jit
