@@ -4,7 +4,7 @@
 # from a carried .autotune/) and defines `step` and `save_autotune`; $DIR/status.txt starts empty.
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
-if compgen -G ".whl/*.whl" >/dev/null; then  # zarr, fla & co. (see .whl/INSTALL.txt)
+if compgen -G ".whl/*.whl" >/dev/null; then  # fla, mamba_ssm's Triton kernels & co. (benchmarks/wheels.py builds them)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PWD"
 fi

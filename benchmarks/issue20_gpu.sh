@@ -12,13 +12,16 @@
 #            (fla autotunes for minutes on its first step).
 #   verify:  (3 minutes) the delta-rule GPU tests and the kernels against fla at 16×4K and 1×64K with each kernel's
 #            time: a check of a changed default.
-#   models:  that gdn-1b step alone.
-#   mamba2:  the mamba2-1b step at 128K (auto: full recomputation for M stacks) against fla's Mamba2ForCausalLM,
-#            and under selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond
-#            the estimate are; at 128K selective ran out of memory where 114 GiB was estimated).
-#
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|models|mamba2   # from the repository root; carry .whl/ (fla wheels)
-#     # and .autotune/ (a previous call's $OUT/autotune: fla skips its autotuning)
+#   gdn:     (10 minutes) the issue's rows for gdn-1b (pure D layout) against fla's GatedDeltaNetForCausalLM at 128K
+#            and 1M: first the kernels against fla at 1×1M (the default and window_tokens=65536: time and peak
+#            memory; this also autotunes fla's delta-rule kernels, which its model shares), then our step at 128K
+#            (selective and full recomputation) and at 1M in 64K windows, then fla's step at 128K and 1M.
+#   mamba2:  (10 minutes) mamba2-1b at 128K (auto: full recomputation for M stacks) and at 1M in 64K windows,
+#            selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond the
+#            estimate are), then fla's Mamba2ForCausalLM at 128K and 1M on mamba_ssm's Triton kernels (the wheel
+#            benchmarks/wheels.py builds; without it fla runs its naive PyTorch path and says so).
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2   # from the repository root; carry .whl/ (the wheels
+#     # of benchmarks/wheels.py) and .autotune/ (a previous call's $OUT/autotune: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
 PART="${1:-kernels}"
@@ -44,17 +47,23 @@ verify)
     step gpu_tests 80 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -rs
     step kernels 100 python3 benchmarks/delta_rule.py --shapes 16x4096,1x65536 --kernels --out "$DIR/delta_rule.md"
     ;;
-mamba2)
-    step train_step 560 python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2 --seq-lens 128K \
-        --variant default@128K: --variant selective@64K:parallel.remat_policy=selective --memory "$DIR/memory" \
-        --out "$DIR/train_step.json"
+gdn)
+    step kernels_1m 200 python3 benchmarks/delta_rule.py --shapes 1x1048576 --out "$DIR/delta_rule_1m.md" \
+        --configs "default:;w64k:window_tokens=65536"
+    step train_step 190 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+        --variant full@128K:parallel.remat_policy=full --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
+    step fla_step 190 "${GDN[@]}" --only fla --seq-lens 128K,1M --warmup-timeout 170 --out "$DIR/train_step.json"
     ;;
-models)
-    step train_step 560 "${GDN[@]}" --seq-lens 128K --variant default: --variant full:parallel.remat_policy=full \
-        --out "$DIR/train_step.json"
+mamba2)
+    M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
+    step train_step 180 "${M2[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+        --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
+    step memory 80 "${M2[@]}" --only longtrain --seq-lens 64K --variant selective:parallel.remat_policy=selective \
+        --memory "$DIR/memory" --out "$DIR/train_step.json"
+    step fla_step 300 "${M2[@]}" --only fla --seq-lens 128K,1M --warmup-timeout 280 --out "$DIR/train_step.json"
     ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|models|mamba2" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2" >&2
     exit 2
     ;;
 esac

@@ -24,8 +24,8 @@ Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison t
   expand 2, 1 group, conv 4; fla's Mamba-2 blocks have no MLP, so its layer count is chosen to match our
   parameter count: 37 layers, 1.002 × ours). fla's softmax layers need the flash-attn package: where it is
   missing, compare the pure layouts (`--preset gdn-1b --set model.layout=D`: 1006.6M parameters on both
-  sides). fla's Mamba-2 runs mamba_ssm's kernels when that package is installed, else its naive PyTorch path;
-  the output says which.
+  sides). fla's Mamba-2 runs mamba_ssm's Triton kernels when that package is installed (benchmarks/wheels.py
+  builds a wheel of them), else its naive PyTorch path; the output says which.
 Per row: W warm-up steps (the first one's loss must be finite), then N timed steps with
 `torch.cuda.synchronize()` around each; ms/step = the median; tokens/s = T / median; peak =
 `torch.cuda.max_memory_allocated` since a reset before the row's first step; MFU (ours) =
@@ -36,7 +36,7 @@ benchmarks/results/train_step.json (other runs' rows kept); the markdown table g
 `--steps-check N`: the first variant's row at its first length runs N steps in all (timed after the warm-up)
 and records every loss, to show the loss falling.
 
-The issue's table, on one H200 with the wheels of .whl (see .whl/INSTALL.txt):
+The issue's table, on one H200 with the wheels of .whl (`python benchmarks/wheels.py` builds them):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
