@@ -25,7 +25,9 @@ Rows, each impl in a fresh worker process (an OOM, crash or hang cannot poison t
   parameter count: 37 layers, 1.002 × ours). fla's softmax layers need the flash-attn package: where it is
   missing, compare the pure layouts (`--preset gdn-1b --set model.layout=D`: 1006.6M parameters on both
   sides). fla's Mamba-2 runs mamba_ssm's Triton kernels when that package is installed (benchmarks/wheels.py
-  builds a wheel of them), else its naive PyTorch path; the output says which.
+  builds a wheel of them), else its naive PyTorch path; without the causal_conv1d CUDA extension (source only) its
+  fused training kernel cannot run, and the script keeps fla's Mamba-2 mixers (only them) in eval mode so that
+  they take fla's unfused fast path (fla's Triton conv, mamba_ssm's Triton SSD scan); the output says which.
 Per row: W warm-up steps (the first one's loss must be finite), then N timed steps with
 `torch.cuda.synchronize()` around each; ms/step = the median; tokens/s = T / median; peak =
 `torch.cuda.max_memory_allocated` since a reset before the row's first step; MFU (ours) =
@@ -380,12 +382,22 @@ def fla_worker(job: dict, device: torch.device) -> None:
     fields.update({k: literal(v) for k, v in (p.split("=", 1) for p in job["fla_set"])})
     if kind == "mamba2" and not any(p.startswith("num_hidden_layers=") for p in job["fla_set"]):
         fields["num_hidden_layers"] = fla_layers_matching(kind, fields, n_ours)
+    unfused_mamba2 = False  # fla's Mamba-2 mixers kept in eval mode: its unfused fast path (see below)
     if kind == "mamba2":
         import fla.layers.mamba2 as fla_mamba2
 
         if not fla_mamba2.is_fast_path_available:
             emit("note", text="fla-mamba2 ran its naive PyTorch path: fla 0.6.0's Mamba-2 kernels come from "
-                              "mamba_ssm, which is not installed (it builds CUDA extensions from source)")
+                              "mamba_ssm, which is not installed (benchmarks/wheels.py builds its Triton kernels)")
+        elif fla_mamba2.causal_conv1d_fn is None:
+            # in training mode fla calls mamba_ssm's fused conv+scan+out-projection kernel, whose conv needs the
+            # causal_conv1d CUDA extension (source only, compiled with nvcc); out of training mode it runs fla's
+            # Triton conv and mamba_ssm's Triton SSD scan (mamba_chunk_scan_combined), both differentiable. The
+            # mixers have no dropout and no other use of `training`.
+            unfused_mamba2 = True
+            emit("note", text="fla-mamba2 ran its unfused fast path (fla's Triton short conv, then mamba_ssm's "
+                              "Triton SSD scan): its fused training kernel needs the causal_conv1d CUDA extension, "
+                              "not installed; only the Mamba-2 mixers were put in eval mode to take that path")
     if kind == "gated_deltanet":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from delta_rule import switch_off_fla_hopper_guard
@@ -402,6 +414,10 @@ def fla_worker(job: dict, device: torch.device) -> None:
         model = model_class(config_class(**fields)).to(device)  # fp32 master weights
         model.gradient_checkpointing_enable()
         model.train()
+        if unfused_mamba2:
+            for module in model.modules():
+                if isinstance(module, fla_mamba2.Mamba2):
+                    module.eval()
         state["model"] = model
         state["opt"] = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                          fused=True)
