@@ -1,7 +1,7 @@
 # Sourced by the benchmarks/issue*_gpu.sh scripts (not run on its own): from the repository root, with DIR set to
 # the output folder, it installs the carried wheels of .whl/ (if any) into /tmp/site, puts the project on
 # PYTHONPATH, records the versions and the device in $DIR/env.txt, points Triton's cache at $TRITON_CACHE_DIR (seeded
-# from a carried .autotune/) and defines `step` and `save_autotune`; $DIR/status.txt starts empty.
+# from a carried .autotune.tar.gz) and defines `step` and `save_autotune`; $DIR/status.txt starts empty.
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
 if compgen -G ".whl/*.whl" >/dev/null; then  # fla, mamba_ssm's Triton kernels & co. (benchmarks/wheels.py builds them)
@@ -12,20 +12,21 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
       torch.backends.cudnn.version(), torch.cuda.get_device_name())' | tee "$DIR/env.txt"
 
 # Triton's autotuning results (fla autotunes for minutes on its first call; its kernels cache their timings on disk):
-# a carried .autotune/ (an earlier call's $DIR/autotune, copied to the repository root) seeds this call's Triton
-# cache, and `save_autotune` (the scripts' last step) hands this call's *.autotune.json files back in $DIR/autotune.
+# a carried .autotune.tar.gz (an earlier call's $DIR/autotune.tar.gz, copied to the repository root) seeds this call's
+# Triton cache, and `save_autotune` (the scripts' last step) packs this call's *.autotune.json files into
+# $DIR/autotune.tar.gz (one file: the device hands back only so many).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 mkdir -p "$TRITON_CACHE_DIR"
-if [ -d .autotune ]; then
-    cp -r .autotune/. "$TRITON_CACHE_DIR/"
+if [ -f .autotune.tar.gz ]; then
+    tar xzf .autotune.tar.gz -C "$TRITON_CACHE_DIR"
 fi
 
 save_autotune() {
-    local dest
-    dest="$(cd "$DIR" && pwd)/autotune"
-    mkdir -p "$dest"
-    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$dest" \;)
-    echo "autotune: $(find "$dest" -name '*.autotune.json' | wc -l) cached tunings in $dest"
+    local dest n
+    dest="$(cd "$DIR" && pwd)/autotune.tar.gz"
+    n=$(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tee /tmp/autotune.list | wc -l)
+    (cd "$TRITON_CACHE_DIR" && tar czf "$dest" -T /tmp/autotune.list)
+    echo "autotune: $n cached tunings in $dest"
 }
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status

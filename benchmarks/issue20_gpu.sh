@@ -21,7 +21,7 @@
 #            estimate are), then fla's Mamba2ForCausalLM at 128K and 1M on mamba_ssm's Triton kernels (the wheel
 #            benchmarks/wheels.py builds; without it fla runs its naive PyTorch path and says so).
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2   # from the repository root; carry .whl/ (the wheels
-#     # of benchmarks/wheels.py) and .autotune/ (a previous call's $OUT/autotune: fla skips its autotuning)
+#     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
 PART="${1:-kernels}"
