@@ -53,7 +53,6 @@ from models.config import RECURRENT_KINDS, ModelConfig
 from runtime.config import JobConfig, read_toml, resolve_shard
 from runtime.errors import ConfigError
 from runtime.memory import (
-    KIND_INTERNALS,
     SHARD_MODES,
     activation_bytes,
     gradients_absent,
@@ -69,10 +68,16 @@ LOSS_BYTES = 6.0  # bytes per token and vocabulary entry moved by the chunked he
 LOSS_MEMORY_BYTES = 10.0  # live bytes per token and vocabulary entry of one loss chunk (bf16 logits, fp32, grad)
 OPTIMIZER_BYTES = 40.0  # bytes per parameter moved by clipping, the norm and fused AdamW
 GIB = 2.0**30
-# a Gated DeltaNet layer's chunked kernels in units of a (gated) linear layer's, fwd+bwd: measured on an H200
-# (benchmarks/RESULTS.md, twelfth session: `benchmarks/delta_rule.py` 1×64K, H 16, K = V 128: 43.07 ms against the
-# linear layer's 65536 / la_gate_tokens_per_s = 2.72 ms); today's kernels, 3–5× slower than fla's
-DELTA_COST = 16.0
+# a Gated DeltaNet layer's chunked kernels in units of a (gated) linear layer's, fwd+bwd, measured on an H200:
+# `benchmarks/delta_rule.py` 1×1M, H 16, K = V 128: 180.7 ms (benchmarks/RESULTS.md, fifteenth session) against the
+# linear layer's 1M / la_gate_tokens_per_s = 43.5 ms
+DELTA_COST = 4.15
+# a block's elementwise device traffic (norms, gates, short convs, activations) in units of a linear-attention
+# block's, by the kind of its mixer: fitted to one measured H200 step each (benchmarks/RESULTS.md, fifteenth session,
+# 128K, full recomputation: gdn-1b (D) 2692 ms, mamba2-1b (M) 2721 ms), checked against their selective and
+# windowed steps (tests/runtime/test_plan.py). D adds L2 norms of q and k, β, the gate and three short convs; M its
+# 2d-wide inner stream (convs of x, B and C, silu(z) gating, the gated norm)
+KIND_ELEMENTWISE = {"L": 1.0, "A": 1.0, "D": 2.03, "M": 2.82}
 LIMIT_SHARE = 0.10  # `--scaling`: a method stops scaling where its communication passes this share of compute
 
 
@@ -318,8 +323,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
         for i in range(start, end):
             again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]
             c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)
-            c["elementwise"] += tokens * ELEMENTWISE_BYTES * KIND_INTERNALS.get(kinds[i], 1.0) * (
-                4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (hw.copy_gbps * 1e9)  # bytes ∝ the block's internals
+            c["elementwise"] += tokens * ELEMENTWISE_BYTES * KIND_ELEMENTWISE[kinds[i]] * (
+                4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (hw.copy_gbps * 1e9)
             passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
             if kinds[i] in RECURRENT_KINDS:  # L, D (its UT transform and sweeps: DELTA_COST linear layers), M
                 work, gated, state_floats, conv_channels = recurrence_geometry(m, kinds[i])

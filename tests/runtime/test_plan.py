@@ -176,22 +176,31 @@ def test_plan_matches_measured_h200_steps(extra: list[str], seq_len: int, tokens
     assert p.bubble_s == 0 and p.comm["small_collectives"] < 1e-3
 
 
-# benchmarks/RESULTS.md, twelfth session, one H200 at 128K: the other presets' peak GiB and step ms (None: Mamba-2's
-# step time is not modelled to the goal yet, −16 %: its elementwise work over the 2d-wide inner stream)
-OTHER_PRESETS = [(["model.preset=gdn-1b", "model.layout=D"], 112.7, 3475.7),
-                 (["model.preset=mamba2-1b", "parallel.remat_policy=full"], 44.8, None)]
+# benchmarks/RESULTS.md, fifteenth session, one H200 (1 warm-up + 2 timed steps): the other presets' steps as
+# (overrides, seq_len, peak GiB, step ms). runtime.plan's KIND_ELEMENTWISE was fitted to the two full-recomputation
+# rows at 128K; the others are checked against a model they did not shape.
+OTHER_PRESETS = [
+    (["model.preset=gdn-1b", "model.layout=D", "parallel.remat_policy=full"], 131072, 36.8, 2692.0),
+    (["model.preset=gdn-1b", "model.layout=D", "parallel.remat_policy=selective"], 131072, 111.9, 2444.5),
+    (["model.preset=gdn-1b", "model.layout=D", "train.window=65536"], 1048576, 29.3, 26143.5),
+    (["model.preset=mamba2-1b", "parallel.remat_policy=full"], 131072, 44.1, 2720.9),
+    (["model.preset=mamba2-1b", "parallel.remat_policy=selective"], 65536, 63.5, 1227.0),
+    (["model.preset=mamba2-1b", "train.window=65536"], 131072, 32.8, 3082.0),
+    (["model.preset=mamba2-1b", "train.window=32768"], 131072, 25.0, 3269.7),
+    (["model.preset=mamba2-1b", "train.window=65536"], 1048576, 33.2, 26556.0),
+]
 
 
-@pytest.mark.parametrize("extra,peak_gib,step_ms", OTHER_PRESETS)
-def test_plan_of_delta_and_mamba2_blocks(extra: list[str], peak_gib: float, step_ms: float | None) -> None:
+@pytest.mark.parametrize("extra,seq_len,peak_gib,step_ms", OTHER_PRESETS)
+def test_plan_of_delta_and_mamba2_blocks(extra: list[str], seq_len: int, peak_gib: float, step_ms: float) -> None:
     """Gated DeltaNet and Mamba-2 blocks keep more internals per token than a linear-attention block
-    (`runtime.memory.KIND_INTERNALS`, measured on the CPU) and D's kernels cost DELTA_COST linear layers (measured on
-    an H200): the measured peaks within 5 %, the gdn-1b step within 15 %."""
-    cfg = load_config(None, [*BASE, "train.seq_len=131072", *extra])
+    (`runtime.memory.KIND_INTERNALS`, measured on the CPU), move more elementwise bytes (KIND_ELEMENTWISE) and D's
+    kernels cost DELTA_COST linear layers (measured on an H200): the issue's goals, memory within 10 %, step time
+    within 15 %."""
+    cfg = load_config(None, [*BASE, f"train.seq_len={seq_len}", *extra])
     p = plan.plan_job(cfg, 1, plan.load_hardware("h200"))
-    assert abs(p.peak_gib - peak_gib) / peak_gib < 0.05
-    if step_ms is not None:
-        assert abs(1e3 * p.step_s - step_ms) / step_ms < 0.15
+    assert abs(p.peak_gib - peak_gib) / peak_gib < 0.10
+    assert abs(1e3 * p.step_s - step_ms) / step_ms < 0.15
 
 
 def test_terms_follow_the_split() -> None:
