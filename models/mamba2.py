@@ -6,9 +6,12 @@ Per head h (state width N, head width P), with x, z, B, C, Δ projected from the
     y_t = C_t S_t + D_h x_t,                              Δ_t = softplus(u_t W_Δ + b_Δ)
     out = W_o · RMSNorm(y ⊙ silu(z))
 
-which is DESIGN §2 with q = C, k = Δ·B, v = x, per-token log-gate Δ_t A_h ≤ 0 (λ = 0) and scale 1, so the
-chunked kernels, LASP-2 under sp and streaming windows apply unchanged. x, B, C pass through the causal
-short convolution (with SiLU) first; B and C are shared by the heads of a group.
+which is DESIGN §2 with q = C, k = B, v = Δ·x ((Δ_t B_t)ᵀ x_t = B_tᵀ (Δ_t x_t)), per-token log-gate Δ_t A_h ≤ 0
+(λ = 0) and scale 1, so the chunked kernels, LASP-2 under sp and streaming windows apply unchanged. x, B, C pass
+through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group. Δ scales v
+rather than k: v is [B, T, H, P] where k is [B, T, H, N] (N = 2P in the presets), and `_ScaleByDelta` keeps
+only x and Δ for backward (x is kept for D·x anyway), where Δ·B in autograd kept an fp32 copy of the
+head-expanded B.
 """
 
 from __future__ import annotations
@@ -72,16 +75,15 @@ class Mamba2(nn.Module):
         heads_per_group = H // G
         b = b.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
         c = c.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
-        k = (b.float() * delta[..., None]).to(x.dtype)
-        q = c.to(x.dtype)
+        q, k, v = c.to(x.dtype), b.to(x.dtype), _ScaleByDelta.apply(x, delta)
         if self.sp.world > 1:
-            y = lasp2_linear_attention(q, k, x, gate=gate, scale=1.0, group=self.sp.group, layout=self.sp.layout,
+            y = lasp2_linear_attention(q, k, v, gate=gate, scale=1.0, group=self.sp.group, layout=self.sp.layout,
                                        chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
                                        output_final_state=carry is not None)
             if carry is not None:
                 y, state = y
         else:
-            y, state = linear_attention(q, k, x, gate=gate, scale=1.0, chunk_size=self.chunk_size,
+            y, state = linear_attention(q, k, v, gate=gate, scale=1.0, chunk_size=self.chunk_size,
                                         backend=self.backend, initial_state=state,
                                         output_final_state=carry is not None)
         if not output:
@@ -96,6 +98,26 @@ class Mamba2(nn.Module):
             batch, self.conv.width - 1, self.inner + 2 * self.groups * self.state, device=device,
             dtype=self.in_proj.weight.dtype)
         return state, tail
+
+
+class _ScaleByDelta(torch.autograd.Function):
+    """v = Δ ⊙ x per head: x [B, T, H, P], Δ [B, T, H] (fp32) → x's dtype, rounded once; keeps x and Δ only.
+    Backward: dx = Δ ⊙ dv, dΔ = Σ_p dv ⊙ x, in the wider of the two dtypes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, delta)
+        wide = torch.promote_types(x.dtype, delta.dtype)
+        return (x.to(wide) * delta[..., None].to(wide)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, delta = ctx.saved_tensors
+        wide = torch.promote_types(x.dtype, delta.dtype)
+        dv = dv.to(wide)
+        dx = (dv * delta[..., None].to(wide)).to(x.dtype)
+        d_delta = (dv * x.to(wide)).sum(-1).to(delta.dtype)
+        return dx, d_delta
 
 
 def ssm_initial_values(heads: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
