@@ -266,6 +266,31 @@ def check_sp_model(rank: int, world: int, cfg) -> None:
             assert rel_err(grad, ref_grads[name]) < 1e-5, (layout, name, rel_err(grad, ref_grads[name]))
 
 
+def check_pipeline_model(rank: int, world: int, overrides: list[str]) -> None:
+    """pp 2 × 2 micro-batches through the Trainer equals the single-process model's step (loss and every
+    gradient); `overrides`: the model's (layout and sizes) on top of the default job."""
+    from models import LinearLlama, token_loss_sum
+    from runtime.config import load_config
+    from runtime.mesh import build_mesh
+    from runtime.synthetic import IGNORE, SyntheticTask
+    from runtime.trainer import Trainer
+
+    cfg = load_config(None, ["parallel.pp=2", "parallel.sp=1", "parallel.microbatches=2", "train.batch_size=4",
+                             "train.seq_len=24", "data.num_pairs=2", *overrides])
+    trainer = Trainer(cfg, build_mesh(1, 2, 1))
+    ref = LinearLlama(cfg.model)
+    ref.reset_parameters(cfg.train.seed)
+    x, y = SyntheticTask("mqar", cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, 2).rows(0, range(4))
+    ref_loss = token_loss_sum(ref(x), y) / (y != IGNORE).sum()
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    loss = trainer.forward_backward(*trainer.data.batch(0))
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5, (loss, ref_loss)
+    for name, p in trainer.model.named_parameters():
+        want = ref_params["embed.weight" if name == "head.weight" else name].grad
+        assert rel_err(p.grad, want) < 1e-5, name
+
+
 def check_streaming(model, window: int, grad_tol: float, seq_len: int = 40) -> None:
     """A float64 model's step over windows of `window` tokens (`parallel.streaming.streaming_step`: each recurrent
     layer carries its state and conv tail) equals its whole-sequence step: the loss and every gradient."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_sp_model, check_streaming, rel_err, run_distributed
+from helpers import check_pipeline_model, check_sp_model, check_streaming, rel_err, run_distributed
 
 from models import LinearLlama, preset
 
@@ -77,27 +77,7 @@ def test_gdn_layers_under_sequence_parallelism(sp: int) -> None:
 
 
 def _check_pipeline(rank: int, world: int) -> None:
-    """pp 2 × 2 micro-batches through the Trainer equals the single-process step (loss and every gradient)."""
-    from models import token_loss_sum
-    from runtime.config import load_config
-    from runtime.mesh import build_mesh
-    from runtime.synthetic import IGNORE, SyntheticTask
-    from runtime.trainer import Trainer
-
-    cfg = load_config(None, ["parallel.pp=2", "parallel.sp=1", "parallel.microbatches=2", "model.layout=DDDA",
-                             "train.batch_size=4", "train.seq_len=24", "data.num_pairs=2"])
-    trainer = Trainer(cfg, build_mesh(1, 2, 1))
-    ref = LinearLlama(cfg.model)
-    ref.reset_parameters(cfg.train.seed)
-    x, y = SyntheticTask("mqar", cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, 2).rows(0, range(4))
-    ref_loss = token_loss_sum(ref(x), y) / (y != IGNORE).sum()
-    ref_loss.backward()
-    ref_params = dict(ref.named_parameters())
-    loss = trainer.forward_backward(*trainer.data.batch(0))
-    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-5, (loss, ref_loss)
-    for name, p in trainer.model.named_parameters():
-        want = ref_params["embed.weight" if name == "head.weight" else name].grad
-        assert rel_err(p.grad, want) < 1e-5, name
+    check_pipeline_model(rank, world, ["model.layout=DDDA"])
 
 
 def test_gdn_layers_over_pipeline_stages() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_sp_model, check_streaming, rel_err, run_distributed
+from helpers import check_pipeline_model, check_sp_model, check_streaming, rel_err, run_distributed
 
 from models import LinearLlama, preset
 
@@ -71,13 +71,22 @@ def test_scale_by_delta_gradcheck() -> None:
     assert torch.autograd.gradcheck(_ScaleByDelta.apply, (x, delta))
 
 
-def _check_sp(rank: int, world: int) -> None:
-    check_sp_model(rank, world, preset("tiny", layout="MLMA", **SMALL))
+def _check_sp(rank: int, world: int, layout: str) -> None:
+    check_sp_model(rank, world, preset("tiny", layout=layout, **SMALL))
 
 
-@pytest.mark.parametrize("sp", [2, 4])
-def test_mamba2_layers_under_sequence_parallelism(sp: int) -> None:
-    run_distributed(_check_sp, sp)
+@pytest.mark.parametrize("layout,sp", [("MMMA", 2), ("MMMA", 4), ("MLMA", 2)])
+def test_mamba2_layers_under_sequence_parallelism(layout: str, sp: int) -> None:
+    run_distributed(_check_sp, sp, layout)
+
+
+def _check_pipeline(rank: int, world: int) -> None:
+    check_pipeline_model(rank, world, ["model.layout=MMMA", *(f"model.{k}={v}" for k, v in SMALL.items())])
+
+
+def test_mamba2_layers_over_pipeline_stages() -> None:
+    """pp 2 × 2 micro-batches of a tiny MMMA model through the Trainer equal the single-process step."""
+    run_distributed(_check_pipeline, 2)
 
 
 def test_mamba2_streams_window_by_window() -> None:
