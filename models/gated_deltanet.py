@@ -2,7 +2,7 @@
 
 Per head h (head width d_h, state d_h × d_h), from the block input x:
 
-    q, k, v = silu(ShortConv(x W_q, x W_k, x W_v)),   q ← q/‖q‖, k ← k/‖k‖          (per head)
+    q, k, v = silu(ShortConv(x W_q, x W_k, x W_v)),   q ← q/√(‖q‖² + ε), k likewise   (per head, ε = 1e-6)
     β_t = σ(x_t W_β),   log a_t = −exp(A_log_h) · softplus(x_t W_a + b_a)   (Mamba-2's gate: λ = 0, g = log a)
     S_t = a_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,     o_t = d_h^{−1/2} q_t S_t
     out = W_o · (RMSNorm(o) ⊙ silu(x W_g))                   (per-head norm, output gate)
@@ -19,9 +19,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.delta_rule import delta_rule
+from kernels.norm import rms_norm
 from models.config import ModelConfig
 from parallel.context import SINGLE
 from parallel.lasp2_delta import lasp2_delta_rule
+
+
+def l2_normalize(x: torch.Tensor, backend: str = "auto", eps: float = 1e-6) -> torch.Tensor:
+    """x / √(‖x‖² + eps) over the last dim D, in x's dtype (fla's l2norm). On CUDA (backend auto or triton) it is
+    `kernels.norm`'s Triton RMSNorm with the constant weight D^{−1/2} and eps/D — x / √(mean(x²) + eps/D) · D^{−1/2}
+    — one read and one write each way, with only x and a per-row rstd kept for backward; elsewhere the same
+    in max(x's dtype, fp32)."""
+    D = x.shape[-1]
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        weight = torch.full((D,), D**-0.5, device=x.device, dtype=torch.float32)
+        return rms_norm(x, weight, eps / D, "triton")
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -58,9 +72,8 @@ class GatedDeltaNet(nn.Module):
         else:
             parts = F.silu(qkv).split(W, dim=-1)
         q, k, v = (t.reshape(B, T, H, Dh) for t in parts)
-        ft = torch.promote_types(x.dtype, torch.float32)  # norms and gates in fp32 at least
-        q = F.normalize(q.to(ft), dim=-1, eps=1e-6).to(v.dtype)
-        k = F.normalize(k.to(ft), dim=-1, eps=1e-6).to(v.dtype)
+        q, k = l2_normalize(q, self.backend), l2_normalize(k, self.backend)
+        ft = torch.promote_types(x.dtype, torch.float32)  # gates in fp32 at least
         beta = torch.sigmoid(b.to(ft))
         gate = -torch.exp(self.A_log.to(ft)) * F.softplus(a.to(ft) + self.dt_bias.to(ft))
         kw = dict(gate=gate, chunk_size=self.chunk_size, backend=self.backend, initial_state=state,

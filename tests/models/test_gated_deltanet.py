@@ -23,7 +23,7 @@ def _definition(mixer, x: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([qkv.new_zeros(B, w.shape[1] - 1, qkv.shape[-1]), qkv], dim=1)
     qkv = F.silu(torch.stack([(padded[:, t : t + w.shape[1]] * w.t()).sum(1) for t in range(T)], dim=1))
     q, k, v = (t.reshape(B, T, H, Dh) for t in qkv.split(W, dim=-1))
-    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    q, k = (t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
     beta = torch.sigmoid(b)
     alpha = torch.exp(-torch.exp(mixer.A_log) * F.softplus(a + mixer.dt_bias))  # a_t ∈ (0, 1)
     S = x.new_zeros(B, H, Dh, Dh)
@@ -65,6 +65,26 @@ def test_mixer_on_the_triton_kernels(split: bool) -> None:
         outs[backend] = [y, x.grad, *(p.grad for p in mixer.parameters())]
     for got, want in zip(outs["triton"], outs["torch"], strict=True):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_normalize_on_the_norm_kernel(dtype: torch.dtype) -> None:
+    """q and k's L2 norm through kernels.norm's Triton RMSNorm (constant weight D^-1/2, eps/D; the interpreter on
+    a CPU) equals x / sqrt(‖x‖² + eps) in float64: the output and the input gradient."""
+    pytest.importorskip("triton")
+    from models.gated_deltanet import l2_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 9, 3, 32, generator=g) * torch.rand(2, 9, 3, 1, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    y = l2_normalize(x, "triton")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = x64 / torch.sqrt((x64 * x64).sum(-1, keepdim=True) + 1e-6)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and rel_err(y, y64) < tol
+    assert dx.dtype == dtype and rel_err(dx, dx64) < tol
 
 
 def _check_sp(rank: int, world: int) -> None:
