@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20 on one GPU, in two calls of under 10 minutes each (one H200). Every step runs even if an earlier one
+# Issue 20 on one GPU (one H200), a part per call of under 10 minutes. Every step runs even if an earlier one
 # fails; outputs go to $OUT (default benchmarks/results/issue20), the log of each step next to them.
 #
 #   kernels: the delta-rule GPU tests (every case: the default split paths, the fused ones, K-blocked, fp16, fp32),
@@ -20,7 +20,10 @@
 #            selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond the
 #            estimate are), then fla's Mamba2ForCausalLM at 128K and 1M on mamba_ssm's Triton kernels (the wheel
 #            benchmarks/wheels.py builds; without it fla runs its naive PyTorch path and says so).
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2   # from the repository root; carry .whl/ (the wheels
+#   models:  (8 minutes, with .autotune.tar.gz carried) both presets at 128K beside fla's models in one call: gdn-1b
+#            selective and full, mamba2-1b full, 64K windows and selective (whether 128K fits now), then fla-gdn and
+#            fla-mamba2 at 128K; and both at 1M in 64K windows.
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
@@ -62,8 +65,18 @@ mamba2)
         --memory "$DIR/memory" --out "$DIR/train_step.json"
     step fla_step 300 "${M2[@]}" --only fla --seq-lens 128K,1M --warmup-timeout 280 --out "$DIR/train_step.json"
     ;;
+models)
+    M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
+    step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+        --variant full@128K:parallel.remat_policy=full --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
+    step mamba2_step 170 "${M2[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+        --variant w64k@128K+1M:train.window=65536 --variant selective@128K:parallel.remat_policy=selective \
+        --out "$DIR/train_step.json"
+    step fla_gdn 110 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 90 --out "$DIR/train_step.json"
+    step fla_mamba2 100 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
+    ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models" >&2
     exit 2
     ;;
 esac
