@@ -98,9 +98,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", type=Path, default=Path(".whl"), help="folder of the wheels (default .whl)")
     args = ap.parse_args()
-    args.dest.mkdir(parents=True, exist_ok=True)
-    download_pure(args.dest)
-    path = mamba_triton_wheel(mamba_sdist(), args.dest)
+    try:
+        args.dest.mkdir(parents=True, exist_ok=True)
+        download_pure(args.dest)
+        path = mamba_triton_wheel(mamba_sdist(), args.dest)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"wheels: pip download exited with {e.returncode} (its message is above); this needs "
+                         "the package index") from None
+    except (OSError, tarfile.TarError, KeyError, ValueError) as e:  # URLError is an OSError
+        raise SystemExit(f"wheels: {type(e).__name__}: {e}; this needs pypi.org and a writable --dest") from None
     print(f"wheels: {', '.join(sorted(p.name for p in args.dest.glob('*.whl')))} in {args.dest} ({path.name} built)")
 
 
