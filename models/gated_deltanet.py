@@ -28,10 +28,10 @@ from parallel.lasp2_delta import lasp2_delta_rule
 def l2_normalize(x: torch.Tensor, backend: str = "auto", eps: float = 1e-6) -> torch.Tensor:
     """x / √(‖x‖² + eps) over the last dim D, in x's dtype (fla's l2norm). On CUDA (backend auto or triton) it is
     `kernels.norm`'s Triton RMSNorm with the constant weight D^{−1/2} and eps/D — x / √(mean(x²) + eps/D) · D^{−1/2}
-    — one read and one write each way, with only x and a per-row rstd kept for backward; elsewhere the same
-    in max(x's dtype, fp32)."""
+    — one read and one write each way, with only x and a per-row rstd kept for backward; elsewhere (and for
+    float64) the same in max(x's dtype, fp32)."""
     D = x.shape[-1]
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
+    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64):
         weight = torch.full((D,), D**-0.5, device=x.device, dtype=torch.float32)
         return rms_norm(x, weight, eps / D, "triton")
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
