@@ -20,7 +20,8 @@
 #            selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond the
 #            estimate are), then fla's Mamba2ForCausalLM at 128K and 1M on mamba_ssm's Triton kernels (the wheel
 #            benchmarks/wheels.py builds; without it fla runs its naive PyTorch path and says so).
-#   models:  (8 minutes, with .autotune.tar.gz carried) both presets at 128K beside fla's models in one call: gdn-1b
+#   models:  (9 minutes, with .autotune.tar.gz carried) the D mixer's GPU test (q, k's L2 norm on the Triton norm),
+#            then both presets at 128K beside fla's models in one call: gdn-1b
 #            selective and full, mamba2-1b full, 64K windows and selective (whether 128K fits now), then fla-gdn and
 #            fla-mamba2 at 128K; and both at 1M in 64K windows.
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models   # from the repository root; carry .whl/ (the wheels
@@ -67,7 +68,8 @@ mamba2)
     ;;
 models)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
-    step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+    step gpu_tests 40 python3 -m pytest -q -m gpu tests/models/test_gated_deltanet.py -rs
+    step gdn_step 140 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
         --variant full@128K:parallel.remat_policy=full --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
     step mamba2_step 170 "${M2[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
         --variant w64k@128K+1M:train.window=65536 --variant selective@128K:parallel.remat_policy=selective \

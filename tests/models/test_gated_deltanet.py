@@ -67,16 +67,24 @@ def test_mixer_on_the_triton_kernels(split: bool) -> None:
         assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_l2_normalize_on_the_norm_kernel(dtype: torch.dtype) -> None:
+L2_CASES = [("cpu", torch.float32, 32), ("cpu", torch.bfloat16, 32),
+            pytest.param("cuda", torch.bfloat16, 128, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,dtype,dim", L2_CASES)
+def test_l2_normalize_on_the_norm_kernel(device: str, dtype: torch.dtype, dim: int) -> None:
     """q and k's L2 norm through kernels.norm's Triton RMSNorm (constant weight D^-1/2, eps/D; the interpreter on
-    a CPU) equals x / sqrt(‖x‖² + eps) in float64: the output and the input gradient."""
+    a CPU, gdn-1b's head width on a GPU) equals x / sqrt(‖x‖² + eps) in float64: the output and the input
+    gradient."""
     pytest.importorskip("triton")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     from models.gated_deltanet import l2_normalize
 
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 9, 3, 32, generator=g) * torch.rand(2, 9, 3, 1, generator=g)).to(dtype).requires_grad_()
-    dy = torch.randn(x.shape, generator=g).to(dtype)
+    x = torch.randn(2, 9, 3, dim, generator=g) * torch.rand(2, 9, 3, 1, generator=g)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
     y = l2_normalize(x, "triton")
     (dx,) = torch.autograd.grad(y, x, dy)
     x64 = x.detach().double().requires_grad_()
