@@ -82,24 +82,17 @@ def test_shipped_configs_validate(name: str, world: int) -> None:
     load_config(Path(__file__).parents[2] / "configs" / f"{name}.toml").validate(world)
 
 
-def _train(rank: int, world: int, overrides: list[str]) -> None:
-    from runtime.config import load_config
-    from runtime.trainer import train
-
-    train(load_config(None, overrides))
-
-
 def test_cli_trains_mamba2_and_gdn_layers_over_pp_and_sp() -> None:
     """`longtrain train --nproc 4` of a tiny M, D and A model over pp = 2 × sp = 2 (zigzag): the loss curve of
     one process."""
     import pyarrow.parquet as pq
-    from helpers import run_distributed, scratch_dir
+    from helpers import run_trainings, scratch_dir
 
     common = ["model.layout=MDMA", "model.ssm_head_dim=16", "model.ssm_state=8", "train.dtype=float64",
               "train.steps=3", "train.batch_size=4", "train.seq_len=32", "parallel.microbatches=2",
               "run.log_every=1", "run.progress=false", "run.tensorboard=false", "train.eval_batches=1"]
     single, split = scratch_dir(), scratch_dir()
-    run_distributed(_train, 1, common + ["parallel.pp=1", "parallel.sp=1", f"run.dir={single}"])
+    run_trainings(1, [common + ["parallel.pp=1", "parallel.sp=1", f"run.dir={single}"]])
     assert main(["train", "--nproc", "4", "--set", *common, "parallel.pp=2", "parallel.sp=2", "parallel.layout=zigzag",
                  f"run.dir={split}"]) == 0
     a = pq.read_table(f"{single}/metrics.parquet").to_pydict()
