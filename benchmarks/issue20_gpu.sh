@@ -20,10 +20,10 @@
 #            selective recomputation at 64K with its memory snapshot (`--memory`: where the bytes beyond the
 #            estimate are), then fla's Mamba2ForCausalLM at 128K and 1M on mamba_ssm's Triton kernels (the wheel
 #            benchmarks/wheels.py builds; without it fla runs its naive PyTorch path and says so).
-#   models:  (9 minutes, with .autotune.tar.gz carried) the D mixer's GPU test (q, k's L2 norm on the Triton norm),
-#            then both presets at 128K beside fla's models in one call: gdn-1b
-#            selective and full, mamba2-1b full, 64K windows and selective (whether 128K fits now), then fla-gdn and
-#            fla-mamba2 at 128K; and both at 1M in 64K windows.
+#   models:  (9.5 minutes, with .autotune.tar.gz carried) the D mixer's GPU test (q, k's L2 norm on the Triton
+#            norm), then both presets at 128K beside fla's models in one call: gdn-1b selective and full, mamba2-1b
+#            full, 64K windows and selective (whether 128K fits now), then fla-gdn and fla-mamba2 at 128K; and both
+#            at 1M in 64K windows; each of our rows with one profiled step (kernel table in $DIR/profile).
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
@@ -69,13 +69,14 @@ mamba2)
 models)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
     step gpu_tests 40 python3 -m pytest -q -m gpu tests/models/test_gated_deltanet.py -rs
-    step gdn_step 140 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
-        --variant full@128K:parallel.remat_policy=full --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
-    step mamba2_step 170 "${M2[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+    step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
+        --variant full@128K:parallel.remat_policy=full --variant w64k@1M:train.window=65536 \
+        --profile "$DIR/profile" --out "$DIR/train_step.json"
+    step mamba2_step 185 "${M2[@]}" --only longtrain --seq-lens 128K,1M --variant default@128K: \
         --variant w64k@128K+1M:train.window=65536 --variant selective@128K:parallel.remat_policy=selective \
-        --out "$DIR/train_step.json"
-    step fla_gdn 110 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 90 --out "$DIR/train_step.json"
-    step fla_mamba2 100 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
+        --profile "$DIR/profile" --out "$DIR/train_step.json"
+    step fla_gdn 100 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 85 --out "$DIR/train_step.json"
+    step fla_mamba2 95 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
     ;;
 *)
     echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models" >&2
