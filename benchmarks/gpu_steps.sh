@@ -1,7 +1,7 @@
 # Sourced by the benchmarks/issue*_gpu.sh scripts (not run on its own): from the repository root, with DIR set to
 # the output folder, it installs the carried wheels of .whl/ (if any) into /tmp/site, puts the project on
 # PYTHONPATH, records the versions and the device in $DIR/env.txt, points Triton's cache at $TRITON_CACHE_DIR (seeded
-# from a carried .autotune.tar.gz) and defines `step` and `save_autotune`; $DIR/status.txt starts empty.
+# from a carried .autotune.tar.gz) and defines `step`, `save_autotune` and `pack_results`; $DIR/status.txt starts empty.
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
 if compgen -G ".whl/*.whl" >/dev/null; then  # fla, mamba_ssm's Triton kernels & co. (benchmarks/wheels.py builds them)
@@ -27,6 +27,14 @@ save_autotune() {
     n=$(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tee /tmp/autotune.list | wc -l)
     (cd "$TRITON_CACHE_DIR" && tar czf "$dest" -T /tmp/autotune.list)
     echo "autotune: $n cached tunings in $dest"
+}
+
+pack_results() {  # the device hands back at most 8 files: everything else in $DIR (logs, JSON rows, tables, profile/,
+    # memory/) goes into $DIR/results.tar.gz beside env.txt, status.txt and autotune.tar.gz (unpack it where it lands)
+    (cd "$DIR" && find . -mindepth 1 -maxdepth 1 ! -name results.tar.gz ! -name autotune.tar.gz ! -name env.txt \
+        ! -name status.txt -printf '%P\n' >/tmp/results.list && tar czf results.tar.gz -T /tmp/results.list \
+        && xargs -d '\n' rm -rf </tmp/results.list)
+    echo "results: $(wc -l </tmp/results.list) entries in $DIR/results.tar.gz"
 }
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status

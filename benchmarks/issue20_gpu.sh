@@ -24,7 +24,9 @@
 #            norm), then both presets at 128K beside fla's models in one call: gdn-1b selective and full, mamba2-1b
 #            full, 64K windows and selective (whether 128K fits now), then fla-gdn and fla-mamba2 at 128K; and both
 #            at 1M in 64K windows; each of our rows with one profiled step (kernel table in $DIR/profile).
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models   # from the repository root; carry .whl/ (the wheels
+#   windows: (4.5 minutes) gdn-1b and mamba2-1b at 128K under full recomputation and in 64K and 32K windows, each
+#            row with one profiled step: where the time goes and what windows cost (no fla anchor: explore only).
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
@@ -78,10 +80,20 @@ models)
     step fla_gdn 100 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 85 --out "$DIR/train_step.json"
     step fla_mamba2 95 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
     ;;
+windows)
+    M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
+    step gdn_step 130 "${GDN[@]}" --only longtrain --seq-lens 128K --variant full:parallel.remat_policy=full \
+        --variant w64k:train.window=65536 --variant w32k:train.window=32768 --profile "$DIR/profile" \
+        --out "$DIR/train_step.json"
+    step mamba2_step 130 "${M2[@]}" --only longtrain --seq-lens 128K --variant default: \
+        --variant w64k:train.window=65536 --variant w32k:train.window=32768 --profile "$DIR/profile" \
+        --out "$DIR/train_step.json"
+    ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows" >&2
     exit 2
     ;;
 esac
 save_autotune
 cat "$DIR/status.txt"
+pack_results

@@ -17,3 +17,4 @@ step train_step 300 python3 benchmarks/train_step.py --only longtrain --seq-lens
     --variant hybrid-flash:model.layout=LLLA,model.attention_backend=flash --out "$DIR/train_step.json"
 save_autotune
 cat "$DIR/status.txt"
+pack_results
