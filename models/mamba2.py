@@ -8,10 +8,10 @@ Per head h (state width N, head width P), with x, z, B, C, Δ projected from the
 
 which is DESIGN §2 with q = C, k = B, v = Δ·x ((Δ_t B_t)ᵀ x_t = B_tᵀ (Δ_t x_t)), per-token log-gate Δ_t A_h ≤ 0
 (λ = 0) and scale 1, so the chunked kernels, LASP-2 under sp and streaming windows apply unchanged. x, B, C pass
-through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group. Δ scales v
-rather than k: v is [B, T, H, P] where k is [B, T, H, N] (N = 2P in the presets), and `_ScaleByDelta` keeps
-only x and Δ for backward (x is kept for D·x anyway), where Δ·B in autograd kept an fp32 copy of the
-head-expanded B.
+through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group
+(`kernels.ssd_inputs.expand_groups` broadcasts them). Δ scales v rather than k: v is [B, T, H, P] where k is
+[B, T, H, N] (N = 2P in the presets); `kernels.ssd_inputs.ssd_inputs` forms Δ, the log-gate and Δ·x in one pass
+and keeps only x and the raw Δ projection for backward (x is kept for D·x anyway).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import linear_attention
+from kernels.ssd_inputs import expand_groups, ssd_inputs
 from models.config import ModelConfig
 from parallel.context import SINGLE
 from parallel.lasp2 import lasp2_linear_attention
@@ -70,12 +71,9 @@ class Mamba2(nn.Module):
         else:
             x, b, c = xbc.split(split, dim=-1)
         x = x.reshape(Bsz, T, H, P)
-        delta = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H] fp32
-        gate = delta * -torch.exp(self.A_log.float())  # log a_t = Δ_t A_h ≤ 0
-        heads_per_group = H // G
-        b = b.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
-        c = c.reshape(Bsz, T, G, 1, N).expand(Bsz, T, G, heads_per_group, N).reshape(Bsz, T, H, N)
-        q, k, v = c.to(x.dtype), b.to(x.dtype), _ScaleByDelta.apply(x, delta)
+        v, gate = ssd_inputs(x, dt, self.dt_bias, self.A_log, self.backend)  # Δ·x; log a_t = Δ_t A_h ≤ 0 (fp32)
+        k = expand_groups(b.reshape(Bsz, T, G, N).to(x.dtype), H, self.backend)
+        q = expand_groups(c.reshape(Bsz, T, G, N).to(x.dtype), H, self.backend)
         if self.sp.world > 1:
             y = lasp2_linear_attention(q, k, v, gate=gate, scale=1.0, group=self.sp.group, layout=self.sp.layout,
                                        chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
@@ -98,26 +96,6 @@ class Mamba2(nn.Module):
             batch, self.conv.width - 1, self.inner + 2 * self.groups * self.state, device=device,
             dtype=self.in_proj.weight.dtype)
         return state, tail
-
-
-class _ScaleByDelta(torch.autograd.Function):
-    """v = Δ ⊙ x per head: x [B, T, H, P], Δ [B, T, H] (fp32) → x's dtype, rounded once; keeps x and Δ only.
-    Backward: dx = Δ ⊙ dv, dΔ = Σ_p dv ⊙ x, in the wider of the two dtypes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, delta)
-        wide = torch.promote_types(x.dtype, delta.dtype)
-        return (x.to(wide) * delta[..., None].to(wide)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, delta = ctx.saved_tensors
-        wide = torch.promote_types(x.dtype, delta.dtype)
-        dv = dv.to(wide)
-        dx = (dv * delta[..., None].to(wide)).to(x.dtype)
-        d_delta = (dv * x.to(wide)).sum(-1).to(delta.dtype)
-        return dx, d_delta
 
 
 def ssm_initial_values(heads: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

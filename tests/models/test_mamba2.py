@@ -48,7 +48,7 @@ def test_mixer_equals_the_recurrence() -> None:
 
 def test_mixer_gradients_equal_the_recurrence() -> None:
     """Every gradient of the mixer (its input, Δ's bias, A, D, the projections, the conv) against autograd
-    through the step-by-step recurrence: Δ scales v in the mixer (its own backward) and k in the reference."""
+    through the step-by-step recurrence: Δ scales v in the mixer (kernels.ssd_inputs) and k in the reference."""
     torch.manual_seed(0)
     model = LinearLlama(preset("tiny", layout="M", **SMALL)).double()
     model.reset_parameters(1)
@@ -63,12 +63,27 @@ def test_mixer_gradients_equal_the_recurrence() -> None:
         assert rel_err(g, w) < 1e-6, name
 
 
-def test_scale_by_delta_gradcheck() -> None:
-    from models.mamba2 import _ScaleByDelta
-
-    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
-    delta = torch.rand(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_ScaleByDelta.apply, (x, delta))
+def test_mixer_on_the_triton_kernels_equals_the_recurrence() -> None:
+    """backend=triton (the interpreter on CPU, fp32): ssd_inputs, expand_groups, the gated norm and the scan's
+    kernels inside the mixer; its output and every gradient against the float64 recurrence."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout="M", backend="triton", **SMALL))
+    model.reset_parameters(1)
+    mixer = model.layers["0"].mixer
+    reference = LinearLlama(preset("tiny", layout="M", **SMALL))
+    reference.load_state_dict(model.state_dict())
+    reference = reference.double().layers["0"].mixer
+    u = torch.randn(1, 21, model.cfg.dim)
+    cotangent = torch.randn(1, 21, model.cfg.dim)
+    got_u, want_u = u.clone().requires_grad_(), u.double().requires_grad_()
+    out, want = mixer(got_u), _recurrence(reference, want_u)
+    assert rel_err(out, want) < 1e-4
+    got = torch.autograd.grad((out * cotangent).sum(), [got_u, *mixer.parameters()])
+    wanted = torch.autograd.grad((want * cotangent.double()).sum(), [want_u, *reference.parameters()])
+    names = ["u", *(name for name, _ in mixer.named_parameters())]
+    for name, g, w in zip(names, got, wanted, strict=True):
+        assert rel_err(g, w) < 1e-4, name
 
 
 def _check_sp(rank: int, world: int, layout: str) -> None:
