@@ -27,8 +27,9 @@
 #   windows: (4.5 minutes) gdn-1b and mamba2-1b at 128K under full recomputation and in 64K and 32K windows, each
 #            row with one profiled step: where the time goes and what windows cost (no fla anchor: explore only).
 #   fused:   (9.5 minutes) the GPU tests of kernels/ssd_inputs and kernels/gated_norm, then mamba2-1b (its mixer's
-#            elementwise stages on them) at 128K (full recomputation, 64K and 32K windows; profiled) and at 1M in 64K
-#            windows, gdn-1b at 128K (full, 64K windows) and 1M, and fla-gdn and fla-mamba2 at 128K in the same call.
+#            elementwise stages on them) at 128K (full recomputation, 64K windows, full with activation offload;
+#            profiled) and at 1M in 64K windows, gdn-1b at 128K (full, full with activation offload) and at 1M in
+#            64K windows, and fla-gdn and fla-mamba2 at 128K in the same call.
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
@@ -96,12 +97,13 @@ fused)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
     step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_ssd_inputs.py tests/kernels/test_gated_norm.py -rs
     step mamba2_step 130 "${M2[@]}" --only longtrain --seq-lens 128K --variant default: \
-        --variant w64k:train.window=65536 --variant w32k:train.window=32768 --profile "$DIR/profile_mamba2" \
+        --variant w64k:train.window=65536 --variant offload:parallel.offload=true --profile "$DIR/profile_mamba2" \
         --out "$DIR/train_step.json"
     step mamba2_1m 75 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
         --out "$DIR/train_step.json"
     step gdn_step 125 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant full@128K:parallel.remat_policy=full \
-        --variant w64k@128K+1M:train.window=65536 --out "$DIR/train_step.json"
+        --variant offload@128K:parallel.remat_policy=full,parallel.offload=true \
+        --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
     step fla_gdn 85 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 70 --out "$DIR/train_step.json"
     step fla_mamba2 95 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
     ;;

@@ -11,7 +11,8 @@ which is DESIGN §2 with q = C, k = B, v = Δ·x ((Δ_t B_t)ᵀ x_t = B_tᵀ (Δ
 through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group
 (`kernels.ssd_inputs.expand_groups` broadcasts them). Δ scales v rather than k: v is [B, T, H, P] where k is
 [B, T, H, N] (N = 2P in the presets); `kernels.ssd_inputs.ssd_inputs` forms Δ, the log-gate and Δ·x in one pass
-and keeps only x and the raw Δ projection for backward (x is kept for D·x anyway).
+and keeps only x and the raw Δ projection for backward (x is kept for D·x anyway); `kernels.gated_norm` forms
+the output's RMSNorm((y + D·x) ⊙ silu(z)) in one pass each way.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels import linear_attention
+from kernels.gated_norm import gated_rms_norm
 from kernels.ssd_inputs import expand_groups, ssd_inputs
 from models.config import ModelConfig
 from parallel.context import SINGLE
@@ -86,8 +87,8 @@ class Mamba2(nn.Module):
                                         output_final_state=carry is not None)
         if not output:
             return None, (state, tail)
-        y = y + x * self.D.to(x.dtype)[:, None]
-        out = self.out_proj(self.norm(y.reshape(Bsz, T, self.inner) * F.silu(z)))
+        # RMSNorm((y + D·x) ⊙ silu(z)) in one pass each way (the norm module holds its weight and eps)
+        out = self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.norm.eps, x=x, D=self.D, backend=self.backend))
         return out if carry is None else (out, (state, tail))
 
     def zero_carry(self, batch: int, device: torch.device) -> tuple:
