@@ -95,17 +95,17 @@ windows)
     ;;
 fused)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
-    step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_ssd_inputs.py tests/kernels/test_gated_norm.py -rs
-    step mamba2_step 130 "${M2[@]}" --only longtrain --seq-lens 128K --variant default: \
+    step gpu_tests 50 python3 -m pytest -q -m gpu tests/kernels/test_ssd_inputs.py tests/kernels/test_gated_norm.py -rs
+    step mamba2_step 125 "${M2[@]}" --only longtrain --seq-lens 128K --variant default: \
         --variant w64k:train.window=65536 --variant offload:parallel.offload=true --profile "$DIR/profile_mamba2" \
         --out "$DIR/train_step.json"
-    step mamba2_1m 75 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
+    step mamba2_1m 70 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
         --out "$DIR/train_step.json"
-    step gdn_step 125 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant full@128K:parallel.remat_policy=full \
+    step gdn_step 120 "${GDN[@]}" --only longtrain --seq-lens 128K,1M --variant full@128K:parallel.remat_policy=full \
         --variant offload@128K:parallel.remat_policy=full,parallel.offload=true \
         --variant w64k@1M:train.window=65536 --out "$DIR/train_step.json"
-    step fla_gdn 85 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 70 --out "$DIR/train_step.json"
-    step fla_mamba2 95 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 80 --out "$DIR/train_step.json"
+    step fla_gdn 80 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 65 --out "$DIR/train_step.json"
+    step fla_mamba2 90 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 75 --out "$DIR/train_step.json"
     ;;
 *)
     echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused" >&2
