@@ -18,7 +18,7 @@ Step time (busiest stage, one step):
               window_overhead per layer and window; linear-attention tokens / kernel rate; causal softmax FLOPs /
               F_attention (cuDNN's rate where model.attention_backend takes it); elementwise bytes / copy
               bandwidth; the loss; the optimizer (parallel.offload_optimizer: host_optimizer_ns per parameter);
-              parallel.offload: the stored layer inputs out and back over the host link
+              parallel.offload: the stored layer inputs out and back over the host link, overlapped with compute
     comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
     host      per layer and micro-batch layer_overhead · (3 + r)/3, and step_overhead once per step: the host time
@@ -74,11 +74,11 @@ GIB = 2.0**30
 DELTA_COST = 4.15
 # a block's elementwise device traffic (norms, gates, short convs, activations) in units of a linear-attention
 # block's, by the kind of its mixer: fitted to measured H200 steps at 128K under full recomputation
-# (benchmarks/RESULTS.md: gdn-1b (D) 2306 ms, sixteenth session, with q and k's L2 norms on the Triton norm kernel;
-# mamba2-1b (M) 2610 ms, fifteenth session), checked against their selective and windowed steps
-# (tests/runtime/test_plan.py). D adds L2 norms of q and k, β, the gate and three short convs; M its 2d-wide inner
-# stream (convs of x, B and C, silu(z) gating, the gated norm)
-KIND_ELEMENTWISE = {"L": 1.0, "A": 1.0, "D": 1.07, "M": 2.52}
+# (benchmarks/RESULTS.md, sixteenth session: gdn-1b (D) 2306 ms with q and k's L2 norms on the Triton norm kernel,
+# mamba2-1b (M) 2194 ms on kernels.ssd_inputs and kernels.gated_norm), checked against their selective, windowed and
+# offloaded steps (tests/runtime/test_plan.py). D adds L2 norms of q and k, β, the gate and three short convs; M its
+# 2d-wide inner stream (convs of x, B and C, the broadcast of B and C to heads, Δ, the gated norm)
+KIND_ELEMENTWISE = {"L": 1.0, "A": 1.0, "D": 1.07, "M": 1.41}
 LIMIT_SHARE = 0.10  # `--scaling`: a method stops scaling where its communication passes this share of compute
 
 
@@ -389,8 +389,10 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     if sharded and par.offload_optimizer:  # gradients out, CPU AdamW, parameters back: instead of the device's
         compute["optimizer"] = state.params / width * hw.host_optimizer_ns * 1e-9
     act = activation_bytes(cfg, dp, pp, sp, compute_width if hw.autocast_bf16 else width)
-    if par.offload and hw.host_link_gbps > 0:  # the stored layer inputs go out in forward and come back in backward
-        comm["activation_offload"] = 2 * act["stored"] / (hw.host_link_gbps * 1e9)
+    if par.offload and hw.host_link_gbps > 0:  # the stored layer inputs go out in forward and come back in backward,
+        # on a side stream beside the compute (parallel/offload.py): only the part the stage's compute does not cover
+        transfer = 2 * act["stored"] / (hw.host_link_gbps * 1e9)
+        comm["activation_offload"] = max(0.0, transfer - stage_s)
     step = (stage_s + bubble + sync + comm["small_collectives"] + compute["optimizer"] + compute["step_overhead"]
             + comm.get("activation_offload", 0.0))
 
