@@ -44,6 +44,10 @@ class ModelConfig:
     # the gradients in fla's order; the default) or, false, the fused sweeps and gradient kernel
     # (kernels.delta_rule.fused_config)
     delta_split: bool = True
+    # Gated DeltaNet (D) layers on the Triton path with parallel.sp = 1: > 0 runs the kernels' stages with
+    # per-chunk transients (W, u, chunk states, their gradients) a window of about this many tokens at a time
+    # (kernels.delta_rule's DeltaConfig.window_tokens: less memory, more time; the same results); 0: whole calls
+    delta_window: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +84,8 @@ class ModelConfig:
                              f"use auto, cudnn, flash or math")
         if self.decay not in DECAYS:
             raise ValueError(f"model.decay={self.decay!r} is unknown; use one of {DECAYS}")
+        if not isinstance(self.delta_window, int) or self.delta_window < 0:
+            raise ValueError(f"model.delta_window={self.delta_window!r} must be an integer ≥ 0 (tokens; 0: off)")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be ≥ 1")

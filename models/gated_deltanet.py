@@ -45,6 +45,7 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.width = cfg.n_heads, cfg.head_dim, cfg.n_heads * cfg.head_dim
         self.chunk_size, self.backend, self.split = cfg.chunk_size, cfg.backend, cfg.delta_split
+        self.delta_window = cfg.delta_window  # the kernels' window_tokens at sp = 1 (model.delta_window)
         # q | k | v | output gate | β | a in one GEMM
         self.in_proj = nn.Linear(cfg.dim, 4 * self.width + 2 * self.heads, bias=False)
         self.conv = ShortConv(3 * self.width, cfg.short_conv, cfg.backend) if cfg.short_conv > 1 else None
@@ -83,7 +84,7 @@ class GatedDeltaNet(nn.Module):
             if carry is not None:
                 o, state = o
         else:
-            o, state = delta_rule(q, k, v, beta, **kw)
+            o, state = delta_rule(q, k, v, beta, window_tokens=self.delta_window, **kw)
         if not output:
             return None, (state, tail)
         o = self.out_norm(o) * F.silu(g_out.reshape(B, T, H, Dh)).to(o.dtype)

@@ -271,6 +271,9 @@ class JobConfig:
             )
         if "A" in m.layer_kinds() and sp > 1 and par.sp_attention == "ulysses" and m.kv_heads % sp:
             raise ConfigError(f"ulysses needs model.n_kv_heads={m.kv_heads} divisible by sp={sp}")
+        if m.delta_window and sp > 1:
+            raise ConfigError(f"model.delta_window={m.delta_window} applies with parallel.sp=1 (under sp each rank's "
+                              f"shard already bounds the kernels' transients); set model.delta_window=0")
         kind, _, where = self.data.source.partition(":")
         if kind not in ("synthetic", "zarr") or not where:
             raise ConfigError(f"data.source={self.data.source!r} is unknown; use synthetic:mqar, synthetic:passkey, "

@@ -27,7 +27,7 @@ def delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
     log_decay: torch.Tensor | None = None, gate: torch.Tensor | None = None, scale: float | None = None,
     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-    chunk_size: int = 64, backend: str = "auto", split: bool = True,
+    chunk_size: int = 64, backend: str = "auto", split: bool = True, window_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal gated delta rule with per-head decay λ_h and per-token gate g (DESIGN §12).
 
@@ -38,17 +38,37 @@ def delta_rule(
     backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
     split: on the Triton path, the chunk-parallel split kernels (DeltaConfig's out_split, grad_split and bwd_split,
     the default); False runs the fused sweeps and gradient kernel (`fused_config`; same results up to rounding).
-    Ignored by the PyTorch path.
+    window_tokens > 0: on the Triton path, the stages with per-chunk transients run one batch row and about this
+    many tokens at a time (DeltaConfig.window_tokens: less memory, more time, the same results). Both are ignored by
+    the PyTorch path.
     """
     _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend)
     check_beta(q, beta)
+    _check_window(window_tokens)
     kw = dict(log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state)
     if resolve_backend(q, backend) == "triton":
         from kernels.delta_rule.triton import delta_rule_triton
 
-        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, config=None if split else fused_config(), **kw)
+        return delta_rule_triton(q, k, v, beta, chunk_size=chunk_size, config=triton_config(split, window_tokens),
+                                 **kw)
     return delta_rule_chunked(q, k, v, beta, chunk_size=chunk_size, **kw)
+
+
+def _check_window(window_tokens) -> None:
+    if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 0:
+        raise ValueError(f"window_tokens={window_tokens!r} must be an integer ≥ 0 (0: whole calls)")
+
+
+def triton_config(split: bool = True, window_tokens: int = 0):
+    """The Triton kernels' DeltaConfig for a call: None (DEFAULT_CONFIG at call time) unless the split paths are off
+    (`fused_config`) or window_tokens > 0."""
+    _check_window(window_tokens)
+    if split and not window_tokens:
+        return None
+    from kernels.delta_rule.triton.common import FUSED, with_config
+
+    return with_config(**({} if split else FUSED), window_tokens=window_tokens)
 
 
 def fused_config():

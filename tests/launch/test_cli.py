@@ -29,6 +29,9 @@ BAD = {
     "shard mode": (["--set", "parallel.shard=zero3"], "parallel.shard='zero3' is unknown"),
     "offload unsharded": (["--set", "parallel.offload_optimizer=true", "parallel.shard=none"],
                           "set parallel.shard=optimizer"),
+    "delta window < 0": (["--set", "model.delta_window=-3"], "model.delta_window=-3 must be an integer ≥ 0"),
+    "delta window under sp": (["--set", "model.layout=DDDA", "model.delta_window=1024"],
+                              "set model.delta_window=0"),
 }
 
 

@@ -67,6 +67,32 @@ def test_mixer_on_the_triton_kernels(split: bool) -> None:
         assert rel_err(got, want) < 1e-5
 
 
+def test_delta_window_runs_the_kernels_window_by_window(monkeypatch) -> None:
+    """model.delta_window reaches the Triton kernels as DeltaConfig.window_tokens (the interpreter on a CPU; one-chunk
+    segments so that 37 tokens make windows): the mixer's output and gradients equal the PyTorch path's."""
+    pytest.importorskip("triton")
+    import kernels.delta_rule.triton.common as common
+    import kernels.delta_rule.triton.function as function
+
+    monkeypatch.setattr(common, "DEFAULT_CONFIG", common.with_config(seg_chunks=1, sweep_bv=16, grad_bv=16, out_bv=16,
+                                                                     grad_programs=3))
+    used = []
+    monkeypatch.setattr(function, "windows", lambda p, f=function.windows: used.append(f(p)) or used[-1])
+    torch.manual_seed(0)
+    outs = {}
+    for backend, window in (("torch", 0), ("triton", 32)):
+        model = LinearLlama(preset("tiny", layout="D", backend=backend, delta_window=window))
+        model.reset_parameters(1)
+        mixer = model.layers["0"].mixer
+        x = torch.randn(2, 37, model.cfg.dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = mixer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        outs[backend] = [y, x.grad, *(p.grad for p in mixer.parameters())]
+    assert used and all(w is not None and len(w) == 4 for w in used)  # 2 rows × 2 windows, forward and backward
+    for got, want in zip(outs["triton"], outs["torch"], strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
 L2_CASES = [("cpu", torch.float32, 32), ("cpu", torch.bfloat16, 32),
             pytest.param("cuda", torch.bfloat16, 128, marks=pytest.mark.gpu)]
 
