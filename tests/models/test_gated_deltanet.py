@@ -53,18 +53,20 @@ def test_mixer_on_the_triton_kernels(split: bool) -> None:
     """model.backend=triton (the interpreter on a CPU), with and without model.delta_split: the mixer's output and
     its input and parameter gradients equal the PyTorch path's (fp32)."""
     pytest.importorskip("triton")
-    torch.manual_seed(0)
-    outs = {}
-    for backend in ("torch", "triton"):
-        model = LinearLlama(preset("tiny", layout="D", backend=backend, delta_split=split))
-        model.reset_parameters(1)
-        mixer = model.layers["0"].mixer
-        x = torch.randn(2, 37, model.cfg.dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        y = mixer(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
-        outs[backend] = [y, x.grad, *(p.grad for p in mixer.parameters())]
-    for got, want in zip(outs["triton"], outs["torch"], strict=True):
+    for got, want in zip(_mixer_step("triton", delta_split=split), _mixer_step("torch"), strict=True):
         assert rel_err(got, want) < 1e-5
+
+
+def _mixer_step(backend: str, **overrides) -> list[torch.Tensor]:
+    """A tiny D mixer's output and its input and parameter gradients (fp32, fixed seeds) on `backend`."""
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout="D", backend=backend, **overrides))
+    model.reset_parameters(1)
+    mixer = model.layers["0"].mixer
+    x = torch.randn(2, 37, model.cfg.dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = mixer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+    return [y, x.grad, *(p.grad for p in mixer.parameters())]
 
 
 def test_delta_window_runs_the_kernels_window_by_window(monkeypatch) -> None:
@@ -78,19 +80,10 @@ def test_delta_window_runs_the_kernels_window_by_window(monkeypatch) -> None:
                                                                      grad_programs=3))
     used = []
     monkeypatch.setattr(function, "windows", lambda p, f=function.windows: used.append(f(p)) or used[-1])
-    torch.manual_seed(0)
-    outs = {}
-    for backend, window in (("torch", 0), ("triton", 32)):
-        model = LinearLlama(preset("tiny", layout="D", backend=backend, delta_window=window))
-        model.reset_parameters(1)
-        mixer = model.layers["0"].mixer
-        x = torch.randn(2, 37, model.cfg.dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        y = mixer(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
-        outs[backend] = [y, x.grad, *(p.grad for p in mixer.parameters())]
+    got = _mixer_step("triton", delta_window=32)
     assert used and all(w is not None and len(w) == 4 for w in used)  # 2 rows × 2 windows, forward and backward
-    for got, want in zip(outs["triton"], outs["torch"], strict=True):
-        assert rel_err(got, want) < 1e-5
+    for g, want in zip(got, _mixer_step("torch"), strict=True):
+        assert rel_err(g, want) < 1e-5
 
 
 L2_CASES = [("cpu", torch.float32, 32), ("cpu", torch.bfloat16, 32),
