@@ -30,8 +30,9 @@
 #            elementwise stages on them) at 128K (full recomputation, 64K windows, full with activation offload;
 #            profiled) and at 1M in 64K windows, gdn-1b at 128K (full, full with activation offload) and at 1M in
 #            64K windows, and fla-gdn and fla-mamba2 at 128K in the same call.
-#   anchor:  (8.5 minutes) the train_step goal's rows with their anchors in one call: fla-mamba2 first (its warm-up
-#            takes ~47 s on the carried tunings), then mamba2-1b at 128K in 64K windows and with activation offload;
+#   anchor:  (9 minutes) the train_step goal's rows with their anchors in one call: fla-mamba2 first (its warm-up
+#            takes ~47 s on the carried tunings), then mamba2-1b at 128K in 64K windows, with activation offload and
+#            under selective recomputation (whether it fits now that B and C are kept per group);
 #            fla-gdn, then gdn-1b at 128K: full, full + offload, full + offload + model.delta_window=32768, and 64K
 #            windows + model.delta_window=32768.
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor   # from the repository root; carry .whl/ (the wheels
@@ -114,8 +115,9 @@ fused)
 anchor)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
     step fla_mamba2 150 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 120 --out "$DIR/train_step.json"
-    step mamba2_step 110 "${M2[@]}" --only longtrain --seq-lens 128K --variant w64k:train.window=65536 \
-        --variant offload:parallel.offload=true --out "$DIR/train_step.json"
+    step mamba2_step 150 "${M2[@]}" --only longtrain --seq-lens 128K --variant w64k:train.window=65536 \
+        --variant offload:parallel.offload=true --variant selective:parallel.remat_policy=selective \
+        --out "$DIR/train_step.json"
     step fla_gdn 90 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 70 --out "$DIR/train_step.json"
     step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K --variant full:parallel.remat_policy=full \
         --variant offload:parallel.remat_policy=full,parallel.offload=true \

@@ -14,9 +14,11 @@ def _check(q, k, v, log_decay, gate, initial_state, chunk_size, backend) -> None
         raise ValueError(f"backend={backend!r} is unknown; use one of {BACKENDS}")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V]; got {tuple(v.shape)}")
+    B, T, G, K = q.shape
+    if v.dim() != 4 or v.shape[:2] != (B, T) or G < 1 or v.shape[2] % G:
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, H, V] with H a multiple of q and k's {G} heads; "
+                         f"got {tuple(v.shape)}")
+    H = v.shape[2]
     if T < 1:
         raise ValueError("the sequence is empty (T = 0); pass at least one token")
     if log_decay is not None and log_decay.shape != (H,):
@@ -39,7 +41,8 @@ def linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention with per-head decay λ_h and per-token gate g (DESIGN §2).
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; log_decay: [H] ≤ 0; gate: [B, T, H] ≤ 0;
+    q, k: [B, T, H, K], or [B, T, G, K] shared by groups of H / G heads (head h reads group h // (H / G): Mamba-2's
+    B and C; only the grouped pair is kept for backward); v: [B, T, H, V]; log_decay: [H] ≤ 0; gate: [B, T, H] ≤ 0;
     initial_state / final_state: [B, H, K, V] float32 (float64 for float64 inputs).
     Returns (o [B, T, H, V] in q's dtype, final_state or None). scale defaults to K^-1/2.
     backend: "triton" (CUDA), "torch" (chunked PyTorch) or "auto" (Triton for CUDA tensors up to fp32).
@@ -52,6 +55,10 @@ def linear_attention(
             q, k, v, log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=chunk_size,
         )
+    if q.shape[2] != v.shape[2]:  # the PyTorch path on per-head copies (autograd sums their gradients)
+        from kernels.ssd_inputs.reference import expand_groups_reference
+
+        q, k = expand_groups_reference(q, v.shape[2]), expand_groups_reference(k, v.shape[2])
     return linear_attention_chunked(
         q, k, v, log_decay=log_decay, gate=gate, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,

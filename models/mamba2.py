@@ -8,8 +8,9 @@ Per head h (state width N, head width P), with x, z, B, C, Δ projected from the
 
 which is DESIGN §2 with q = C, k = B, v = Δ·x ((Δ_t B_t)ᵀ x_t = B_tᵀ (Δ_t x_t)), per-token log-gate Δ_t A_h ≤ 0
 (λ = 0) and scale 1, so the chunked kernels, LASP-2 under sp and streaming windows apply unchanged. x, B, C pass
-through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group
-(`kernels.ssd_inputs.expand_groups` broadcasts them). Δ scales v rather than k: v is [B, T, H, P] where k is
+through the causal short convolution (with SiLU) first; B and C are shared by the heads of a group:
+`kernels.linear_attention` takes them per group and keeps only those for backward (under sp,
+`kernels.ssd_inputs.expand_groups` broadcasts them for LASP-2). Δ scales v rather than k: v is [B, T, H, P] where k is
 [B, T, H, N] (N = 2P in the presets); `kernels.ssd_inputs.ssd_inputs` forms Δ, the log-gate and Δ·x in one pass
 and keeps only x and the raw Δ projection for backward (x is kept for D·x anyway); `kernels.gated_norm` forms
 the output's RMSNorm((y + D·x) ⊙ silu(z)) in one pass each way.
@@ -73,15 +74,15 @@ class Mamba2(nn.Module):
             x, b, c = xbc.split(split, dim=-1)
         x = x.reshape(Bsz, T, H, P)
         v, gate = ssd_inputs(x, dt, self.dt_bias, self.A_log, self.backend)  # Δ·x; log a_t = Δ_t A_h ≤ 0 (fp32)
-        k = expand_groups(b.reshape(Bsz, T, G, N).to(x.dtype), H, self.backend)
-        q = expand_groups(c.reshape(Bsz, T, G, N).to(x.dtype), H, self.backend)
-        if self.sp.world > 1:
+        k, q = b.reshape(Bsz, T, G, N).to(x.dtype), c.reshape(Bsz, T, G, N).to(x.dtype)  # shared by groups
+        if self.sp.world > 1:  # LASP-2 takes per-head q, k
+            q, k = expand_groups(q, H, self.backend), expand_groups(k, H, self.backend)
             y = lasp2_linear_attention(q, k, v, gate=gate, scale=1.0, group=self.sp.group, layout=self.sp.layout,
                                        chunk_size=self.chunk_size, backend=self.backend, initial_state=state,
                                        output_final_state=carry is not None)
             if carry is not None:
                 y, state = y
-        else:
+        else:  # the kernels broadcast the groups themselves and keep only [B, T, G, N] for backward
             y, state = linear_attention(q, k, v, gate=gate, scale=1.0, chunk_size=self.chunk_size,
                                         backend=self.backend, initial_state=state,
                                         output_final_state=carry is not None)

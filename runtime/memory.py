@@ -45,7 +45,9 @@ NEVER_STORED = 1.5  # saved internals per token and layer without re-materializa
 # interpreter, T = 128 → 256, one Block's saved storages counted through saved_tensors_hooks): L 41.0K, D 51.4K,
 # M 65.9K elements per token (M's since kernels.ssd_inputs and kernels.gated_norm; 70.3K before) (L's, 1.54·(4d + 3f),
 # agrees with the GPU-fitted NEVER_STORED). Softmax (A) blocks are taken as L's. Scales NEVER_STORED and ACTIVATION
-# for D and M.
+# for D and M. Since the M mixer hands B and C to the kernels per group (only [B, T, G, N] kept for backward) the
+# same count gives M 49.8K (1.22); M stays at 1.61, the code its measured H200 steps ran (tests/runtime/test_plan.py),
+# until a step of the grouped code is measured: until then the plan errs high for M (≈ 4 GiB at 128K, full).
 KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.61}
 MARGIN = 0.15  # the estimate's stated accuracy
 

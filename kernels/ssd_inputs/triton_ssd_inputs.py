@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SsdConfig", "CONFIG", "ssd_inputs_triton", "expand_groups_triton"]
+__all__ = ["SsdConfig", "CONFIG", "ssd_inputs_triton", "expand_groups_triton", "broadcast_groups"]
 
 
 @dataclass(frozen=True)
@@ -164,22 +164,27 @@ def ssd_inputs_triton(x: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
     return _SsdInputsTriton.apply(x, dt, dt_bias, A_log)
 
 
+def broadcast_groups(b: torch.Tensor, heads: int) -> torch.Tensor:
+    """b [.., G, N] → a new contiguous [.., heads, N], head h a copy of group h // (heads / G) (no autograd)."""
+    cfg = CONFIG
+    *lead, G, N = b.shape
+    b2 = b.reshape(-1, G * N) if b.stride(-1) == 1 and b.stride(-2) == N else b.contiguous().view(-1, G * N)
+    if b2.stride(-1) != 1:
+        b2 = b2.contiguous()
+    T = b2.shape[0]
+    out = torch.empty(*lead, heads, N, dtype=b.dtype, device=b.device)
+    if T:
+        BT = cfg.expand_tokens
+        _expand_groups_kernel[(triton.cdiv(T, BT), G)](b2, out, T, G, heads // G, N, b2.stride(0), BT=BT,
+                                                       BN=triton.next_power_of_2(N), num_warps=cfg.expand_warps)
+    return out
+
+
 class _ExpandGroupsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, b, heads):
-        cfg = CONFIG
-        *lead, G, N = b.shape
-        b2 = b.reshape(-1, G * N) if b.stride(-1) == 1 and b.stride(-2) == N else b.contiguous().view(-1, G * N)
-        if b2.stride(-1) != 1:
-            b2 = b2.contiguous()
-        T = b2.shape[0]
-        out = torch.empty(*lead, heads, N, dtype=b.dtype, device=b.device)
-        if T:
-            BT = cfg.expand_tokens
-            _expand_groups_kernel[(triton.cdiv(T, BT), G)](b2, out, T, G, heads // G, N, b2.stride(0), BT=BT,
-                                                           BN=triton.next_power_of_2(N), num_warps=cfg.expand_warps)
         ctx.shape = b.shape
-        return out
+        return broadcast_groups(b, heads)
 
     @staticmethod
     def backward(ctx, d_out):

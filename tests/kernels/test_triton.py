@@ -168,6 +168,49 @@ def test_public_dispatch_and_no_grad_inputs():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("groups,heads", [(1, 4), (2, 6)], ids=["G1-H4", "G2-H6"])
+def test_grouped_q_k_match_per_head_copies(groups, heads):
+    """q and k shared by groups of heads ([B, T, G, K], Mamba-2's C and B): outputs, the final state and every
+    gradient (dq, dk summed over each group's heads) equal the float64 recurrence on per-head copies, through the
+    public op on both backends."""
+    x = _inputs(2, 37, heads, 16, 16, decay=True, gate=True, init=True, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    x["q"] = torch.randn(2, 37, groups, 16, generator=gen).to(DEVICE)
+    x["k"] = torch.randn(2, 37, groups, 16, generator=gen).to(DEVICE)
+    do = torch.randn(2, 37, heads, 16, generator=gen).to(DEVICE)
+    df = torch.randn(2, heads, 16, 16, generator=gen).to(DEVICE)
+
+    def per_head(q, k, v, **kw):  # the reference: explicit copies, head h of group h // (heads / groups)
+        rep = heads // groups
+        return linear_attention_recurrent(q.repeat_interleave(rep, 2), k.repeat_interleave(rep, 2), v, **kw)
+
+    o_r, fs_r, grads_r = _run(per_head, {n: t.double() for n, t in x.items()}, do.double(), df.double())
+    for backend in ("triton", "torch"):
+        o, fs, grads = _run(linear_attention, x, do, df, chunk_size=16, backend=backend)
+        assert _err(o, o_r) < 1e-5, backend
+        assert _err(fs, fs_r) < 1e-5, backend
+        for n in grads:
+            assert grads[n].shape == x[n].shape and _err(grads[n], grads_r[n], floor=1.0) < 1e-4, (backend, n)
+
+
+def test_grouped_q_k_keep_only_the_groups():
+    """With q, k of one group for 4 heads, backward keeps [B, T, 1, K] q and k, not the 4-head copies."""
+    x = _inputs(1, 40, 4, 16, 16, decay=False, gate=True, init=False)
+    q, k = x["q"][:, :, :1].clone().requires_grad_(), x["k"][:, :, :1].clone().requires_grad_()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        linear_attention_triton(q, k, x["v"], gate=x["gate"], chunk_size=16, config=SEGMENTED)
+    assert (1, 40, 1, 16) in shapes and (1, 40, 4, 16) == tuple(x["v"].shape)
+    assert shapes.count((1, 40, 4, 16)) == 1  # v alone
+
+
+def test_grouped_heads_must_divide():
+    x = _inputs(1, 8, 3, 16, 16, decay=False, gate=False, init=False)
+    with pytest.raises(ValueError, match="H a multiple of q and k's 2 heads") as info:
+        linear_attention(x["q"][:, :, :2], x["k"][:, :, :2], x["v"], backend="torch")
+    assert "\n" not in str(info.value)
+
+
 def test_saved_memory_is_boundary_states_only():
     """Forward keeps inputs, the gate cumsum and one fp32 state per segment — no per-chunk states."""
     B, T, H, K, V, C = 1, 200, 2, 16, 16, 16
