@@ -31,10 +31,10 @@
 #            profiled) and at 1M in 64K windows, gdn-1b at 128K (full, full with activation offload) and at 1M in
 #            64K windows, and fla-gdn and fla-mamba2 at 128K in the same call.
 #   anchor:  (9 minutes) the train_step goal's rows with their anchors in one call: fla-mamba2 first (its warm-up
-#            takes ~47 s on the carried tunings), then mamba2-1b at 128K in 64K windows, with activation offload and
-#            under selective recomputation (whether it fits now that B and C are kept per group);
-#            fla-gdn, then gdn-1b at 128K: full, full + offload, full + offload + model.delta_window=32768, and 64K
-#            windows + model.delta_window=32768.
+#            takes ~47 s on the carried tunings), then mamba2-1b at 128K with activation offload, with offload and
+#            the MLP in 16K tiles (train.mlp_tile: a recomputed block's MLP internals at tile size, no extra forward)
+#            and in 64K windows; fla-gdn, then gdn-1b at 128K: full + offload, full + offload + 16K MLP tiles, the
+#            same with model.delta_window=32768, and full + 16K MLP tiles.
 #     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
@@ -115,14 +115,15 @@ fused)
 anchor)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
     step fla_mamba2 150 "${M2[@]}" --only fla --seq-lens 128K --warmup-timeout 120 --out "$DIR/train_step.json"
-    step mamba2_step 150 "${M2[@]}" --only longtrain --seq-lens 128K --variant w64k:train.window=65536 \
-        --variant offload:parallel.offload=true --variant selective:parallel.remat_policy=selective \
+    step mamba2_step 150 "${M2[@]}" --only longtrain --seq-lens 128K --variant offload:parallel.offload=true \
+        --variant offload-t16k:parallel.offload=true,train.mlp_tile=16384 --variant w64k:train.window=65536 \
         --out "$DIR/train_step.json"
     step fla_gdn 90 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 70 --out "$DIR/train_step.json"
-    step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K --variant full:parallel.remat_policy=full \
+    step gdn_step 150 "${GDN[@]}" --only longtrain --seq-lens 128K \
         --variant offload:parallel.remat_policy=full,parallel.offload=true \
-        --variant offload-dw32k:parallel.remat_policy=full,parallel.offload=true,model.delta_window=32768 \
-        --variant w64k-dw32k:train.window=65536,model.delta_window=32768 --out "$DIR/train_step.json"
+        --variant offload-t16k:parallel.remat_policy=full,parallel.offload=true,train.mlp_tile=16384 \
+        --variant offload-t16k-dw32k:parallel.remat_policy=full,parallel.offload=true,train.mlp_tile=16384,model.delta_window=32768 \
+        --variant full-t16k:parallel.remat_policy=full,train.mlp_tile=16384 --out "$DIR/train_step.json"
     ;;
 *)
     echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor" >&2

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
@@ -33,7 +34,7 @@ from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
 from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
-from parallel.tiling import tiled
+from parallel.tiling import replaying_recompute, tiled
 
 
 class RMSNorm(nn.Module):
@@ -249,9 +250,9 @@ class Block(nn.Module):
             return self.mixer(self.mixer_norm(h), carry, output=False)
         if carry is None:
             h = h + self.mixer(self.mixer_norm(h))
-            return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters())
+            return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters(), ends_region=True)
         out, carry = self.mixer(self.mixer_norm(h), carry)
-        return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters()), carry
+        return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters(), ends_region=True), carry
 
     def carry(self, h: torch.Tensor, carry: Carry) -> tuple[None, Carry]:
         """Only the carry leaving the window, as `self(h, carry)` computes it: (None, the mixer's leaving carry),
@@ -360,8 +361,7 @@ class LinearLlama(nn.Module):
         """`block` re-materialized in backward under `remat_policy`: "full" keeps only its input; "selective"
         also keeps the outputs of its widening matmuls (`_keep_widening_matmuls`)."""
         if self.remat_policy == "selective":
-            return partial(checkpoint, block, use_reentrant=False,
-                           context_fn=partial(create_selective_checkpoint_contexts, _keep_widening_matmuls))
+            return partial(checkpoint, block, use_reentrant=False, context_fn=_selective_contexts)
         return partial(checkpoint, block, use_reentrant=False)
 
     def forward_window(self, x: torch.Tensor, carries: dict[str, Carry], checkpoint_layers: bool = False,
@@ -391,6 +391,21 @@ class LinearLlama(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.head(h) if self.head is not None and logits else h
+
+
+def _selective_contexts() -> tuple:
+    """Selective re-materialization's (forward, recompute) contexts: the recompute replays the forward's operations
+    one for one, a tiled MLP's too (`parallel.tiling.replaying_recompute`)."""
+    forward, recompute = create_selective_checkpoint_contexts(_keep_widening_matmuls)
+    return forward, _entered_together(recompute, replaying_recompute())
+
+
+@contextmanager
+def _entered_together(*contexts) -> Iterator[None]:
+    with ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
 
 
 def _keep_widening_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -65,3 +65,63 @@ def test_bf16_autocast_stores_bf16_layer_inputs() -> None:
         plain = model(x, logits=False)
     ref = model(x, logits=False)
     assert rel_err(plain.float(), ref) < 5e-2  # bf16 rounding of the stream
+
+
+def _mlp_tokens(model: LinearLlama) -> list[int]:
+    """Tokens each SwiGLU forward of `model` sees, in order (a forward hook per block)."""
+    seen: list[int] = []
+    for block in model.layers.values():
+        block.mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_a_recomputed_tiled_block_equals_the_plain_block(policy: str) -> None:
+    """Re-materialized blocks with a tiled MLP give the plain model's loss and gradients. Under full
+    re-materialization the MLP runs forward twice per token (the step's forward and the tiled backward), as in an
+    untiled block: the block's recompute skips it (one probe token per block instead); selective
+    re-materialization replays every forward operation, so three times."""
+    torch.manual_seed(0)
+    model = LinearLlama(preset("tiny", layout="LA", gate=True)).double()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 40))
+
+    def run(tile: int, checkpoint_layers: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        model.remat_policy = policy
+        for block in model.layers.values():
+            block.mlp_tile = tile
+        loss = model(x, checkpoint_layers=checkpoint_layers).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(0, False)
+    seen = _mlp_tokens(model)
+    loss, grads = run(16, True)
+    assert rel_err(loss, ref_loss) < 1e-12
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        assert rel_err(grads[name], want) < 1e-12, name
+    layers = model.cfg.n_layers
+    per_block = 2 * x.shape[1] + 1 if policy == "full" else 3 * x.shape[1]
+    assert sum(seen) == layers * per_block, seen
+
+
+def test_tiles_outside_a_region_end_run_in_the_recompute() -> None:
+    """Without ends_region a tiled call inside a re-materialized region computes its output in the recompute too
+    (something after it may use it): three forwards of fn per token."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8)).double()
+    seen: list[int] = []
+    mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    x = torch.randn(1, 30, 8, dtype=torch.float64, requires_grad=True)
+
+    def region(h: torch.Tensor) -> torch.Tensor:
+        return tiled(mlp, h, 10, mlp.parameters()).tanh()  # the tanh uses the tiled output
+
+    ref = torch.autograd.grad(mlp(x).tanh().sum(), x)[0]
+    seen.clear()
+    got = torch.autograd.grad(checkpoint(region, x, use_reentrant=False).sum(), x)[0]
+    assert rel_err(got, ref) < 1e-12
+    assert sum(seen) == 3 * x.shape[1]
