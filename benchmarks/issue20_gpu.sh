@@ -35,7 +35,12 @@
 #            the MLP in 16K tiles (train.mlp_tile: a recomputed block's MLP internals at tile size, no extra forward)
 #            and in 64K windows; fla-gdn, then gdn-1b at 128K: full + offload, full + offload + 16K MLP tiles, the
 #            same with model.delta_window=32768, and full + 16K MLP tiles.
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor   # from the repository root; carry .whl/ (the wheels
+#   wy16:    (9 minutes) the delta-rule GPU tests of DeltaConfig.wy_16bit and the 16K case; the kernels against
+#            fla at 16×4K and 1×128K, default vs wy_16bit (each kernel's time); fla-gdn, then gdn-1b at 128K under
+#            full recomputation + offload with the MLP in 16K tiles (tiled_residual: no down projection recomputed),
+#            also with model.delta_window=65536 / 32768; the 1b preset at 128K, full recomputation, with and without
+#            16K MLP tiles (what tiling saves for L blocks).
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
@@ -125,8 +130,21 @@ anchor)
         --variant offload-t16k-dw32k:parallel.remat_policy=full,parallel.offload=true,train.mlp_tile=16384,model.delta_window=32768 \
         --variant full-t16k:parallel.remat_policy=full,train.mlp_tile=16384 --out "$DIR/train_step.json"
     ;;
+wy16)
+    step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "wy16 or 16K" -rs
+    step kernels 120 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --kernels \
+        --configs "default:;wy16:wy_16bit=1" --out "$DIR/delta_rule_wy16.md"
+    step fla_gdn 80 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 60 --out "$DIR/train_step.json"
+    OFF=parallel.remat_policy=full,parallel.offload=true,train.mlp_tile=16384
+    step gdn_step 140 "${GDN[@]}" --only longtrain --seq-lens 128K --variant "offload-t16k:$OFF" \
+        --variant "offload-t16k-dw64k:$OFF,model.delta_window=65536" \
+        --variant "offload-t16k-dw32k:$OFF,model.delta_window=32768" --out "$DIR/train_step.json"
+    step l_step 110 python3 benchmarks/train_step.py --preset 1b --warmup 1 --steps 2 --only longtrain --seq-lens 128K \
+        --variant full:parallel.remat_policy=full --variant full-t16k:parallel.remat_policy=full,train.mlp_tile=16384 \
+        --out "$DIR/train_step.json"
+    ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16" >&2
     exit 2
     ;;
 esac

@@ -34,7 +34,7 @@ from parallel.context import SINGLE, SequenceParallel
 from parallel.halo import previous_tokens
 from parallel.lasp2 import lasp2_linear_attention
 from parallel.layout import shard_ids, stack_local_shards, unstack_local_shards
-from parallel.tiling import replaying_recompute, tiled
+from parallel.tiling import replaying_recompute, tiled_residual
 
 
 class RMSNorm(nn.Module):
@@ -64,8 +64,12 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x W_gate) ⊙ x W_up."""
         gate_up = F.linear(x, fused_weight([self.gate.weight, self.up.weight]))  # one GEMM
-        return self.down(swiglu(gate_up, backend=self.backend))
+        return swiglu(gate_up, backend=self.backend)
 
 
 def retnet_log_decay(n_heads: int) -> torch.Tensor:
@@ -249,10 +253,17 @@ class Block(nn.Module):
         if not output:
             return self.mixer(self.mixer_norm(h), carry, output=False)
         if carry is None:
-            h = h + self.mixer(self.mixer_norm(h))
-            return tiled(self.mlp_residual, h, self.mlp_tile, self.token_wise_parameters(), ends_region=True)
+            return self._mlp(h + self.mixer(self.mixer_norm(h)))
         out, carry = self.mixer(self.mixer_norm(h), carry)
-        return tiled(self.mlp_residual, h + out, self.mlp_tile, self.token_wise_parameters(), ends_region=True), carry
+        return self._mlp(h + out), carry
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """h + SwiGLU(RMSNorm(h)), in tiles of mlp_tile tokens when set (`parallel.tiling.tiled_residual`: the
+        down projection is not recomputed; as the end of a re-materialized block, the block's recompute skips it)."""
+        if self.mlp_tile <= 0 or h.shape[1] <= self.mlp_tile:
+            return self.mlp_residual(h)
+        params = [*self.mlp_norm.parameters(), self.mlp.gate.weight, self.mlp.up.weight]
+        return tiled_residual(self.mlp_hidden, self.mlp.down, h, self.mlp_tile, params, ends_region=True)
 
     def carry(self, h: torch.Tensor, carry: Carry) -> tuple[None, Carry]:
         """Only the carry leaving the window, as `self(h, carry)` computes it: (None, the mixer's leaving carry),
@@ -264,6 +275,10 @@ class Block(nn.Module):
         """h + SwiGLU(RMSNorm(h)): token-wise work only (`compile_token_wise` fuses its elementwise parts)."""
         return h + self.mlp(self.mlp_norm(h))
 
+    def mlp_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU's hidden layer of RMSNorm(h), before its down projection (token-wise)."""
+        return self.mlp.hidden(self.mlp_norm(h))
+
     def token_wise_parameters(self) -> list[nn.Parameter]:
         return [*self.mlp_norm.parameters(), *self.mlp.parameters()]
 
@@ -272,6 +287,7 @@ class Block(nn.Module):
         elementwise part as PyTorch ops, for the compiler to fuse; the mixer's kernels stay as they are."""
         self.mlp.backend = self.mlp_norm.backend = "torch"
         self.mlp_residual = torch.compile(self.mlp_residual)
+        self.mlp_hidden = torch.compile(self.mlp_hidden)
 
 
 class LinearLlama(nn.Module):

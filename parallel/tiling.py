@@ -10,7 +10,9 @@ Inside a re-materialized region (torch.utils.checkpoint) `tiled(..., ends_region
 region's output, which the recompute in backward discards — skips fn in that recompute: the region's recompute only
 has to restore x (what this tile pass saves), and the tiled backward recomputes fn per tile anyway. So a
 re-materialized block with a tiled MLP runs the MLP forward twice, as the plain re-materialized block does, with
-O(tile) internals.
+O(tile) internals. `tiled_residual(fn, proj, x, …)` — x + proj(fn(x)), a block's MLP with its residual — does
+not recompute proj in backward either (d fn = d out · W needs no proj output), which leaves one more forward of
+the MLP's widening GEMMs only.
 """
 
 from __future__ import annotations
@@ -24,40 +26,54 @@ import torch.nn as nn
 
 
 class _Tiled(torch.autograd.Function):
+    """fn over tiles of x; with `proj` (a bias-free nn.Linear whose weight is params[0]): x + proj(fn(x))."""
+
     @staticmethod
-    def forward(ctx, fn: Callable, tile: int, ends_region: bool, x: torch.Tensor, *params: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx, fn: Callable, proj: nn.Linear | None, tile: int, ends_region: bool, x: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+        ctx.fn, ctx.proj, ctx.tile, ctx.params = fn, proj, tile, params
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(x)
+        whole = fn if proj is None else (lambda part: part + proj(fn(part)))
         with torch.no_grad():
             if ends_region and recomputing():  # the recompute wants x only: an output of the right shape will do
-                probe = fn(x[:, :1])
+                probe = whole(x[:, :1])
                 return probe.new_empty((x.shape[0], x.shape[1], *probe.shape[2:]))
-            return torch.cat([fn(part) for part in x.split(tile, dim=1)], dim=1)
+            return torch.cat([whole(part) for part in x.split(tile, dim=1)], dim=1)
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        wanted = [p for p in ctx.params if p.requires_grad]
+        proj = ctx.proj
+        by_autograd = list(ctx.params[1:] if proj is not None else ctx.params)  # proj's weight: by hand, below
+        wanted = [p for p in by_autograd if p.requires_grad]
         d_params = [torch.zeros_like(p) for p in wanted]
-        d_x = torch.empty_like(x) if ctx.needs_input_grad[3] else None
+        d_proj = torch.zeros_like(proj.weight) if proj is not None and proj.weight.requires_grad else None
+        d_x = torch.empty_like(x) if ctx.needs_input_grad[4] else None
         for start in range(0, x.shape[1], ctx.tile):
             part = x[:, start : start + ctx.tile].detach().requires_grad_(d_x is not None)
+            d_tile = d_out[:, start : start + ctx.tile]
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(part)
+            if proj is not None:  # out = fn(part); the tile's result, part + out Wᵀ, need not be formed
+                with torch.autocast(device, dtype=dtype, enabled=enabled):  # autograd's linear, in autocast's dtype
+                    if d_proj is not None:  # dW = d_tileᵀ out
+                        d_proj += torch.mm(d_tile.reshape(-1, d_tile.shape[-1]).t(),
+                                           out.detach().reshape(-1, out.shape[-1])).to(d_proj.dtype)
+                    d_tile, residual = torch.matmul(d_tile, proj.weight.detach()), d_tile  # d out = d_tile W
             inputs = ([part] if d_x is not None else []) + wanted
-            grads = torch.autograd.grad(out, inputs, d_out[:, start : start + ctx.tile], allow_unused=True)
+            grads = torch.autograd.grad(out, inputs, d_tile.to(out.dtype), allow_unused=True)
             if d_x is not None:
-                d_x[:, start : start + ctx.tile] = grads[0]
+                d_x[:, start : start + ctx.tile] = grads[0] if proj is None else grads[0] + residual
                 grads = grads[1:]
             for acc, g in zip(d_params, grads):
                 if g is not None:
                     acc += g
         it = iter(d_params)
-        return (None, None, None, d_x, *[next(it) if p.requires_grad else None for p in ctx.params])
+        d_rest = [next(it) if p.requires_grad else None for p in by_autograd]
+        return (None, None, None, None, d_x, *([d_proj] if proj is not None else []), *d_rest)
 
 
 _replay = threading.local()
@@ -88,4 +104,15 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     skips fn; see the module docstring)."""
     if tile <= 0 or x.shape[1] <= tile:
         return fn(x)
-    return _Tiled.apply(fn, tile, ends_region, x, *params)
+    return _Tiled.apply(fn, None, tile, ends_region, x, *params)
+
+
+def tiled_residual(fn: Callable[[torch.Tensor], torch.Tensor], proj: nn.Linear, x: torch.Tensor, tile: int,
+                   params: Iterable[nn.Parameter], ends_region: bool = False) -> torch.Tensor:
+    """x + proj(fn(x)) computed `tile` tokens at a time (proj: a bias-free linear map, as a SwiGLU's down
+    projection; `params`: fn's parameters). As `tiled`, except that backward does not recompute proj: per tile it
+    recomputes h = fn(x) only and takes d h = d y W, dW += d yᵀ h and d x = d y + (d h through fn) — proj's
+    forward is the one GEMM a tile's backward does not need."""
+    if tile <= 0 or x.shape[1] <= tile:
+        return x + proj(fn(x))
+    return _Tiled.apply(fn, proj, tile, ends_region, x, proj.weight, *params)

@@ -12,6 +12,7 @@ replica under GPipe), width d, FFN width f, widening width w (q/k/v/gate and gat
                  (without re-materialization: every layer's saved internals, ≈ L·T·NEVER_STORED·(4d + 3f)·c)
     transient    ACTIVATION·T_layer·(4d + 3f)·c          one layer's internals, recomputed, and its backward
                  (selective: less the kept widening outputs, T_layer·w·c)
+                 (train.mlp_tile = N < T_layer, full or no recomputation: less TILED_MLP_SAVING·(T_layer − N)·f·c)
                  + LOSS_RESIDUE·min(loss_chunk, T)·vocab  what of the chunked loss is still live in backward
     windows      W·L·H·K·V·4                             carried states of a streamed sequence
     absent       −(gradients not yet allocated when the activations peak, at the start of backward: all but the
@@ -49,6 +50,13 @@ NEVER_STORED = 1.5  # saved internals per token and layer without re-materializa
 # same count gives M 49.8K (1.22); M stays at 1.61, the code its measured H200 steps ran (tests/runtime/test_plan.py),
 # until a step of the grouped code is measured: until then the plan errs high for M (≈ 4 GiB at 128K, full).
 KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.61}
+# What train.mlp_tile = N (the SwiGLU in tiles of N tokens, parallel.tiling) takes off a layer's transient, per token
+# beyond N and FFN channel, in compute bytes, by the kind of the widest block: the SwiGLU's internals and their
+# gradients are a tile's, but the layer's peak only drops to where its mixer's backward peaks. Measured on an H200
+# at 128K under full recomputation (benchmarks/RESULTS.md, seventeenth session): gdn-1b (D) 31.9 → 29.0 GiB, 2.21;
+# mamba2-1b (M) 33.9 → 33.9 GiB, 0 (its mixer's backward is the peak). L and A blocks are taken as D's until a
+# tiled step of theirs is measured.
+TILED_MLP_SAVING = {"L": 2.21, "A": 2.21, "D": 2.21, "M": 0.0}
 MARGIN = 0.15  # the estimate's stated accuracy
 
 
@@ -116,6 +124,14 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
         if par.remat_policy == "selective":  # the widening matmuls' outputs, kept; not recomputed in backward
             stored += kept * widest * compute_bytes
             layer -= layer_tokens * widest * compute_bytes
+    tile_tokens = t.mlp_tile * rows // par.microbatches
+    if t.mlp_tile and tile_tokens < layer_tokens and par.remat_policy != "selective":
+        # the SwiGLU runs in tiles (parallel.tiling): its internals are a tile's; without recomputation its
+        # forward keeps only its input, not its internals (selective recomputation: modelled as untiled)
+        saving = TILED_MLP_SAVING[max(kinds, key=lambda k: KIND_INTERNALS.get(k, 1.0))]
+        layer -= saving * m.ffn_dim * compute_bytes * (layer_tokens - tile_tokens)
+        if par.remat == "never":
+            stored -= kept * NEVER_STORED * 3 * m.ffn_dim * compute_bytes
     n_windows = -(-local // window) if t.window else 0
     windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     loss_tokens = min(t.loss_chunk, rows * local // par.microbatches) if t.loss_chunk else rows * local

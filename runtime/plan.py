@@ -13,7 +13,9 @@ states, the flat gradient buffer of the replica all-reduce (after backward).
 Step time (busiest stage, one step):
 
     compute   GEMM FLOPs / F_gemm: 3 passes of every GEMM, r more of those a re-materialized forward repeats (not
-              the down projection; under remat_policy=selective not the widening ones: `recomputed_gemm`) and
+              the down projection; under remat_policy=selective not the widening ones: `recomputed_gemm`), with
+              train.mlp_tile one more forward of the SwiGLU's gate/up GEMM (its tiled backward) and none of the
+              SwiGLU's in a full recompute, and
               (W − 1)/W more of every GEMM with train.window in W windows (each but the last is run twice), plus
               window_overhead per layer and window; linear-attention tokens / kernel rate; causal softmax FLOPs /
               F_attention (cuDNN's rate where model.attention_backend takes it); elementwise bytes / copy
@@ -247,12 +249,23 @@ def _remat_passes(cfg: JobConfig) -> float:
     return {"never": 0.0, "always": 1.0, "except_last": (m - 1) / m}[par.remat]
 
 
-def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int) -> int:
+def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int, tiled: bool = False) -> int:
     """Weights of one block's GEMMs a re-materialized forward runs again: not SwiGLU's down projection (backward
     needs nothing after it), and under remat_policy=selective not the widening ones either (their outputs are
-    kept: `runtime.memory.widening_width`)."""
-    kept = cfg.model.dim * widening_width(cfg, kind) if cfg.parallel.remat_policy == "selective" else 0
+    kept: `runtime.memory.widening_width`). With a `tiled` MLP (`mlp_tiled`) under full recomputation none of the
+    SwiGLU's (the block's recompute skips it: parallel.tiling's ends_region; its tiled backward runs the gate/up
+    GEMM again, counted apart); selective recomputation replays it, down projection included."""
+    selective = cfg.parallel.remat_policy == "selective"
+    kept = cfg.model.dim * widening_width(cfg, kind) if selective else 0
+    if tiled:
+        return max(0, gemm - kept) if selective else max(0, gemm - 3 * down)
     return max(0, gemm - down - kept)
+
+
+def mlp_tiled(cfg: JobConfig, sp: int) -> bool:
+    """Whether train.mlp_tile cuts the SwiGLU of a layer call into tiles (fewer tokens per tile than per call)."""
+    local = cfg.train.seq_len // sp
+    return 0 < cfg.train.mlp_tile < min(cfg.train.window or local, local)
 
 
 def recurrence_geometry(m: ModelConfig, kind: str) -> tuple[float, bool, int, int]:
@@ -300,6 +313,7 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     mb_rows = rows / M
     r = recompute_passes(cfg)
     r_layer, rebuilt, n_windows = _remat_passes(cfg), _rebuilt_passes(cfg), stream_windows(cfg)
+    tiled = mlp_tiled(cfg, sp)
     sp_gbps = _link_gbps(hw, 1, sp, world)
     pp_gbps = _link_gbps(hw, sp, pp, world)
     dp_gbps = _link_gbps(hw, sp * pp, dp, world)
@@ -322,7 +336,9 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
         if sharing and hw.peer_wait_factor:
             k["peer_wait"] = hw.peer_wait_factor * c["host_overhead"] / shared
         for i in range(start, end):
-            again = r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i]) + rebuilt * gemm[i]
+            # a tiled SwiGLU's backward runs its gate/up GEMM again, not the down projection (tiled_residual)
+            again = (r_layer * recomputed_gemm(cfg, kinds[i], gemm[i], down[i], tiled) + rebuilt * gemm[i]
+                     + (2 * down[i] if tiled else 0))
             c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)
             c["elementwise"] += tokens * ELEMENTWISE_BYTES * KIND_ELEMENTWISE.get(kinds[i], 1.0) * (
                 4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (hw.copy_gbps * 1e9)

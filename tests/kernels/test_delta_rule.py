@@ -2,7 +2,7 @@
 step-by-step recurrence.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) at
-small sizes with NaN-poisoned outputs. The 9 cases marked ``gpu`` (`test_gpu_matches_chunked`, `pytest -m gpu`) run
+small sizes with NaN-poisoned outputs. The 12 cases marked ``gpu`` (`test_gpu_matches_chunked`, `pytest -m gpu`) run
 8K-16K tokens (bf16 at the model's 16 heads of 128, fp16 with the chunk-32 configs, fp32; every config; B = 1 and
 2; T not a multiple of the chunk; with and without gate and initial state) against the float64 chunked reference on
 the GPU: outputs, final state and every input gradient, NaN-poisoned outputs too. Intended time: about 60 s on one
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -272,13 +273,18 @@ def test_triton_kb32_chunk64_accesses_in_bounds(_bounds_checked):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's addresses")
-def test_triton_split_kernels_access_in_bounds(_bounds_checked):
+@pytest.mark.parametrize("wy16", [False, True], ids=["fp32", "fp16-wy16"])
+def test_triton_split_kernels_access_in_bounds(_bounds_checked, wy16):
     """The split paths at chunk 64 with two K and V blocks of 32, a tail chunk and fewer gradient programs than
-    chunks: every load and store stays inside its tensors (the per-program scratch included), results exact."""
-    x = _inputs(1, 112, 2, 64, 64, seed=14)
+    chunks: every load and store stays inside its tensors (the per-program scratch included), results exact (fp32)
+    or within fp16's tolerance (fp16 with wy_16bit: Tᵀ and the scratch in fp16)."""
+    x = _inputs(1, 112, 2, 64, 64, seed=14, dtype=torch.float16 if wy16 else torch.float32)
     cfg = with_config(grad_split=True, grad_block_k=32, grad_bv=32, grad_programs=3, out_split=True, out_bv=32,
-                      bwd_split=True, seg_chunks=1)
-    _compare(delta_rule_triton, x, 1e-5, chunk_size=64, config=cfg)
+                      bwd_split=True, seg_chunks=1, wy_16bit=wy16)
+    if wy16:
+        _compare(delta_rule_triton, x, 5e-3, chunk_size=64, config=cfg, ref=delta_rule_chunked)
+    else:
+        _compare(delta_rule_triton, x, 1e-5, chunk_size=64, config=cfg)
     assert _bounds_checked["accesses"] > 0
 
 
@@ -399,6 +405,53 @@ def test_triton_half_precision(path):
     assert errs["o"] > 0
 
 
+WY16_PATHS = {"split": SEGMENTED_SPLIT, "grad-kb": SEGMENTED_KB}  # the two kernels that read the backward's Tᵀ
+GRADS = ("dq", "dk", "dv", "dbeta", "dgate", "dlog_decay", "dinitial_state")
+
+
+@pytest.mark.parametrize("path", list(WY16_PATHS))
+def test_triton_wy_16bit(path):
+    """DeltaConfig.wy_16bit on `_grad_wy_kernel` (split) and `_grad_kb_kernel` (grad-kb): fp32 inputs give the fp32
+    path's results bit for bit; fp16 inputs (bf16 dots do not run in the interpreter) take the 16-bit path (dk
+    differs from the flag's off result) and every gradient stays within fp16's tolerance of the float64 chunked
+    reference."""
+    off = WY16_PATHS[path]
+    on = replace(off, wy_16bit=True)
+    x = _inputs(1, 80, 2, 16, 16, seed=19)
+    do, df = _cotangents(x, True, 20)
+    o0, f0, g0 = _run(delta_rule_triton, x, do, df, chunk_size=16, config=off)
+    o1, f1, g1 = _run(delta_rule_triton, x, do, df, chunk_size=16, config=on)
+    assert torch.equal(o0, o1) and torch.equal(f0, f1)
+    assert set(g0) == set(g1) == set(x)
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), f"fp32 d{n} changed with wy_16bit"
+    x = _inputs(1, 80, 2, 16, 16, dtype=torch.float16, seed=8)
+    do, df = _cotangents(x, True, 1)
+    _, _, g_off = _run(delta_rule_triton, x, do, df, chunk_size=16, config=off)
+    _, _, g_on = _run(delta_rule_triton, x, do, df, chunk_size=16, config=on)
+    assert not torch.equal(g_on["k"], g_off["k"]), "wy_16bit did not change the fp16 path"
+    errs = _compare(delta_rule_triton, x, 5e-3, chunk_size=16, config=on, ref=delta_rule_chunked)
+    assert errs["o"] > 0
+    for n in GRADS:
+        assert errs[n] <= 5e-3, f"{n}: {errs[n]:.2e} (all: {errs})"
+
+
+def test_triton_wy_16bit_buffer():
+    """`t_buffer`: Tᵀ in the input dtype only with wy_16bit and 16-bit inputs, fp32 otherwise; none for the fused
+    `_grad_kernel`."""
+    from kernels.delta_rule.triton.backward import t_buffer
+    from kernels.delta_rule.triton.common import make_plan
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q = torch.empty(2, 100, 2, 16, dtype=dtype, device="meta")
+        for flag in (False, True):
+            for cfg in (with_config(wy_16bit=flag), with_config(wy_16bit=flag, grad_block_k=16, **FUSED)):
+                tt = t_buffer(make_plan(q, q, 2, 1.0, cfg, 16), q)
+                want = dtype if flag and dtype != torch.float32 else torch.float32
+                assert tt.shape == (4, 7, 16, 16) and tt.dtype == want, (dtype, flag, tt.dtype)
+        assert t_buffer(make_plan(q, q, 2, 1.0, with_config(wy_16bit=True, **FUSED), 16), q) is None
+
+
 def test_triton_dispatch_and_fixed_inputs():
     """delta_rule(backend="triton") equals backend="torch"; inputs without grad get none, the others do."""
     x = _inputs(1, 33, 2, 16, 16, seed=9)
@@ -480,7 +533,8 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 # 16384; the bf16 configs recompile only the kernels they change; fp16 carries the chunk-32 configs and fp32 runs
 # chunk 16 (its default chunk-64 gradient kernel alone takes about 140 s to compile). 46 distinct compiles, about
 # 100 s on one core (counted offline for sm_90: bf16-16K 11 kernels, 39 s; short-segments 7, 8 s; one-segment 3, 4 s;
-# grad-kb32 2, 13 s, now grad-kb64: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup`
+# grad-kb32 2, 13 s, now grad-kb64: not counted; bf16-wy16 2, `_prep_kernel` storing a bf16 Tᵀ and `_grad_wy_kernel`
+# on it: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup`
 # runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take about 60 s on one H200
 # (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot run.
 
@@ -499,6 +553,8 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     "bf16-windows": dict(B=1, T=8176, cfg=dict(window_tokens=4096), **BF16),
     # the fused paths with the tf32x3 solve (the default before the split paths were timed)
     "bf16-fused": dict(B=1, T=8176, cfg=dict(solve_passes=3, **FUSED), **BF16),
+    # DeltaConfig.wy_16bit: Tᵀ in bf16 and the WY backward's products on bf16 operands
+    "bf16-wy16": dict(B=1, T=16384, cfg=dict(wy_16bit=True), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,

@@ -67,20 +67,23 @@ def test_bf16_autocast_stores_bf16_layer_inputs() -> None:
     assert rel_err(plain.float(), ref) < 5e-2  # bf16 rounding of the stream
 
 
-def _mlp_tokens(model: LinearLlama) -> list[int]:
-    """Tokens each SwiGLU forward of `model` sees, in order (a forward hook per block)."""
-    seen: list[int] = []
+def _mlp_tokens(model: LinearLlama) -> dict[str, list[int]]:
+    """Tokens each SwiGLU hidden layer (gate/up GEMM) and down projection of `model` computes, in order."""
+    seen: dict[str, list[int]] = {"hidden": [], "down": []}
     for block in model.layers.values():
-        block.mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+        mlp = block.mlp
+        mlp.hidden = lambda x, f=mlp.hidden: seen["hidden"].append(x.shape[1]) or f(x)
+        mlp.down.register_forward_hook(lambda mod, args, out: seen["down"].append(args[0].shape[1]))
     return seen
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_a_recomputed_tiled_block_equals_the_plain_block(policy: str) -> None:
     """Re-materialized blocks with a tiled MLP give the plain model's loss and gradients. Under full
-    re-materialization the MLP runs forward twice per token (the step's forward and the tiled backward), as in an
-    untiled block: the block's recompute skips it (one probe token per block instead); selective
-    re-materialization replays every forward operation, so three times."""
+    re-materialization the MLP's hidden layer runs forward twice per token (the step's forward and the tiled
+    backward) and its down projection once, as in an untiled block: the block's recompute skips the MLP (one probe
+    token per block instead) and the tiled backward skips the down projection; selective re-materialization
+    replays every forward operation, so three and two times."""
     torch.manual_seed(0)
     model = LinearLlama(preset("tiny", layout="LA", gate=True)).double()
     x = torch.randint(0, model.cfg.vocab_size, (2, 40))
@@ -102,8 +105,10 @@ def test_a_recomputed_tiled_block_equals_the_plain_block(policy: str) -> None:
     for name, want in ref_grads.items():
         assert rel_err(grads[name], want) < 1e-12, name
     layers = model.cfg.n_layers
-    per_block = 2 * x.shape[1] + 1 if policy == "full" else 3 * x.shape[1]
-    assert sum(seen) == layers * per_block, seen
+    T = x.shape[1]
+    hidden, down = (2 * T + 1, T + 1) if policy == "full" else (3 * T, 2 * T)
+    assert sum(seen["hidden"]) == layers * hidden, seen
+    assert sum(seen["down"]) == layers * down, seen
 
 
 def test_tiles_outside_a_region_end_run_in_the_recompute() -> None:

@@ -22,8 +22,10 @@ to later chunks goes through S_out, so the suffix sums stay inside one chunk.
 
 `_grad_kernel` holds all of K: the [C, K] fp32 accumulators and the T it solves again spill at chunk 64. The opt-in
 `_grad_kb_kernel` (DeltaConfig.grad_block_k > 0) computes the same quantities with K in blocks: Tᵀ comes from the
-backward's `_prep_kernel` (a transient [B·H, NC, C, C] fp32 buffer); a V pass accumulates only [C, C] tiles, dP and
-dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ (dT's W share without ever holding dW), and writes dV; then dAᵀ = −T dTᵀ T,
+backward's `_prep_kernel` (a transient [B·H, NC, C, C] buffer, `t_buffer`: fp32, or the 16-bit input dtype under
+DeltaConfig.wy_16bit, which also puts the products through T on 16-bit operands); a V pass accumulates only [C, C]
+tiles, dP and dTᵀ = (diag(β) V − diag(βΓ) K S) dUᵀ (dT's W share without ever holding dW), and writes dV; then
+dAᵀ = −T dTᵀ T,
 Rᵀ, dP ⊙ D (to a per-program [2, C, C] scratch, read back in both orientations), K Kᵀ, Q Kᵀ and the [C, C] shares
 of dβ and ∂L/∂G (transposed forms: no `tl.trans` of a dot's result, see `_transposed`); then per block of K
 columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and its shares of dβ
@@ -153,7 +155,8 @@ def _bwd_sweep_kernel(q, k, w, do, G, lam_ptr, ds_in, dh_out, du_out, ds_end, du
 
 @triton.jit
 def _transposed(scratch, x, C: tl.constexpr):
-    """xᵀ of a [C, C] fp32 tile through this program's scratch in global memory (L1/L2-resident). Never `tl.trans`
+    """xᵀ of a [C, C] tile through this program's scratch in global memory (L1/L2-resident; xᵀ comes back in the
+    scratch's dtype). Never `tl.trans`
     of a dot's result feeding another dot: Triton 3.4–3.7.0 miscompiles that on Hopper (fla issue #640)."""
     offs = tl.arange(0, C)
     tl.debug_barrier()  # every thread is done with the previous use of the scratch
@@ -316,10 +319,13 @@ def _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V: tl.constexpr, t0, v0, C: tl.con
 
 @triton.jit
 def _dA_transposed(tb, dTt, C: tl.constexpr, PREC: tl.constexpr):
-    """dAᵀ = −T dTᵀ T of dA = −Tᵀ dT Tᵀ, with T read from the chunk's stored Tᵀ at tb."""
+    """dAᵀ = −T dTᵀ T of dA = −Tᵀ dT Tᵀ, with T read from the chunk's stored Tᵀ at tb: both products with operands in
+    the buffer's dtype and fp32 accumulation (fp32: tf32 or IEEE dots by PREC; 16-bit, `t_buffer` under
+    DeltaConfig.wy_16bit: dTᵀ and the intermediate T dTᵀ rounded to it, as flash-linear-attention's WY backward)."""
     offs = tl.arange(0, C)
     Tn = tl.load(tb + offs[None, :] * C + offs[:, None])
-    return -tl.dot(tl.dot(Tn, dTt, input_precision=PREC), Tn, input_precision=PREC)
+    X = tl.dot(Tn, dTt.to(Tn.dtype), input_precision=PREC)
+    return -tl.dot(X.to(Tn.dtype), Tn, input_precision=PREC)
 
 
 @triton.jit
@@ -407,7 +413,8 @@ def _grad_kb_kernel(q, k, v, beta, G, lam_ptr, do, un, du, h, dh, tt, dq, dk, dv
                 dg += tl.sum(bq.to(tl.float32) * dq_inter, 1)
             dKs = dKs * kg[:, None]  # the state's K̃ = diag(γ/Γ) K
             nj += tl.sum(bk.to(tl.float32) * dKs, 1)
-            dBk = -tl.dot(tl.load(tb + cc), dWm, input_precision=PREC)  # Tᵀ dW, W = T diag(βΓ) K
+            Tt = tl.load(tb + cc)  # Tᵀ, fp32 or (wy_16bit) 16-bit: dW rounded to that dtype
+            dBk = -tl.dot(Tt, dWm.to(Tt.dtype), input_precision=PREC)  # Tᵀ dW, W = T diag(βΓ) K
             kdBk += tl.sum(dBk * bk.to(tl.float32), 1)
             gk = dKs + dBk * bg[:, None]
             gk = tl.dot(tl.load(scratch + cct).to(bq.dtype), bq, gk, input_precision=PREC)
@@ -500,11 +507,16 @@ def _grad_wy_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, sc
     """The split gradient's second kernel: everything through T = (I + A)⁻¹ (Tᵀ from tt), chunks pid, pid + P, ….
 
     dTᵀ = (diag(βΓ) K) dWᵀ + (diag(β) V) dUᵀ, dAᵀ = −T dTᵀ T (one product chain, in transposed form: no
-    transpose of a computed tile feeds a dot), Rᵀ = (dA ⊙ D ⊙ β 1ᵀ)ᵀ and R + Rᵀ through the program's [C, C] scratch;
+    transpose of a computed tile feeds a dot), Rᵀ = (dA ⊙ D ⊙ β 1ᵀ)ᵀ and R + Rᵀ through the program's [C, C] scratch
+    (in dk's dtype: Rᵀ strictly upper and R strictly lower never overlap, so rounding Rᵀ before the transpose gives
+    the R + Rᵀ that the product with K rounds to anyway, with half the scratch traffic);
     dv = diag(β) Tᵀ dU, dβ, dk += diag(βΓ) Tᵀ dW + (R + Rᵀ) K (dk holds the first kernel's share), and d log a =
-    the reverse cumsum of both kernels' ∂L/∂G shares (dloga holds the first's)."""
+    the reverse cumsum of both kernels' ∂L/∂G shares (dloga holds the first's). The products through T (Tᵀ dW, the
+    chain) take their operands in tt's dtype (fp32, or 16-bit under DeltaConfig.wy_16bit), every accumulator and the
+    dβ, ∂L/∂G sums fp32."""
     offs_c = tl.arange(0, C)
     cc = offs_c[:, None] * C + offs_c[None, :]
+    upper = offs_c[:, None] < offs_c[None, :]
     scratch += tl.program_id(0).to(tl.int64) * (C * C)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
@@ -525,16 +537,16 @@ def _grad_wy_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, sc
             dTt = tl.dot((bv.to(tl.float32) * b[:, None]).to(bdu.dtype), tl.trans(bdu), dTt, input_precision=PREC)
             db += _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V, t0, v0, C, BV, PREC)
         dAt = _dA_transposed(tb, dTt, C, PREC)
-        dADt = tl.where(offs_c[:, None] < offs_c[None, :], dAt * _transposed_decay(g, offs_c, DECAY), 0.0)
-        Rt = dADt * b[None, :]
-        Rs = (Rt + _transposed(scratch, Rt, C)).to(dk.dtype.element_ty)  # R + Rᵀ
-        Tt = tl.load(tb + cc)
+        dADt = tl.where(upper, dAt * _transposed_decay(g, offs_c, DECAY), 0.0)
+        Rt = (dADt * b[None, :]).to(dk.dtype.element_ty)
+        Rs = tl.where(upper, Rt, _transposed(scratch, Rt, C))  # R + Rᵀ (disjoint supports)
+        Tt = tl.load(tb + cc)  # Tᵀ in tt's dtype
         kk = tl.zeros([C, C], dtype=tl.float32)
         kdBk = tl.zeros([C], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             k0 = i_k * BK
             bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
-            bdw = _load_tok(dw, i_bh, T, H, K, t0, k0, C, BK).to(tl.float32)
+            bdw = _load_tok(dw, i_bh, T, H, K, t0, k0, C, BK).to(Tt.dtype)
             pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
             dBk = tl.dot(Tt, bdw, input_precision=PREC)  # Tᵀ dW
             kdBk += tl.sum(dBk * bk.to(tl.float32), 1)
@@ -594,13 +606,15 @@ def bwd_sweep(p: Plan, mode: int, q: torch.Tensor, k: torch.Tensor, w: torch.Ten
 
 
 def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
-    """The transient [B·H, NC, C, C] fp32 buffer through which the backward's `_prep_kernel` hands every chunk's Tᵀ
-    to `_grad_kb_kernel` or `_grad_wy_kernel` (None for `_grad_kernel`: grad_block_k 0, no grad_split). fp32: Tᵀ
-    enters dA = −Tᵀ dT Tᵀ and Tᵀ dW as `_grad_kernel`'s solved fp32 T does; 16-bit would round T's entries (up to
-    O(C) in size) before those products."""
+    """The transient [B·H, NC, C, C] buffer through which the backward's `_prep_kernel` hands every chunk's Tᵀ to
+    `_grad_kb_kernel` or `_grad_wy_kernel` (None for `_grad_kernel`: grad_block_k 0, no grad_split). fp32 by
+    default: Tᵀ enters dA = −Tᵀ dT Tᵀ and Tᵀ dW as `_grad_kernel`'s solved fp32 T does. With cfg.wy_16bit and 16-bit
+    inputs, like's dtype (`state_dtype`): half the memory, T's entries (up to O(C)) rounded to 16 bits as the forward's
+    W and u already use them, and those products on 16-bit operands (flash-linear-attention's choice)."""
     if p.cfg.grad_block_k <= 0 and not p.cfg.grad_split:
         return None
-    return _empty((p.B * p.H, p.NC, p.C, p.C), torch.float32, like.device)
+    dtype = state_dtype(like) if p.cfg.wy_16bit else torch.float32
+    return _empty((p.B * p.H, p.NC, p.C, p.C), dtype, like.device)
 
 
 def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool,
@@ -627,7 +641,7 @@ def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool
                       num_warps=cfg.split_warps, num_stages=cfg.num_stages)
         _grad_qk_kernel[(n_prog,)](q, k, beta, G, lam, do, un, h, dh, du, dq, dk, dw, _arg(dg, dq), T, H, p.NC,
                                    n_tiles, p.scale, **common)
-        scratch = torch.empty(n_prog, p.C, p.C, dtype=torch.float32, device=dev)
+        scratch = torch.empty(n_prog, p.C, p.C, dtype=dk.dtype, device=dev)  # Rᵀ, rounded as R + Rᵀ is anyway
         _grad_wy_kernel[(n_prog,)](k, v, beta, G, lam, du, dw, tt, dk, dv, dbeta, _arg(dg, dq), scratch, T, H, p.NC,
                                    n_tiles, **common)
         return dq, dk, dv, dbeta, dg

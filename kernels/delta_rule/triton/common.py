@@ -30,13 +30,14 @@ class DeltaConfig:
     chunk: C (a power of two in [16, 64]); seg_chunks: chunks per segment, 0 = enough segments for about
     `target_programs` (b, h, segment) programs; prep_bn: column block of W and u; sweep_bv: V-block (state
     columns) of the chunk sweeps; grad_bv: V-block of the gradient kernel's loops; grad_programs: its persistent
-    programs (each walks chunks and owns a [C, C] fp32 scratch); grad_block_k: 0 = `_grad_kernel` (all of K at
-    once, T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
-    backward's `_prep_kernel` through a transient [B·H, NC, C, C] fp32 buffer; K blocks under 64 at chunk 64 are
-    refused on sm_90, see `check_config`); scan_bn: column block of the segment scans. solve_passes: tf32 products
-    per dot of the UT transform's inverse for 16-bit inputs, 1 (default; sm_90: 250 registers and no spill in
-    `_prep_kernel` at chunk 64; H200: 1.2–1.4× faster forward+backward than 3, the same error against the fp32
-    reference, benchmarks/RESULTS.md) or 3 (tf32x3: 624 bytes spilled); fp32 inputs always solve in IEEE fp32.
+    programs (each walks chunks and owns a [C, C] scratch); grad_block_k: 0 = `_grad_kernel` (all of K at once,
+    T solved again), > 0 = `_grad_kb_kernel` in K blocks of that width (a power of two ≥ 16; Tᵀ from the
+    backward's `_prep_kernel` through a transient [B·H, NC, C, C] buffer, fp32 unless wy_16bit; K blocks under 64
+    at chunk 64 are refused on sm_90, see `check_config`); scan_bn: column block of the segment scans.
+    solve_passes: tf32 products per dot of the UT transform's inverse for 16-bit inputs, 1 (default; sm_90: 250
+    registers and no spill in `_prep_kernel` at chunk 64; H200: 1.2–1.4× faster forward+backward than 3, the same
+    error against the fp32 reference, benchmarks/RESULTS.md) or 3 (tf32x3: 624 bytes spilled); fp32 inputs always
+    solve in IEEE fp32.
     solve_block: 16 (default) or 32 = `_prep_kernel` inverts T's diagonal blocks of that size first, batched
     (`_unit_lower_inverse_blocked`), then doubles over whole tiles from there (two of five steps on whole tiles at
     chunk 64); 0 = every doubling step over whole [C, C] tiles (log2 C steps of two C³ products). With prep_warps=4
@@ -56,6 +57,14 @@ class DeltaConfig:
     batch row and about window_tokens tokens (whole segments) at a time, segments sized so that one window still
     has about target_programs (h, segment) programs: those transients shrink from the call's size to a window's
     (peak memory at long T), at the cost of one more UT transform and dU local share per window in the backward.
+    wy_16bit: for 16-bit inputs, the backward's `_prep_kernel` hands every chunk's Tᵀ to the gradient kernel in the
+    input dtype (the transient [B·H, NC, C, C] buffer halves; T rounded to 16 bits, as the forward's W = T diag(βΓ) K
+    and u = T diag(β) V already use it), and the products through T that ran on fp32 operands (tf32) there,
+    Tᵀ dW and the chain dAᵀ = −T dTᵀ T (its intermediate rounded to 16 bits), run on 16-bit operands with fp32
+    accumulation (`_grad_wy_kernel` with grad_split, `_grad_kb_kernel` with grad_block_k > 0), as
+    flash-linear-attention's WY backward does: twice the tensor-core rate of tf32 and half the operand registers.
+    Off (default): Tᵀ in fp32 and those products on tf32. fp32 inputs keep the fp32 path either way;
+    `_grad_kernel` (grad_block_k 0 without grad_split) solves its T in registers and ignores the field.
     """
 
     chunk: int = 64
@@ -81,6 +90,7 @@ class DeltaConfig:
     bwd_split: bool = True
     split_warps: int = 8
     window_tokens: int = 0
+    wy_16bit: bool = False
 
 
 DEFAULT_CONFIG = DeltaConfig()

@@ -40,8 +40,8 @@ def _prep_kernel(k, v, beta, G, lam_ptr, w_out, u_out, t_out, T, H,
                  BN: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_T: tl.constexpr,
                  SOLVE: tl.constexpr, SOLVE_BLOCK: tl.constexpr, LOG2SB: tl.constexpr):
     """W and u of one chunk, in column blocks of BN (rows past T are written nowhere; their inputs load as 0);
-    STORE_T: also Tᵀ (fp32, whole [C, C] tile) into t_out [B·H, NC, C, C]; SOLVE_BLOCK (> 0): the inverse's
-    diagonal blocks first (`_unit_lower_inverse_blocked`)."""
+    STORE_T: also Tᵀ (whole [C, C] tile, in t_out's dtype) into t_out [B·H, NC, C, C]; SOLVE_BLOCK (> 0): the
+    inverse's diagonal blocks first (`_unit_lower_inverse_blocked`)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, C)
@@ -229,7 +229,7 @@ def _out_kernel(q, k, un, h, G, lam_ptr, o, T, H, NC, scale, K: tl.constexpr, V:
 def prepare(p: Plan, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, G: torch.Tensor,
             lam: torch.Tensor, t_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [B, T, H, K] and u [B, T, H, V] of every chunk (the UT transform), in `state_dtype(k)`; with t_out
-    ([B·H, NC, C, C] fp32), every chunk's Tᵀ too."""
+    ([B·H, NC, C, C], `backward.t_buffer`), every chunk's Tᵀ too."""
     dt = state_dtype(k)
     w = _empty(tuple(k.shape), dt, k.device)
     u = _empty(tuple(v.shape), dt, k.device)
