@@ -131,7 +131,7 @@ anchor)
         --variant full-t16k:parallel.remat_policy=full,train.mlp_tile=16384 --out "$DIR/train_step.json"
     ;;
 wy16)
-    step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "wy16 or 16K" -rs
+    step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "wy32 or 16K" -rs
     step kernels 120 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --kernels \
         --configs "default:;wy16:wy_16bit=1" --out "$DIR/delta_rule_wy16.md"
     step fla_gdn 80 "${GDN[@]}" --only fla --seq-lens 128K --warmup-timeout 60 --out "$DIR/train_step.json"

@@ -47,9 +47,10 @@ NEVER_STORED = 1.5  # saved internals per token and layer without re-materializa
 # M 65.9K elements per token (M's since kernels.ssd_inputs and kernels.gated_norm; 70.3K before) (L's, 1.54·(4d + 3f),
 # agrees with the GPU-fitted NEVER_STORED). Softmax (A) blocks are taken as L's. Scales NEVER_STORED and ACTIVATION
 # for D and M. Since the M mixer hands B and C to the kernels per group (only [B, T, G, N] kept for backward) the
-# same count gives M 49.8K (1.22); M stays at 1.61, the code its measured H200 steps ran (tests/runtime/test_plan.py),
-# until a step of the grouped code is measured: until then the plan errs high for M (≈ 4 GiB at 128K, full).
-KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.61}
+# same count gives M 49.8K (1.22); M's 1.45 is fitted to that code's H200 step at 128K (full recomputation with
+# activation offload, 33.9 GiB, seventeenth session; 64K windows 29.4 GiB measured, 30.2 planned): the count misses
+# the backward's transients.
+KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.45}
 # What train.mlp_tile = N (the SwiGLU in tiles of N tokens, parallel.tiling) takes off a layer's transient, per token
 # beyond N and FFN channel, in compute bytes, by the kind of the widest block: the SwiGLU's internals and their
 # gradients are a tile's, but the layer's peak only drops to where its mixer's backward peaks. Measured on an H200

@@ -415,7 +415,7 @@ def test_triton_wy_16bit(path):
     path's results bit for bit; fp16 inputs (bf16 dots do not run in the interpreter) take the 16-bit path (dk
     differs from the flag's off result) and every gradient stays within fp16's tolerance of the float64 chunked
     reference."""
-    off = WY16_PATHS[path]
+    off = replace(WY16_PATHS[path], wy_16bit=False)
     on = replace(off, wy_16bit=True)
     x = _inputs(1, 80, 2, 16, 16, seed=19)
     do, df = _cotangents(x, True, 20)
@@ -533,7 +533,7 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 # 16384; the bf16 configs recompile only the kernels they change; fp16 carries the chunk-32 configs and fp32 runs
 # chunk 16 (its default chunk-64 gradient kernel alone takes about 140 s to compile). 46 distinct compiles, about
 # 100 s on one core (counted offline for sm_90: bf16-16K 11 kernels, 39 s; short-segments 7, 8 s; one-segment 3, 4 s;
-# grad-kb32 2, 13 s, now grad-kb64: not counted; bf16-wy16 2, `_prep_kernel` storing a bf16 Tᵀ and `_grad_wy_kernel`
+# grad-kb32 2, 13 s, now grad-kb64: not counted; bf16-wy32 2, `_prep_kernel` storing an fp32 Tᵀ and `_grad_wy_kernel`
 # on it: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup`
 # runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take about 60 s on one H200
 # (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot run.
@@ -553,8 +553,9 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     "bf16-windows": dict(B=1, T=8176, cfg=dict(window_tokens=4096), **BF16),
     # the fused paths with the tf32x3 solve (the default before the split paths were timed)
     "bf16-fused": dict(B=1, T=8176, cfg=dict(solve_passes=3, **FUSED), **BF16),
-    # DeltaConfig.wy_16bit: Tᵀ in bf16 and the WY backward's products on bf16 operands
-    "bf16-wy16": dict(B=1, T=16384, cfg=dict(wy_16bit=True), **BF16),
+    # DeltaConfig.wy_16bit off (the default since the seventeenth session: Tᵀ in bf16, the WY backward's products on
+    # bf16 operands): Tᵀ in fp32 and those products on tf32
+    "bf16-wy32": dict(B=1, T=16384, cfg=dict(wy_16bit=False), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,

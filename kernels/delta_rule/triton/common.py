@@ -62,8 +62,10 @@ class DeltaConfig:
     and u = T diag(β) V already use it), and the products through T that ran on fp32 operands (tf32) there,
     Tᵀ dW and the chain dAᵀ = −T dTᵀ T (its intermediate rounded to 16 bits), run on 16-bit operands with fp32
     accumulation (`_grad_wy_kernel` with grad_split, `_grad_kb_kernel` with grad_block_k > 0), as
-    flash-linear-attention's WY backward does: twice the tensor-core rate of tf32 and half the operand registers.
-    Off (default): Tᵀ in fp32 and those products on tf32. fp32 inputs keep the fp32 path either way;
+    flash-linear-attention's WY backward does: twice the tensor-core rate of tf32 and half the operand registers
+    (on by default: H200, bf16, the same error against the fp32 reference, forward+backward 1.06× faster at 1×128K
+    and 1.07× at 16×4K, benchmarks/RESULTS.md, seventeenth session). Off: Tᵀ in fp32 and those products on tf32.
+    fp32 inputs keep the fp32 path either way;
     `_grad_kernel` (grad_block_k 0 without grad_split) solves its T in registers and ignores the field.
     """
 
@@ -90,7 +92,7 @@ class DeltaConfig:
     bwd_split: bool = True
     split_warps: int = 8
     window_tokens: int = 0
-    wy_16bit: bool = False
+    wy_16bit: bool = True
 
 
 DEFAULT_CONFIG = DeltaConfig()
