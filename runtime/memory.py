@@ -54,10 +54,10 @@ KIND_INTERNALS = {"L": 1.0, "A": 1.0, "D": 1.25, "M": 1.45}
 # What train.mlp_tile = N (the SwiGLU in tiles of N tokens, parallel.tiling) takes off a layer's transient, per token
 # beyond N and FFN channel, in compute bytes, by the kind of the widest block: the SwiGLU's internals and their
 # gradients are a tile's, but the layer's peak only drops to where its mixer's backward peaks. Measured on an H200
-# at 128K under full recomputation (benchmarks/RESULTS.md, seventeenth session): gdn-1b (D) 31.9 → 29.0 GiB, 2.21;
-# mamba2-1b (M) 33.9 → 33.9 GiB, 0 (its mixer's backward is the peak). L and A blocks are taken as D's until a
-# tiled step of theirs is measured.
-TILED_MLP_SAVING = {"L": 2.21, "A": 2.21, "D": 2.21, "M": 0.0}
+# at 128K under full recomputation (benchmarks/RESULTS.md, seventeenth session): 1b (L, A) 32.5 → 26.4 GiB, 4.65;
+# gdn-1b (D, with activation offload) 31.9 → 28.9 GiB, 2.29; mamba2-1b (M) 33.9 → 33.9 GiB, 0 (its mixer's backward
+# is the peak).
+TILED_MLP_SAVING = {"L": 4.65, "A": 4.65, "D": 2.29, "M": 0.0}
 MARGIN = 0.15  # the estimate's stated accuracy
 
 

@@ -189,6 +189,11 @@ OTHER_PRESETS = [
     (["model.preset=gdn-1b", "model.layout=D", "train.window=32768"], 131072, 22.7, 2779.1),
     (["model.preset=gdn-1b", "model.layout=D", "parallel.remat_policy=full", "parallel.offload=true"], 131072, 31.9,
      2354.6),
+    (["model.preset=gdn-1b", "model.layout=D", "parallel.remat_policy=full", "parallel.offload=true",
+      "train.mlp_tile=16384"], 131072, 28.9, 2403.1),
+    (["model.preset=gdn-1b", "model.layout=D", "parallel.remat_policy=full", "parallel.offload=true",
+      "train.mlp_tile=16384", "model.delta_window=65536"], 131072, 28.0, 2457.4),
+    (["model.preset=1b", "parallel.remat_policy=full", "train.mlp_tile=16384"], 131072, 26.4, 1858.4),
     (["model.preset=mamba2-1b", "train.window=65536"], 131072, 29.4, 2439.1),
     (["model.preset=mamba2-1b", "parallel.remat_policy=full", "parallel.offload=true"], 131072, 33.9, 2187.9),
 ]
