@@ -40,7 +40,11 @@
 #            full recomputation + offload with the MLP in 16K tiles (tiled_residual: no down projection recomputed),
 #            also with model.delta_window=65536 / 32768; the 1b preset at 128K, full recomputation, with and without
 #            16K MLP tiles (what tiling saves for L blocks).
-#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16   # from the repository root; carry .whl/ (the wheels
+#   m1:      (8 minutes) the 1M rows with their anchors in one call: fla-gdn and fla-mamba2 at 1M (on one H200 the
+#            first ran out of memory and the second faulted in the fifteenth session), then gdn-1b (pure D) at 1M in
+#            64K windows, also with the MLP in 16K tiles, and mamba2-1b at 1M in 64K windows; first (when given)
+#            the kernels at 16×4K and 1×128K with the configs in $KERNEL_CONFIGS, against fla.
+#     bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16|m1   # from the repository root; carry .whl/ (the wheels
 #     # of benchmarks/wheels.py) and .autotune.tar.gz (a previous call's $OUT/autotune.tar.gz: fla skips its autotuning)
 set -u
 cd "$(dirname "$0")/.."
@@ -143,8 +147,22 @@ wy16)
         --variant full:parallel.remat_policy=full --variant full-t16k:parallel.remat_policy=full,train.mlp_tile=16384 \
         --out "$DIR/train_step.json"
     ;;
+m1)
+    M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
+    if [ -n "${KERNEL_CONFIGS:-}" ]; then
+        step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "${GPU_TESTS:-16K}" -rs
+        step kernels 100 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --kernels \
+            --configs "$KERNEL_CONFIGS" --out "$DIR/delta_rule.md"
+    fi
+    step fla_gdn_1m 60 "${GDN[@]}" --only fla --seq-lens 1M --warmup-timeout 50 --out "$DIR/train_step.json"
+    step fla_mamba2_1m 70 "${M2[@]}" --only fla --seq-lens 1M --warmup-timeout 60 --out "$DIR/train_step.json"
+    step gdn_1m 190 "${GDN[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
+        --variant w64k-t16k:train.window=65536,train.mlp_tile=16384 --out "$DIR/train_step.json"
+    step mamba2_1m 100 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
+        --out "$DIR/train_step.json"
+    ;;
 *)
-    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16" >&2
+    echo "usage: bash benchmarks/issue20_gpu.sh kernels|tune|verify|gdn|mamba2|models|windows|fused|anchor|wy16|m1" >&2
     exit 2
     ;;
 esac

@@ -60,6 +60,15 @@ def test_parallel_step_equals_single_process(dp: int, pp: int, sp: int, microbat
     run_distributed(_check_step, dp * pp * sp, dp, pp, sp, microbatches, remats)
 
 
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_sharded_step_with_tiled_mlp_equals_single_process(policy: str) -> None:
+    """parallel.shard=full (FSDP2 over dp 2) with re-materialized blocks whose MLP runs in tiles (the block's
+    recompute skipping it, the tiled backward forming the down projection's gradient itself) equals the
+    single-process step: loss and every gradient."""
+    extra = ("parallel.shard=full", "train.mlp_tile=8", f"parallel.remat_policy={policy}")
+    run_distributed(_check_step, 2, 2, 1, 1, 1, ["always"], "zigzag", extra)
+
+
 @pytest.mark.parametrize("dp,pp,sp,layout,seq_len,window", [
     (1, 1, 1, "zigzag", 48, 20), (1, 1, 2, "zigzag", 64, 16), (1, 1, 2, "contiguous", 64, 32),
     (1, 1, 4, "zigzag", 64, 32), (2, 1, 2, "zigzag", 64, 32), (1, 2, 1, "zigzag", 48, 20), (1, 2, 2, "zigzag", 64, 16),
