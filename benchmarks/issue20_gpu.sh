@@ -150,15 +150,15 @@ wy16)
 m1)
     M2=(python3 benchmarks/train_step.py --preset mamba2-1b --warmup 1 --steps 2)
     if [ -n "${KERNEL_CONFIGS:-}" ]; then
-        step gpu_tests 60 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "${GPU_TESTS:-16K}" -rs
-        step kernels 100 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --kernels \
+        step gpu_tests 45 python3 -m pytest -q -m gpu tests/kernels/test_delta_rule.py -k "${GPU_TESTS:-16K}" -rs
+        step kernels 90 python3 benchmarks/delta_rule.py --shapes 16x4096,1x131072 --kernels \
             --configs "$KERNEL_CONFIGS" --out "$DIR/delta_rule.md"
     fi
-    step fla_gdn_1m 60 "${GDN[@]}" --only fla --seq-lens 1M --warmup-timeout 50 --out "$DIR/train_step.json"
-    step fla_mamba2_1m 70 "${M2[@]}" --only fla --seq-lens 1M --warmup-timeout 60 --out "$DIR/train_step.json"
-    step gdn_1m 190 "${GDN[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
+    step fla_gdn_1m 55 "${GDN[@]}" --only fla --seq-lens 1M --warmup-timeout 45 --out "$DIR/train_step.json"
+    step fla_mamba2_1m 65 "${M2[@]}" --only fla --seq-lens 1M --warmup-timeout 55 --out "$DIR/train_step.json"
+    step gdn_1m 180 "${GDN[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
         --variant w64k-t16k:train.window=65536,train.mlp_tile=16384 --out "$DIR/train_step.json"
-    step mamba2_1m 100 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
+    step mamba2_1m 95 "${M2[@]}" --only longtrain --seq-lens 1M --variant w64k:train.window=65536 \
         --out "$DIR/train_step.json"
     ;;
 *)

@@ -2,7 +2,7 @@
 step-by-step recurrence.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) at
-small sizes with NaN-poisoned outputs. The 12 cases marked ``gpu`` (`test_gpu_matches_chunked`, `pytest -m gpu`) run
+small sizes with NaN-poisoned outputs. The 13 cases marked ``gpu`` (`test_gpu_matches_chunked`, `pytest -m gpu`) run
 8K-16K tokens (bf16 at the model's 16 heads of 128, fp16 with the chunk-32 configs, fp32; every config; B = 1 and
 2; T not a multiple of the chunk; with and without gate and initial state) against the float64 chunked reference on
 the GPU: outputs, final state and every input gradient, NaN-poisoned outputs too. Intended time: about 60 s on one
@@ -177,7 +177,8 @@ WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16, 
 SEGMENTED_SPLIT = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16,
                               grad_split=True, out_split=True, bwd_split=True, out_bv=16)
 WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True, bwd_split=True)
-GRAD_CONFIGS = {"grad": SEGMENTED, "grad-kb": SEGMENTED_KB, "split": SEGMENTED_SPLIT}
+SEGMENTED_WY2 = replace(SEGMENTED_SPLIT, wy_kernel=2)  # the split path with `_grad_wy2_kernel`
+GRAD_CONFIGS = {"grad": SEGMENTED, "grad-kb": SEGMENTED_KB, "split": SEGMENTED_SPLIT, "split-wy2": SEGMENTED_WY2}
 GRAD_PATHS = pytest.mark.parametrize("path", list(GRAD_CONFIGS))
 
 
@@ -188,9 +189,10 @@ def _poison_outputs(monkeypatch):
 
 
 @pytest.mark.parametrize("T,cfg", [(1, SEGMENTED), (7, WHOLE), (64, SEGMENTED), (100, SEGMENTED), (257, WHOLE),
-                                   (7, WHOLE_KB), (100, SEGMENTED_KB), (7, WHOLE_SPLIT), (100, SEGMENTED_SPLIT)],
+                                   (7, WHOLE_KB), (100, SEGMENTED_KB), (7, WHOLE_SPLIT), (100, SEGMENTED_SPLIT),
+                                   (7, replace(WHOLE_SPLIT, wy_kernel=2)), (100, SEGMENTED_WY2)],
                          ids=["1-seg", "7-whole", "64-seg", "100-seg", "257-whole", "7-whole-kb", "100-seg-kb",
-                              "7-whole-split", "100-seg-split"])
+                              "7-whole-split", "100-seg-split", "7-whole-wy2", "100-seg-wy2"])
 def test_triton_matches_recurrence(T, cfg):
     """Outputs, final state, gradients of q, k, v, β, gate, λ and the initial state; tails shorter than a chunk."""
     x = _inputs(1, T, 1 if T > 200 else 2, 16, 32, seed=T)
@@ -273,14 +275,16 @@ def test_triton_kb32_chunk64_accesses_in_bounds(_bounds_checked):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's addresses")
+@pytest.mark.parametrize("wy_kernel", [1, 2], ids=["wy1", "wy2"])
 @pytest.mark.parametrize("wy16", [False, True], ids=["fp32", "fp16-wy16"])
-def test_triton_split_kernels_access_in_bounds(_bounds_checked, wy16):
+def test_triton_split_kernels_access_in_bounds(_bounds_checked, wy16, wy_kernel):
     """The split paths at chunk 64 with two K and V blocks of 32, a tail chunk and fewer gradient programs than
     chunks: every load and store stays inside its tensors (the per-program scratch included), results exact (fp32)
-    or within fp16's tolerance (fp16 with wy_16bit: Tᵀ and the scratch in fp16)."""
+    or within fp16's tolerance (fp16 with wy_16bit: Tᵀ and the scratch in fp16); both WY kernels
+    (DeltaConfig.wy_kernel)."""
     x = _inputs(1, 112, 2, 64, 64, seed=14, dtype=torch.float16 if wy16 else torch.float32)
     cfg = with_config(grad_split=True, grad_block_k=32, grad_bv=32, grad_programs=3, out_split=True, out_bv=32,
-                      bwd_split=True, seg_chunks=1, wy_16bit=wy16)
+                      bwd_split=True, seg_chunks=1, wy_16bit=wy16, wy_kernel=wy_kernel)
     if wy16:
         _compare(delta_rule_triton, x, 5e-3, chunk_size=64, config=cfg, ref=delta_rule_chunked)
     else:
@@ -383,6 +387,8 @@ def test_triton_kb_config_check():
     for gk, C, Kp, arch in ((0, 64, 128, (9, 0)), (64, 64, 128, (9, 0)), (32, 32, 128, (9, 0)),
                             (32, 64, 128, (8, 0)), (32, 64, 128, None)):
         check_config(with_config(grad_block_k=gk), C, Kp, arch)
+    with pytest.raises(ValueError, match=r"wy_kernel=3: use 1 \(_grad_wy_kernel\) or 2"):
+        check_config(with_config(wy_kernel=3), 64, 128, None)
 
 
 def test_triton_final_state_gradient_only():
@@ -405,7 +411,8 @@ def test_triton_half_precision(path):
     assert errs["o"] > 0
 
 
-WY16_PATHS = {"split": SEGMENTED_SPLIT, "grad-kb": SEGMENTED_KB}  # the two kernels that read the backward's Tᵀ
+WY16_PATHS = {"split": SEGMENTED_SPLIT, "split-wy2": SEGMENTED_WY2, "grad-kb": SEGMENTED_KB}  # the kernels that
+# read the backward's Tᵀ
 GRADS = ("dq", "dk", "dv", "dbeta", "dgate", "dlog_decay", "dinitial_state")
 
 
@@ -534,9 +541,10 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 # chunk 16 (its default chunk-64 gradient kernel alone takes about 140 s to compile). 46 distinct compiles, about
 # 100 s on one core (counted offline for sm_90: bf16-16K 11 kernels, 39 s; short-segments 7, 8 s; one-segment 3, 4 s;
 # grad-kb32 2, 13 s, now grad-kb64: not counted; bf16-wy32 2, `_prep_kernel` storing an fp32 Tᵀ and `_grad_wy_kernel`
-# on it: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail none); `_gpu_warmup`
-# runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take about 60 s on one H200
-# (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot run.
+# on it: not counted; bf16-wy2 1, `_grad_wy2_kernel`: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail
+# none); `_gpu_warmup` runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take
+# about 60 s on one H200 (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot
+# run.
 
 BF16 = dict(H=16, K=128, V=128, dtype="bfloat16")  # the model's layer: 16 heads of 128
 GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; always λ, a final state, every gradient
@@ -556,6 +564,8 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     # DeltaConfig.wy_16bit off (the default since the seventeenth session: Tᵀ in bf16, the WY backward's products on
     # bf16 operands): Tᵀ in fp32 and those products on tf32
     "bf16-wy32": dict(B=1, T=16384, cfg=dict(wy_16bit=False), **BF16),
+    # DeltaConfig.wy_kernel = 2: `_grad_wy2_kernel` (one program per chunk, no scratch) for the WY gradient
+    "bf16-wy2": dict(B=1, T=16384, cfg=dict(wy_kernel=2), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,

@@ -30,6 +30,9 @@ Rᵀ, dP ⊙ D (to a per-program [2, C, C] scratch, read back in both orientatio
 of dβ and ∂L/∂G (transposed forms: no `tl.trans` of a dot's result, see `_transposed`); then per block of K
 columns a V pass for dO Sᵀ, U dS_outᵀ, dU Sᵀ on [C, BK] and that block of dQ, dK and its shares of dβ
 (Γ_i k_i·(Tᵀ dW)_i) and ∂L/∂G.
+
+The split path (DeltaConfig.grad_split) runs `_grad_qk_kernel`, then one of two WY kernels (DeltaConfig.wy_kernel):
+`_grad_wy_kernel` (persistent, a per-program scratch) or `_grad_wy2_kernel` (one program per chunk, no scratch).
 """
 
 from __future__ import annotations
@@ -565,6 +568,72 @@ def _grad_wy_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, sc
             tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
 
 
+@triton.jit
+def _grad_wy2_kernel(k, v, beta, G, lam_ptr, du, dw, tt, dk, dv, dbeta, dloga, T, H, NC, K: tl.constexpr,
+                     V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """`_grad_wy_kernel`'s results (DeltaConfig.wy_kernel = 2), one program per chunk: grid (NC, B·H), no scratch.
+
+    dT = dW (diag(βΓ) K)ᵀ + dU (diag(β) V)ᵀ and dA = −Tᵀ dT Tᵀ in dA's own orientation (Tᵀ, read once, is every
+    product's operand; dT and the chain's intermediate in tt's dtype, as `_dA_transposed`), Rn = dA ⊙ D (strictly
+    lower, rounded to k's dtype) and R = diag(β) Rn. Per K block: Q = diag(Γ) Tᵀ dW + Rn K (one accumulator) and
+    P = Rᵀ K = (Kᵀ diag(β) Rn)ᵀ, a product whose transpose feeds only the store, never another dot (`_transposed`);
+    dk += diag(β) Q + P. K Kᵀ is never formed: dβ_i's shares Γ_i k_i·(Tᵀ dW)_i + Σ_j Rn_ij k_i·k_j are q_i = k_i·Q_i,
+    and ∂L/∂G's Σ_j (dA ⊙ A)_ij − Σ_l (dA ⊙ A)_li + β_iΓ_i k_i·(Tᵀ dW)_i is (β_i k_i)·Q_i − k_i·P_i, β_i k_i rounded
+    as P's operand (so the A terms still cancel in the chunk's sum, as they do from one [C, C] tile)."""
+    offs_c = tl.arange(0, C)
+    tile = tl.program_id(1) * NC + tl.program_id(0)
+    i_bh, t0, rows, mt, hb, lam2, b = _grad_tile(tile, NC, T, H, C, offs_c, beta, lam_ptr, DECAY)
+    g, Gam, kg, gamma = _chunk_scales(G, lam2, i_bh, t0, T, offs_c, mt, C, DECAY)
+    bg = b * Gam
+    Tt = tl.load(tt + (i_bh * NC + tile % NC) * (C * C) + offs_c[:, None] * C + offs_c[None, :])  # Tᵀ
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):  # the operands in dw's dtype, as dU's below
+        bk = _load_tok(k, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        bdw = _load_tok(dw, i_bh, T, H, K, t0, i_k * BK, C, BK)
+        dT = tl.dot(bdw, tl.trans((bk.to(tl.float32) * bg[:, None]).to(bdw.dtype)), dT, input_precision=PREC)
+    db = tl.zeros([C], dtype=tl.float32)
+    Tc = Tt.to(dv.dtype.element_ty)
+    for i_v in range(0, tl.cdiv(V, BV)):  # dV = diag(β) Tᵀ dU, and dβ's share v·(Tᵀ dU)
+        v0 = i_v * BV
+        bdu = _load_tok(du, i_bh, T, H, V, t0, v0, C, BV)
+        bv = _load_tok(v, i_bh, T, H, V, t0, v0, C, BV)
+        dT = tl.dot(bdu, tl.trans((bv.to(tl.float32) * b[:, None]).to(bdu.dtype)), dT, input_precision=PREC)
+        db += _dv_block(dv, Tc, bdu, bv, b, i_bh, T, H, V, t0, v0, C, BV, PREC)
+    X = tl.dot(Tt, dT.to(Tt.dtype), input_precision=PREC)
+    dA = -tl.dot(X.to(Tt.dtype), Tt, input_precision=PREC)
+    if DECAY == 0:
+        Rn = tl.where(offs_c[:, None] > offs_c[None, :], dA, 0.0)
+    else:
+        Rn = dA * _decay_matrix(g, offs_c, True)
+    Rn = Rn.to(k.dtype.element_ty)
+    qs = tl.zeros([C], dtype=tl.float32)
+    qbs = tl.zeros([C], dtype=tl.float32)
+    ps = tl.zeros([C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        k0 = i_k * BK
+        bk = _load_tok(k, i_bh, T, H, K, t0, k0, C, BK)
+        bdw = _load_tok(dw, i_bh, T, H, K, t0, k0, C, BK).to(Tt.dtype)
+        kf = bk.to(tl.float32)
+        kb = (kf * b[:, None]).to(bk.dtype)
+        Q = tl.dot(Tt, bdw, input_precision=PREC) * Gam[:, None]  # diag(Γ) Tᵀ dW
+        Q = tl.dot(Rn, bk, Q, input_precision=PREC)
+        P = tl.trans(tl.dot(tl.trans(kb), Rn, input_precision=PREC))  # Rᵀ K
+        qs += tl.sum(Q * kf, 1)
+        if NEED_DG:  # Σ_j Rn_ij kb_i·k_j and Σ_l Rn_li kb_l·k_i: the same rounded operands, so they cancel in Σ_i
+            qbs += tl.sum(Q * kb.to(tl.float32), 1)
+            ps += tl.sum(P * kf, 1)
+        pk, mk = _tok_tile(dk, i_bh, T, H, K, t0, k0, C, BK)
+        gk = tl.load(pk, mask=mk, other=0.0).to(tl.float32) + Q * b[:, None] + P
+        tl.store(pk, gk.to(dk.dtype.element_ty), mask=mk)
+    db += qs
+    tl.store(dbeta + hb + rows.to(tl.int64) * H, db.to(dbeta.dtype.element_ty), mask=mt)
+    if NEED_DG:
+        dg = tl.load(dloga + i_bh * T + rows, mask=mt, other=0.0)
+        dg = tl.where(mt, dg + qbs - ps, 0.0)
+        tl.store(dloga + i_bh * T + rows, tl.cumsum(dg, 0, reverse=True), mask=mt)
+
+
 def local_du(p: Plan, q: torch.Tensor, k: torch.Tensor, do: torch.Tensor, G: torch.Tensor,
              lam: torch.Tensor) -> torch.Tensor | None:
     """With cfg.bwd_split, every chunk's local share of dU [B, T, H, V] (in `state_dtype(q)`) for both backward
@@ -641,6 +710,12 @@ def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool
                       num_warps=cfg.split_warps, num_stages=cfg.num_stages)
         _grad_qk_kernel[(n_prog,)](q, k, beta, G, lam, do, un, h, dh, du, dq, dk, dw, _arg(dg, dq), T, H, p.NC,
                                    n_tiles, p.scale, **common)
+        if cfg.wy_kernel == 2:
+            _grad_wy2_kernel[(p.NC, B * H)](k, v, beta, G, lam, du, dw, tt, dk, dv, dbeta, _arg(dg, dq), T, H, p.NC,
+                                            **{**common, "num_warps": cfg.wy_warps, "num_stages": cfg.wy_stages,
+                                               "BK": min(p.Kp, max(16, _pow2(cfg.wy_block))),
+                                               "BV": min(p.Vp, max(16, _pow2(cfg.wy_block)))})
+            return dq, dk, dv, dbeta, dg
         scratch = torch.empty(n_prog, p.C, p.C, dtype=dk.dtype, device=dev)  # Rᵀ, rounded as R + Rᵀ is anyway
         _grad_wy_kernel[(n_prog,)](k, v, beta, G, lam, du, dw, tt, dk, dv, dbeta, _arg(dg, dq), scratch, T, H, p.NC,
                                    n_tiles, **common)
