@@ -174,9 +174,11 @@ SEGMENTED_KB = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, gr
 WHOLE_KB = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_block_k=16, **FUSED)
 # *_SPLIT (the default paths): outputs from the chunk-parallel kernel (out_split), the gradient in two kernels
 # (grad_split) and dU's chunk-local share before the backward sweeps (bwd_split)
+# (with `_grad_wy_kernel`; *_WY2: `_grad_wy2_kernel`, the default)
 SEGMENTED_SPLIT = with_config(seg_chunks=2, sweep_bv=16, grad_bv=16, scan_bn=16, grad_programs=3, grad_block_k=16,
-                              grad_split=True, out_split=True, bwd_split=True, out_bv=16)
-WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True, bwd_split=True)
+                              grad_split=True, out_split=True, bwd_split=True, out_bv=16, wy_kernel=1)
+WHOLE_SPLIT = with_config(seg_chunks=64, sweep_bv=64, grad_bv=64, grad_split=True, out_split=True, bwd_split=True,
+                          wy_kernel=1)
 SEGMENTED_WY2 = replace(SEGMENTED_SPLIT, wy_kernel=2)  # the split path with `_grad_wy2_kernel`
 GRAD_CONFIGS = {"grad": SEGMENTED, "grad-kb": SEGMENTED_KB, "split": SEGMENTED_SPLIT, "split-wy2": SEGMENTED_WY2}
 GRAD_PATHS = pytest.mark.parametrize("path", list(GRAD_CONFIGS))
@@ -541,7 +543,7 @@ def test_triton_sharded_rows_chain_into_the_whole_sequence():
 # chunk 16 (its default chunk-64 gradient kernel alone takes about 140 s to compile). 46 distinct compiles, about
 # 100 s on one core (counted offline for sm_90: bf16-16K 11 kernels, 39 s; short-segments 7, 8 s; one-segment 3, 4 s;
 # grad-kb32 2, 13 s, now grad-kb64: not counted; bf16-wy32 2, `_prep_kernel` storing an fp32 Tᵀ and `_grad_wy_kernel`
-# on it: not counted; bf16-wy2 1, `_grad_wy2_kernel`: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail
+# on it: not counted; bf16-wy1 1, `_grad_wy_kernel`: not counted; fp16 10 + 2, 23 s; fp32 11, 12 s; bf16-tail
 # none); `_gpu_warmup` runs them in parallel processes through Triton's on-disk cache, so the file's GPU cases take
 # about 60 s on one H200 (the bf16-16K process, about 45 s, then 1–2 s per case), about 115 s if the warm-up cannot
 # run.
@@ -564,8 +566,9 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     # DeltaConfig.wy_16bit off (the default since the seventeenth session: Tᵀ in bf16, the WY backward's products on
     # bf16 operands): Tᵀ in fp32 and those products on tf32
     "bf16-wy32": dict(B=1, T=16384, cfg=dict(wy_16bit=False), **BF16),
-    # DeltaConfig.wy_kernel = 2: `_grad_wy2_kernel` (one program per chunk, no scratch) for the WY gradient
-    "bf16-wy2": dict(B=1, T=16384, cfg=dict(wy_kernel=2), **BF16),
+    # DeltaConfig.wy_kernel = 1: `_grad_wy_kernel` (persistent, a per-program scratch) for the WY gradient (the
+    # default since the seventeenth session: `_grad_wy2_kernel`, one program per chunk, no scratch)
+    "bf16-wy1": dict(B=1, T=16384, cfg=dict(wy_kernel=1), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),
     "fp16-grad-kb64-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False,

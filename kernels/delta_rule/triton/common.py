@@ -67,17 +67,19 @@ class DeltaConfig:
     and 1.07× at 16×4K, benchmarks/RESULTS.md, seventeenth session). Off: Tᵀ in fp32 and those products on tf32.
     fp32 inputs keep the fp32 path either way;
     `_grad_kernel` (grad_block_k 0 without grad_split) solves its T in registers and ignores the field.
-    wy_kernel (grad_split only): the second gradient kernel, 1 (default) = `_grad_wy_kernel` (persistent,
+    wy_kernel (grad_split only): the second gradient kernel, 1 = `_grad_wy_kernel` (persistent,
     grad_programs programs of split_warps warps, R + Rᵀ through a per-program global scratch, K Kᵀ formed for dβ and
-    ∂L/∂G) or 2 = `_grad_wy2_kernel`: the same quantities, one program of wy_warps warps per (chunk, b·h) as
+    ∂L/∂G) or 2 (default) = `_grad_wy2_kernel`: the same quantities, one program of wy_warps warps per (chunk, b·h) as
     flash-linear-attention's WY backward, no scratch (Rᵀ K as the transpose of Kᵀ R, a product that feeds only the
     store), Tᵀ read once, the dβ and ∂L/∂G shares from the [C, BK] products instead of a K Kᵀ product. wy_warps,
     wy_block, wy_stages: `_grad_wy2_kernel`'s num_warps, its K and V blocks (a power of two ≥ 16, at most K and V
     padded) and num_stages. ptxas for sm_90, bf16, K = V = 128, chunk 64, no spill anywhere: `_grad_wy_kernel` 244
     registers at 8 warps (one program per SM); `_grad_wy2_kernel` 252 at 4 warps, blocks of 64 (two programs per SM),
-    128 at 8 warps, blocks of 32 (two per SM), 166 at 4 warps, blocks of 32, one stage (three per SM); not yet timed.
-    Blocks of 32 at chunk 64 are the tiles with which `_grad_kb_kernel` dies on sm_90 (`check_config`), not refused
-    here but untried on a GPU.
+    128 at 8 warps, blocks of 32 (two per SM), 166 at 4 warps, blocks of 32, one stage (three per SM). H200, bf16, H 16,
+    K = V 128 (benchmarks/RESULTS.md, seventeenth session): `_grad_wy2_kernel` 2.35 ms at 1×128K where
+    `_grad_wy_kernel` took ≈ 4.2; forward+backward 21.95 → 19.95 ms (1×128K) and 8.91 → 7.88 ms (16×4K), the same
+    error; at 8 warps 21.71 / 8.78. Blocks of 32 at chunk 64 are the tiles with which `_grad_kb_kernel` dies on sm_90
+    (`check_config`), not refused here but untried on a GPU.
     """
 
     chunk: int = 64
@@ -104,7 +106,7 @@ class DeltaConfig:
     split_warps: int = 8
     window_tokens: int = 0
     wy_16bit: bool = True
-    wy_kernel: int = 1
+    wy_kernel: int = 2
     wy_warps: int = 4
     wy_block: int = 64
     wy_stages: int = 2
