@@ -279,9 +279,6 @@ class Block(nn.Module):
         """The SwiGLU's hidden layer of RMSNorm(h), before its down projection (token-wise)."""
         return self.mlp.hidden(self.mlp_norm(h))
 
-    def token_wise_parameters(self) -> list[nn.Parameter]:
-        return [*self.mlp_norm.parameters(), *self.mlp.parameters()]
-
     def compile_token_wise(self) -> None:
         """torch.compile the block's purely token-wise part (norm, SwiGLU, residual) — its norm and SwiGLU's
         elementwise part as PyTorch ops, for the compiler to fuse; the mixer's kernels stay as they are."""

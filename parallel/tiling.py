@@ -113,6 +113,8 @@ def tiled_residual(fn: Callable[[torch.Tensor], torch.Tensor], proj: nn.Linear, 
     projection; `params`: fn's parameters). As `tiled`, except that backward does not recompute proj: per tile it
     recomputes h = fn(x) only and takes d h = d y W, dW += d yᵀ h and d x = d y + (d h through fn) — proj's
     forward is the one GEMM a tile's backward does not need."""
+    if proj.bias is not None:
+        raise ValueError("tiled_residual's proj must be bias-free (nn.Linear(..., bias=False))")
     if tile <= 0 or x.shape[1] <= tile:
         return x + proj(fn(x))
     return _Tiled.apply(fn, proj, tile, ends_region, x, proj.weight, *params)

@@ -7,7 +7,7 @@ import torch
 from helpers import rel_err
 
 from models import LinearLlama, preset
-from parallel.tiling import tiled
+from parallel.tiling import tiled, tiled_residual
 
 
 @pytest.mark.parametrize("T,tile", [(40, 16), (40, 7), (40, 40), (5, 2)])
@@ -130,3 +130,9 @@ def test_tiles_outside_a_region_end_run_in_the_recompute() -> None:
     got = torch.autograd.grad(checkpoint(region, x, use_reentrant=False).sum(), x)[0]
     assert rel_err(got, ref) < 1e-12
     assert sum(seen) == 3 * x.shape[1]
+
+
+def test_tiled_residual_refuses_a_biased_projection() -> None:
+    proj = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="bias-free"):
+        tiled_residual(torch.nn.Identity(), proj, torch.randn(1, 8, 4), 2, [])
