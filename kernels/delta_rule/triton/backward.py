@@ -686,6 +686,15 @@ def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
     return _empty((p.B * p.H, p.NC, p.C, p.C), dtype, like.device)
 
 
+def wy_kernel(cfg, q: torch.Tensor) -> int:
+    """The split path's WY gradient kernel for inputs like q: cfg.wy_kernel, or with 0 (auto) `_grad_wy2_kernel` (2)
+    for 16-bit inputs and `_grad_wy_kernel` (1) for fp32 ones (only the first was timed and GPU-tested with
+    `_grad_wy2_kernel`; both compile badly for fp32 on sm_90, and 1's fp32 build ran earlier sessions' GPU cases)."""
+    if cfg.wy_kernel:
+        return cfg.wy_kernel
+    return 2 if q.dtype in (torch.float16, torch.bfloat16) else 1
+
+
 def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool,
                 tt: torch.Tensor | None = None) -> tuple:
     """(dq, dk, dv, dβ, d log a [B·H, T] fp32 or None) from the chunk states and the sweeps' U, dU; tt: every
@@ -710,7 +719,7 @@ def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool
                       num_warps=cfg.split_warps, num_stages=cfg.num_stages)
         _grad_qk_kernel[(n_prog,)](q, k, beta, G, lam, do, un, h, dh, du, dq, dk, dw, _arg(dg, dq), T, H, p.NC,
                                    n_tiles, p.scale, **common)
-        if cfg.wy_kernel == 2:
+        if wy_kernel(cfg, q) == 2:
             _grad_wy2_kernel[(p.NC, B * H)](k, v, beta, G, lam, du, dw, tt, dk, dv, dbeta, _arg(dg, dq), T, H, p.NC,
                                             **{**common, "num_warps": cfg.wy_warps, "num_stages": cfg.wy_stages,
                                                "BK": min(p.Kp, max(16, _pow2(cfg.wy_block))),

@@ -67,9 +67,10 @@ class DeltaConfig:
     and 1.07× at 16×4K, benchmarks/RESULTS.md, seventeenth session). Off: Tᵀ in fp32 and those products on tf32.
     fp32 inputs keep the fp32 path either way;
     `_grad_kernel` (grad_block_k 0 without grad_split) solves its T in registers and ignores the field.
-    wy_kernel (grad_split only): the second gradient kernel, 1 = `_grad_wy_kernel` (persistent,
+    wy_kernel (grad_split only): the second gradient kernel, 0 (default, auto) = 2 for 16-bit inputs and 1 for fp32
+    ones (`backward.wy_kernel`), 1 = `_grad_wy_kernel` (persistent,
     grad_programs programs of split_warps warps, R + Rᵀ through a per-program global scratch, K Kᵀ formed for dβ and
-    ∂L/∂G) or 2 (default) = `_grad_wy2_kernel`: the same quantities, one program of wy_warps warps per (chunk, b·h) as
+    ∂L/∂G) or 2 = `_grad_wy2_kernel`: the same quantities, one program of wy_warps warps per (chunk, b·h) as
     flash-linear-attention's WY backward, no scratch (Rᵀ K as the transpose of Kᵀ R, a product that feeds only the
     store), Tᵀ read once, the dβ and ∂L/∂G shares from the [C, BK] products instead of a K Kᵀ product. wy_warps,
     wy_block, wy_stages: `_grad_wy2_kernel`'s num_warps, its K and V blocks (a power of two ≥ 16, at most K and V
@@ -106,7 +107,7 @@ class DeltaConfig:
     split_warps: int = 8
     window_tokens: int = 0
     wy_16bit: bool = True
-    wy_kernel: int = 2
+    wy_kernel: int = 0
     wy_warps: int = 4
     wy_block: int = 64
     wy_stages: int = 2
@@ -289,8 +290,9 @@ def check_config(cfg: DeltaConfig, C: int, Kp: int, arch: tuple[int, int] | None
     (interpreter, meta tensors, other GPUs) nothing is refused."""
     if cfg.solve_passes not in (1, 3):
         raise ValueError(f"DeltaConfig solve_passes={cfg.solve_passes}: use 3 (tf32x3) or 1 (one tf32 pass)")
-    if cfg.wy_kernel not in (1, 2):
-        raise ValueError(f"DeltaConfig wy_kernel={cfg.wy_kernel}: use 1 (_grad_wy_kernel) or 2 (_grad_wy2_kernel)")
+    if cfg.wy_kernel not in (0, 1, 2):
+        raise ValueError(f"DeltaConfig wy_kernel={cfg.wy_kernel}: use 1 (_grad_wy_kernel) or 2 (_grad_wy2_kernel), "
+                         "or 0 (auto: 2 for 16-bit inputs, 1 for fp32)")
     if cfg.grad_block_k <= 0 or C < 64 or arch is None or arch[0] != 9:
         return
     bk = min(Kp, _pow2(cfg.grad_block_k))
