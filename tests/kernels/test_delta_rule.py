@@ -393,10 +393,10 @@ def test_triton_kb_config_check():
         check_config(with_config(wy_kernel=3), 64, 128, None)
 
 
-def test_wy_kernel_auto_takes_the_second_kernel_for_16_bit_inputs_only():
+def test_wy_kernel_auto_takes_the_second_kernel_for_bf16_inputs_only():
     from kernels.delta_rule.triton.backward import wy_kernel
 
-    for dtype, want in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 1)):
+    for dtype, want in ((torch.bfloat16, 2), (torch.float16, 1), (torch.float32, 1)):
         q = torch.empty(1, 8, 1, 16, dtype=dtype, device="meta")
         assert wy_kernel(with_config(), q) == want, dtype
         assert wy_kernel(with_config(wy_kernel=1), q) == 1 and wy_kernel(with_config(wy_kernel=2), q) == 2
@@ -576,7 +576,7 @@ GPU_CASES = {  # B, T, H, K, V, dtype, DeltaConfig fields, gate, initial state; 
     # bf16 operands): Tᵀ in fp32 and those products on tf32
     "bf16-wy32": dict(B=1, T=16384, cfg=dict(wy_16bit=False), **BF16),
     # DeltaConfig.wy_kernel = 1: `_grad_wy_kernel` (persistent, a per-program scratch) for the WY gradient (the
-    # default for 16-bit inputs since the seventeenth session: `_grad_wy2_kernel`, one program per chunk, no scratch)
+    # default for bf16 inputs since the seventeenth session: `_grad_wy2_kernel`, one program per chunk, no scratch)
     "bf16-wy1": dict(B=1, T=16384, cfg=dict(wy_kernel=1), **BF16),
     # fp16, K ≠ V, T odd, a per-head decay without gate, no initial state
     "fp16-chunk32": dict(B=2, T=9001, H=4, K=128, V=64, dtype="float16", gate=False, init=False, cfg=dict(chunk=32)),

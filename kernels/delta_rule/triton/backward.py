@@ -688,11 +688,11 @@ def t_buffer(p: Plan, like: torch.Tensor) -> torch.Tensor | None:
 
 def wy_kernel(cfg, q: torch.Tensor) -> int:
     """The split path's WY gradient kernel for inputs like q: cfg.wy_kernel, or with 0 (auto) `_grad_wy2_kernel` (2)
-    for 16-bit inputs and `_grad_wy_kernel` (1) for fp32 ones (only the first was timed and GPU-tested with
-    `_grad_wy2_kernel`; both compile badly for fp32 on sm_90, and 1's fp32 build ran earlier sessions' GPU cases)."""
+    for bf16 inputs and `_grad_wy_kernel` (1) for fp16 and fp32 ones (`_grad_wy2_kernel` was timed and GPU-tested in
+    bf16 only; `_grad_wy_kernel` ran every dtype's GPU cases in earlier sessions)."""
     if cfg.wy_kernel:
         return cfg.wy_kernel
-    return 2 if q.dtype in (torch.float16, torch.bfloat16) else 1
+    return 2 if q.dtype == torch.bfloat16 else 1
 
 
 def chunk_grads(p: Plan, q, k, v, beta, G, lam, do, un, du, h, dh, need_dg: bool,

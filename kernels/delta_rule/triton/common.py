@@ -67,8 +67,8 @@ class DeltaConfig:
     and 1.07× at 16×4K, benchmarks/RESULTS.md, seventeenth session). Off: Tᵀ in fp32 and those products on tf32.
     fp32 inputs keep the fp32 path either way;
     `_grad_kernel` (grad_block_k 0 without grad_split) solves its T in registers and ignores the field.
-    wy_kernel (grad_split only): the second gradient kernel, 0 (default, auto) = 2 for 16-bit inputs and 1 for fp32
-    ones (`backward.wy_kernel`), 1 = `_grad_wy_kernel` (persistent,
+    wy_kernel (grad_split only): the second gradient kernel, 0 (default, auto) = 2 for bf16 inputs and 1 for fp16
+    and fp32 ones (`backward.wy_kernel`), 1 = `_grad_wy_kernel` (persistent,
     grad_programs programs of split_warps warps, R + Rᵀ through a per-program global scratch, K Kᵀ formed for dβ and
     ∂L/∂G) or 2 = `_grad_wy2_kernel`: the same quantities, one program of wy_warps warps per (chunk, b·h) as
     flash-linear-attention's WY backward, no scratch (Rᵀ K as the transpose of Kᵀ R, a product that feeds only the
@@ -292,7 +292,7 @@ def check_config(cfg: DeltaConfig, C: int, Kp: int, arch: tuple[int, int] | None
         raise ValueError(f"DeltaConfig solve_passes={cfg.solve_passes}: use 3 (tf32x3) or 1 (one tf32 pass)")
     if cfg.wy_kernel not in (0, 1, 2):
         raise ValueError(f"DeltaConfig wy_kernel={cfg.wy_kernel}: use 1 (_grad_wy_kernel) or 2 (_grad_wy2_kernel), "
-                         "or 0 (auto: 2 for 16-bit inputs, 1 for fp32)")
+                         "or 0 (auto: 2 for bf16 inputs, 1 otherwise)")
     if cfg.grad_block_k <= 0 or C < 64 or arch is None or arch[0] != 9:
         return
     bk = min(Kp, _pow2(cfg.grad_block_k))
