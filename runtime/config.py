@@ -126,8 +126,9 @@ class TrainConfig:
     """torch.compile each block's token-wise part (norm, SwiGLU, residual) on CUDA; ignored on CPU."""
     window: int = 0
     """Streaming windows: run each sequence through the model this many tokens at a time, carrying every
-    linear layer's state and conv tail (memory flat in seq_len; pure linear layouts, pp = 1; under sp the
-    windows are global, each sharded over the sp ranks); 0: off."""
+    recurrent layer's state and conv tail (memory flat in seq_len; layouts of L, M and D layers only; over pp > 1
+    stages the windows are the micro-batches; under sp the windows are global, each sharded over the sp ranks);
+    0: off."""
 
 
 @dataclass

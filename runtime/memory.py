@@ -9,7 +9,8 @@ replica under GPipe), width d, FFN width f, widening width w (q/k/v/gate and gat
                  exactly, per tensor: `stage_state`, rank 0's ⌈rows / N⌉-row dim-0 shards, the largest)
     stored       L·T_stored·d·c                          layer inputs kept for recomputation (the residual stream)
                  (parallel.remat_policy=selective: + L·T_stored·w·c, the widening matmuls' outputs)
-                 (without re-materialization: every layer's saved internals, ≈ L·T·NEVER_STORED·(4d + 3f)·c)
+                 (without re-materialization: every layer's saved internals, ≈ L·T·NEVER_STORED·(4d + 3f)·c;
+                 remat=except_last: so for the last of M micro-batches, 1/M of T_stored — all of it when M = 1)
     transient    ACTIVATION·T_layer·(4d + 3f)·c          one layer's internals, recomputed, and its backward
                  (selective: less the kept widening outputs, T_layer·w·c)
                  (train.mlp_tile = N < T_layer, full or no recomputation: less TILED_MLP_SAVING·(T_layer − N)·f·c)
@@ -118,12 +119,14 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
     layer_tokens = min(window, local) * rows // par.microbatches
     widest = max(widening_width(cfg, k) for k in kinds)
     layer = per_token_layer * layer_tokens
-    if par.remat == "never":
-        stored = kept * NEVER_STORED * mean_internals * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
-    else:
-        stored = kept * m.dim * compute_bytes
+    # the share of the kept tokens whose layers are not re-materialized (parallel.pipeline.recompute_plan):
+    # except_last keeps every internal of the last micro-batch — of all of them with one micro-batch
+    plain = {"never": 1.0, "always": 0.0, "except_last": 1.0 / par.microbatches}[par.remat]
+    stored = kept * plain * NEVER_STORED * mean_internals * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
+    if plain < 1:
+        stored += kept * (1 - plain) * m.dim * compute_bytes
         if par.remat_policy == "selective":  # the widening matmuls' outputs, kept; not recomputed in backward
-            stored += kept * widest * compute_bytes
+            stored += kept * (1 - plain) * widest * compute_bytes
             layer -= layer_tokens * widest * compute_bytes
     tile_tokens = t.mlp_tile * rows // par.microbatches
     if t.mlp_tile and tile_tokens < layer_tokens and par.remat_policy != "selective":
@@ -131,8 +134,7 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
         # forward keeps only its input, not its internals (selective recomputation: modelled as untiled)
         saving = TILED_MLP_SAVING[max(kinds, key=lambda k: KIND_INTERNALS.get(k, 1.0))]
         layer -= saving * m.ffn_dim * compute_bytes * (layer_tokens - tile_tokens)
-        if par.remat == "never":
-            stored -= kept * NEVER_STORED * 3 * m.ffn_dim * compute_bytes
+        stored -= kept * plain * NEVER_STORED * 3 * m.ffn_dim * compute_bytes
     n_windows = -(-local // window) if t.window else 0
     windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     loss_tokens = min(t.loss_chunk, rows * local // par.microbatches) if t.loss_chunk else rows * local
@@ -278,7 +280,7 @@ def check_fits(cfg: JobConfig, world: int) -> MemoryEstimate | None:
         raise ConfigError(
             f"this job needs about {est.total_gib:.0f} GiB per GPU (state {est.state_gib:.0f}, stored activations "
             f"{est.stored_gib:.0f}, one layer {est.transient_gib:.0f}; ±{MARGIN:.0%}) but the GPU has "
-            f"{capacity:.0f} GiB; set parallel.shard=full (with dp·sp > 1), train.window (pure linear layouts), "
-            f"parallel.remat=always, more sp or pp — "
+            f"{capacity:.0f} GiB; set parallel.shard=full (with dp·sp > 1), train.window (layouts of L, M and D "
+            f"layers), parallel.remat=always, train.mlp_tile=16384, more sp or pp — "
             f"or run anyway with --set run.skip_memory_check=true")
     return est

@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,9 +466,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+SEARCH_MLP_TILE = 16384  # the train.mlp_tile `search` also tries where a layer call holds more tokens than that
+
+
 def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[list[Plan], int]:
-    """Every (dp, pp, sp, microbatches, remat, window, sp_attention, shard) of `cfg` on `world` ranks that
-    validates; returns those that fit, best predicted tokens/s first (at most `top`), and how many were tried."""
+    """Every (dp, pp, sp, microbatches, remat, window, sp_attention, shard, mlp_tile) of `cfg` on `world` ranks that
+    validates; returns those that fit, best predicted tokens/s first (at most `top`), and how many were tried.
+    mlp_tile: the config's, and SEARCH_MLP_TILE where it is off and a layer call holds more tokens (tiles cost a
+    little time, so they rank first only where they are what makes a setting fit)."""
     from parallel.context import SOFTMAX_METHODS
     from parallel.pipeline import REMAT_MODES
 
@@ -482,28 +488,28 @@ def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[lis
             rows = t.batch_size // dp
             micro = [d for d in _divisors(rows) if d >= pp or pp == 1] or [rows]
             windows = [0]
-            if set(kinds) == {"L"} and pp == 1 and sp == 1:
+            if set(kinds) <= set(RECURRENT_KINDS) and pp == 1 and sp == 1:  # streamed windows: recurrent layers
                 windows += [w for w in (t.seq_len >> k for k in range(1, 6)) if w >= 4096 and t.seq_len % w == 0]
             methods = list(SOFTMAX_METHODS) if "A" in kinds and sp > 1 else [cfg.parallel.sp_attention]
             shards = SHARD_MODES if dp * sp > 1 else ("none",)  # one rank per stage: nothing to shard
-            for M in micro:
-                for remat in REMAT_MODES:
-                    for window in windows:
-                        for method in methods:
-                            for shard in shards:
-                                c = copy.deepcopy(cfg)
-                                c.parallel.dp, c.parallel.pp, c.parallel.sp = dp, pp, sp
-                                c.parallel.microbatches, c.parallel.remat = M, remat
-                                c.parallel.sp_attention, c.train.window = method, window
-                                c.parallel.shard = shard
-                                try:
-                                    c.validate(world)
-                                except ConfigError:
-                                    continue
-                                tried += 1
-                                p = plan_job(c, world, hw)
-                                if p.fits:
-                                    fitting.append(p)
+            tiles = [t.mlp_tile] + ([SEARCH_MLP_TILE] if not t.mlp_tile and t.seq_len // sp > SEARCH_MLP_TILE else [])
+            for M, remat, window, method, shard, tile in itertools.product(micro, REMAT_MODES, windows, methods, shards,
+                                                                           tiles):
+                if tile and window and window <= tile:
+                    continue  # the same setting as untiled
+                c = copy.deepcopy(cfg)
+                c.parallel.dp, c.parallel.pp, c.parallel.sp = dp, pp, sp
+                c.parallel.microbatches, c.parallel.remat = M, remat
+                c.parallel.sp_attention, c.train.window = method, window
+                c.parallel.shard, c.train.mlp_tile = shard, tile
+                try:
+                    c.validate(world)
+                except ConfigError:
+                    continue
+                tried += 1
+                p = plan_job(c, world, hw)
+                if p.fits:
+                    fitting.append(p)
     fitting.sort(key=lambda p: -p.tokens_per_s)
     return fitting[:top], tried
 
@@ -553,7 +559,7 @@ def describe(p: Plan) -> str:
     lines = [f"plan: {m.preset} (layout {m.layout}), {p.world} × {hw.name} ({nodes} node(s) of {hw.gpus_per_node}) "
              f"= dp {p.dp} × pp {p.pp} × sp {p.sp}; batch {t.batch_size} × {t.seq_len:,} tokens, "
              f"M={par.microbatches}, remat={par.remat} ({par.remat_policy}), window={t.window}, "
-             f"sp_attention={par.sp_attention}",
+             f"mlp_tile={t.mlp_tile}, sp_attention={par.sp_attention}",
              f"memory per rank (GiB, busiest stage) — {SHARD_NOTES[p.shard]}"]
     for key, value in p.memory.items():
         if value or key in ("parameters", "gradients", "optimizer"):
@@ -577,13 +583,14 @@ def describe_search(plans: list[Plan], tried: int, world: int, hw: Hardware) -> 
     if not plans:
         return (f"search: none of the {tried} settings tried fits {world} × {hw.name} ({hw.memory_gib:.0f} GiB); "
                 f"try more GPUs, a shorter train.seq_len or a smaller batch")
-    head = f"{'rank':>4} {'dp':>3} {'pp':>3} {'sp':>3} {'M':>3} {'remat':>11} {'window':>8} {'sp_attn':>9} " \
-           f"{'shard':>9} {'tokens/s':>12} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9}"
+    head = f"{'rank':>4} {'dp':>3} {'pp':>3} {'sp':>3} {'M':>3} {'remat':>11} {'window':>8} {'mlp_tile':>8} " \
+           f"{'sp_attn':>9} {'shard':>9} {'tokens/s':>12} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9}"
     lines = [f"search: {len(plans)} best of the settings that fit ({tried} tried) on {world} × {hw.name}", head]
     for i, p in enumerate(plans, 1):
         par = p.cfg.parallel
         lines.append(f"{i:>4} {p.dp:>3} {p.pp:>3} {p.sp:>3} {par.microbatches:>3} {par.remat:>11} "
-                     f"{p.cfg.train.window:>8} {par.sp_attention:>9} {p.shard:>9} {p.tokens_per_s:>12,.0f} "
+                     f"{p.cfg.train.window:>8} {p.cfg.train.mlp_tile:>8} {par.sp_attention:>9} {p.shard:>9} "
+                     f"{p.tokens_per_s:>12,.0f} "
                      f"{p.tokens_per_s / p.world:>10,.0f} {p.mfu:>6.1%} {p.peak_gib:>9.1f}")
     lines.append("shard (parallel.shard, DESIGN §10): " + "; ".join(SHARD_NOTES.values()))
     return "\n".join(lines)

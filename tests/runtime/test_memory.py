@@ -43,6 +43,21 @@ def test_estimate_matches_measured_windows_without_recomputation(window: int, me
     assert abs(est.total_gib - measured_gib) / measured_gib < 0.10
 
 
+def test_except_last_keeps_the_last_micro_batch_whole() -> None:
+    """parallel.remat=except_last re-materializes all micro-batches but the last (parallel.pipeline.recompute_plan):
+    with one micro-batch it stores what remat=never stores; with M of them, 1/M of never's internals plus the
+    other micro-batches' layer inputs."""
+    def stored(remat: str, microbatches: int) -> float:
+        cfg = load_config(None, [*BASE, "train.seq_len=32768", "train.batch_size=4", f"parallel.remat={remat}",
+                                 f"parallel.microbatches={microbatches}", "parallel.remat_policy=full"])
+        return memory.activation_bytes(cfg, 1, 1, 1)["stored"]
+
+    assert stored("except_last", 1) == stored("never", 1)
+    for M in (2, 4):
+        want = stored("never", M) / M + stored("always", M) * (M - 1) / M
+        assert stored("except_last", M) == pytest.approx(want)
+
+
 def test_windows_keep_memory_flat() -> None:
     with torch.device("meta"):
         n = num_parameters(LinearLlama(load_config(None, BASE).model))

@@ -336,10 +336,11 @@ def test_plan_command(capsys) -> None:
     assert "shard full: rank 0's dim-0 shards" in out and "fsdp allgather" in out and "gathered parameters" in out
     assert main([*args, "--search", "--top", "30", "--scaling", "--inter-node-gbit", "400"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit() and len(line.split()) == 13]
-    ranked = [float(r[9].replace(",", "")) for r in rows]
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit() and len(line.split()) == 14]
+    ranked = [float(r[10].replace(",", "")) for r in rows]
     assert len(ranked) == 30 and ranked == sorted(ranked, reverse=True)
-    assert {r[8] for r in rows} == set(SHARD_MODES)
+    assert {r[9] for r in rows} == set(SHARD_MODES)
+    assert {r[7] for r in rows} <= {"0", str(plan.SEARCH_MLP_TILE)}  # train.mlp_tile: off, or the tile tried
     assert "1024" in out and "communication above 10%" in out
 
 
