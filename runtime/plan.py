@@ -472,6 +472,7 @@ SEARCH_MLP_TILE = 16384  # the train.mlp_tile `search` also tries where a layer 
 def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[list[Plan], int]:
     """Every (dp, pp, sp, microbatches, remat, window, sp_attention, shard, mlp_tile) of `cfg` on `world` ranks that
     validates; returns those that fit, best predicted tokens/s first (at most `top`), and how many were tried.
+    If none validates, the first setting's refusal is raised (a bad value of a field the search does not vary).
     mlp_tile: the config's, and SEARCH_MLP_TILE where it is off and a layer call holds more tokens (tiles cost a
     little time, so they rank first only where they are what makes a setting fit)."""
     from parallel.context import SOFTMAX_METHODS
@@ -479,7 +480,7 @@ def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[lis
 
     m, t = cfg.model, cfg.train
     kinds = m.layer_kinds()
-    tried, fitting = 0, []
+    tried, fitting, refusal = 0, [], None
     for pp in _divisors(world):
         for sp in _divisors(world // pp):
             dp = world // (pp * sp)
@@ -504,12 +505,15 @@ def search(cfg: JobConfig, world: int, hw: Hardware, top: int = 10) -> tuple[lis
                 c.parallel.shard, c.train.mlp_tile = shard, tile
                 try:
                     c.validate(world)
-                except ConfigError:
+                except ConfigError as e:
+                    refusal = refusal or e
                     continue
                 tried += 1
                 p = plan_job(c, world, hw)
                 if p.fits:
                     fitting.append(p)
+    if not tried and refusal is not None:
+        raise refusal
     fitting.sort(key=lambda p: -p.tokens_per_s)
     return fitting[:top], tried
 

@@ -361,3 +361,12 @@ def test_plan_errors_are_one_line(capsys, tmp_path) -> None:
     assert "peer_wait_factor = -0.2 is negative; 0 means not modelled" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3"]) == 2
     assert "launch a multiple of 4" in capsys.readouterr().err
+
+
+def test_search_names_a_bad_value_it_does_not_vary() -> None:
+    """A field the search keeps as given (train.mlp_tile here) with a bad value: the one-line refusal, not an empty
+    ranking."""
+    cfg = load_config(None, ["model.preset=gdn-1b"])
+    cfg.train.mlp_tile = -5
+    with pytest.raises(ConfigError, match="must be ≥ 0"):
+        plan.search(cfg, 1, plan.load_hardware("h200"))
