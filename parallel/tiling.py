@@ -6,13 +6,13 @@ only x; backward recomputes each tile with autograd and back-propagates it at on
 internals are O(tile) instead of O(T). Exact: the result and every gradient equal fn(x)'s. The cost is
 one more forward of fn (ALST's TiledMLP).
 
-Inside a re-materialized region (torch.utils.checkpoint) `tiled(..., ends_region=True)` — fn's output is the
-region's output, which the recompute in backward discards — skips fn in that recompute: the region's recompute only
-has to restore x (what this tile pass saves), and the tiled backward recomputes fn per tile anyway. So a
-re-materialized block with a tiled MLP runs the MLP forward twice, as the plain re-materialized block does, with
-O(tile) internals. `tiled_residual(fn, proj, x, …)` — x + proj(fn(x)), a block's MLP with its residual — does
-not recompute proj in backward either (d fn = d out · W needs no proj output), which leaves one more forward of
-the MLP's widening GEMMs only.
+`tiled_residual(fn, proj, x, …)` — x + proj(fn(x)), a block's MLP with its residual — does not recompute proj
+in backward (d fn = d out · W needs no proj output), which leaves one more forward of the MLP's widening GEMMs
+only. Inside a re-materialized region (torch.utils.checkpoint) `tiled_residual(..., ends_region=True)` — its output
+is the region's output, which the recompute in backward discards — skips the computation in that recompute: the
+region's recompute only has to restore x (what this tile pass saves), and the tiled backward recomputes fn per tile
+anyway. So a re-materialized block with a tiled MLP runs the MLP's widening GEMMs forward twice and its down
+projection once, as the plain re-materialized block does, with O(tile) internals.
 """
 
 from __future__ import annotations
@@ -98,13 +98,11 @@ def replaying_recompute() -> Iterator[None]:
 
 
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
-          params: Iterable[nn.Parameter], ends_region: bool = False) -> torch.Tensor:
-    """fn(x) computed `tile` tokens at a time; `params` are fn's parameters (their gradients accumulate).
-    `ends_region`: nothing after this call inside a re-materialized region uses its output (the region's recompute
-    skips fn; see the module docstring)."""
+          params: Iterable[nn.Parameter]) -> torch.Tensor:
+    """fn(x) computed `tile` tokens at a time; `params` are fn's parameters (their gradients accumulate)."""
     if tile <= 0 or x.shape[1] <= tile:
         return fn(x)
-    return _Tiled.apply(fn, None, tile, ends_region, x, *params)
+    return _Tiled.apply(fn, None, tile, False, x, *params)
 
 
 def tiled_residual(fn: Callable[[torch.Tensor], torch.Tensor], proj: nn.Linear, x: torch.Tensor, tile: int,
@@ -112,7 +110,8 @@ def tiled_residual(fn: Callable[[torch.Tensor], torch.Tensor], proj: nn.Linear, 
     """x + proj(fn(x)) computed `tile` tokens at a time (proj: a bias-free linear map, as a SwiGLU's down
     projection; `params`: fn's parameters). As `tiled`, except that backward does not recompute proj: per tile it
     recomputes h = fn(x) only and takes d h = d y W, dW += d yᵀ h and d x = d y + (d h through fn) — proj's
-    forward is the one GEMM a tile's backward does not need."""
+    forward is the one GEMM a tile's backward does not need. `ends_region`: nothing after this call inside a
+    re-materialized region uses its output (the region's recompute skips it; see the module docstring)."""
     if proj.bias is not None:
         raise ValueError("tiled_residual's proj must be bias-free (nn.Linear(..., bias=False))")
     if tile <= 0 or x.shape[1] <= tile:

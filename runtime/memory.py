@@ -129,7 +129,7 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
             stored += kept * (1 - plain) * widest * compute_bytes
             layer -= layer_tokens * widest * compute_bytes
     tile_tokens = t.mlp_tile * rows // par.microbatches
-    if t.mlp_tile and tile_tokens < layer_tokens and par.remat_policy != "selective":
+    if mlp_tiled(cfg, sp) and par.remat_policy != "selective":
         # the SwiGLU runs in tiles (parallel.tiling): its internals are a tile's; without recomputation its
         # forward keeps only its input, not its internals (selective recomputation: modelled as untiled)
         saving = TILED_MLP_SAVING[max(kinds, key=lambda k: KIND_INTERNALS.get(k, 1.0))]
@@ -140,6 +140,12 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
     loss_tokens = min(t.loss_chunk, rows * local // par.microbatches) if t.loss_chunk else rows * local
     layer += LOSS_RESIDUE * loss_tokens * m.vocab_size
     return dict(stored=float(stored), windows=float(windows), layer=float(layer))
+
+
+def mlp_tiled(cfg: JobConfig, sp: int) -> bool:
+    """Whether train.mlp_tile cuts the SwiGLU of a layer call into tiles (fewer tokens per tile than per call)."""
+    local = cfg.train.seq_len // sp
+    return 0 < cfg.train.mlp_tile < min(cfg.train.window or local, local)
 
 
 def gradients_absent(cfg: JobConfig, grads: float, grads_first_block: float) -> float:

@@ -59,6 +59,7 @@ from runtime.memory import (
     SHARD_MODES,
     activation_bytes,
     gradients_absent,
+    mlp_tiled,
     resolve_remat_policy,
     stage_state,
     widening_width,
@@ -261,12 +262,6 @@ def recomputed_gemm(cfg: JobConfig, kind: str, gemm: int, down: int, tiled: bool
     if tiled:
         return max(0, gemm - kept) if selective else max(0, gemm - 3 * down)
     return max(0, gemm - down - kept)
-
-
-def mlp_tiled(cfg: JobConfig, sp: int) -> bool:
-    """Whether train.mlp_tile cuts the SwiGLU of a layer call into tiles (fewer tokens per tile than per call)."""
-    local = cfg.train.seq_len // sp
-    return 0 < cfg.train.mlp_tile < min(cfg.train.window or local, local)
 
 
 def recurrence_geometry(m: ModelConfig, kind: str) -> tuple[float, bool, int, int]:

@@ -112,7 +112,7 @@ def test_a_recomputed_tiled_block_equals_the_plain_block(policy: str) -> None:
 
 
 def test_tiles_outside_a_region_end_run_in_the_recompute() -> None:
-    """Without ends_region a tiled call inside a re-materialized region computes its output in the recompute too
+    """A `tiled` call (no ends_region) inside a re-materialized region computes its output in the recompute too
     (something after it may use it): three forwards of fn per token."""
     from torch.utils.checkpoint import checkpoint
 
