@@ -6,14 +6,17 @@
     kernel tokens/s      `kernels.linear_attention` forward, and forward + backward with and without a gate,
                          reported at the reference geometry H·K·V = 16·128·128 (`runtime.plan.REFERENCE_HKV`)
     copy GB/s            a large device copy (bytes read + written)
-    collectives          all-gather of 1 MiB and 256 MiB per rank over every local GPU (nccl): bus bandwidth and
-                         latency; on a CPU between two local processes (gloo, 1 and 64 MiB); with one GPU they
+    collectives          all-gather of 4 KiB (latency) and 256 MiB (bus bandwidth) per rank over every local GPU
+                         (nccl); on a CPU between two local processes (gloo, 4 KiB and 64 MiB); with one GPU they
                          are taken from `--base` and the file says so
     host overheads       CPU only (CUDA queues its kernels asynchronously, the host time hides behind them): the
-                         Trainer's step of a small model at 2 and 6 layers, in a fresh process, minus what the
-                         plan's compute terms predict for it; the difference per layer and micro-batch is
-                         `layer_overhead_ms` (Python and op dispatch per layer, forward + backward), the rest
-                         `step_overhead_ms`; that process's peak resident memory is `process_gib` (the runtime
+                         Trainer's step of a small model at 2 and 6 layers of 64 tokens and 6 layers of 128, in
+                         a fresh process, minus what the plan's compute terms predict for it; the difference per
+                         layer and micro-batch is `layer_overhead_ms` (Python and op dispatch per layer, forward +
+                         backward), per chunk of a recurrent layer `chunk_overhead_ms` (the CPU path loops over
+                         chunks), the rest `step_overhead_ms`; each step is timed beside a fixed host workload
+                         (`runtime.metrics.speed_anchor_s`) whose median is `anchor_ms`, the host speed these
+                         hold at; that process's peak resident memory is `process_gib` (the runtime
                          itself: a CPU rank's measured memory is its resident set, not the model's tensors alone);
                          then the same probe as two ranks at once (parallel.sp=2): the time they spend inside
                          collectives beyond the plan's latency and bytes, per unit of one-rank host time per layer,
@@ -126,8 +129,9 @@ def measure_compute(device: torch.device, quick: bool = False) -> dict:
     return out
 
 
-def _allgather_rank(out: str, sizes_mib: tuple[int, int]) -> None:
-    """One rank of the collective measurement (spawned; nccl, gloo on a CPU): rank 0 writes the medians to `out`."""
+def _allgather_rank(out: str, sizes: tuple[int, ...]) -> None:
+    """One rank of the collective measurement (spawned; nccl, gloo on a CPU): the median seconds of an all-gather
+    of each size in bytes per rank; rank 0 writes them to `out`."""
     import torch.distributed as dist
 
     from runtime.mesh import init_distributed
@@ -135,70 +139,87 @@ def _allgather_rank(out: str, sizes_mib: tuple[int, int]) -> None:
     device = init_distributed()
     world = dist.get_world_size()
     result = {}
-    for mib in sizes_mib:
-        x = torch.ones(mib << 18, device=device)  # mib MiB of fp32
+    for size in sizes:
+        x = torch.ones(size // 4, device=device)  # fp32
         parts = [torch.empty_like(x) for _ in range(world)]
-        result[mib] = _timed(lambda x=x, parts=parts: dist.all_gather(parts, x), device, 10)
+        result[size] = _timed(lambda x=x, parts=parts: dist.all_gather(parts, x), device, 10 if size > 1 << 20 else 50)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
 
 
+LATENCY_BYTES = 4096  # an all-gather this small is its latency: a collective's fixed cost, wake-ups included
+
+
 def measure_collectives(ranks: int, big_mib: int = 256) -> dict:
-    """Bus bandwidth (GB/s) and latency (µs) of an all-gather over `ranks` local GPUs (or CPU processes)."""
+    """Bus bandwidth (GB/s, a `big_mib` MiB all-gather) and latency (µs, a 4 KiB one) of an all-gather over `ranks`
+    local GPUs (or CPU processes)."""
     from launch.local import spawn
 
+    big = big_mib << 20
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "allgather.json")
-        spawn(_allgather_rank, ranks, out, (1, big_mib), log_dir=Path(tmp) / "logs")
+        spawn(_allgather_rank, ranks, out, (LATENCY_BYTES, big), log_dir=Path(tmp) / "logs")
         t = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
-    big, small = (big_mib << 20) * (ranks - 1), (1 << 20) * (ranks - 1)
-    gbps = big / t[big_mib] / 1e9
-    return dict(intra_node_gbps=gbps, latency_us=max(1.0, 1e6 * (t[1] - small / (gbps * 1e9))))
+    latency = t[LATENCY_BYTES]
+    gbps = big * (ranks - 1) / max(t[big] - latency, 1e-9) / 1e9
+    return dict(intra_node_gbps=gbps, latency_us=max(1.0, 1e6 * latency))
 
 
 # one micro-batch (the plan's unit: per layer and micro-batch; parallel.microbatches defaults to 2), no recompute
-HOST_PROBE = ["model.preset=tiny", "train.batch_size=2", "train.seq_len=64", "parallel.pp=1",
-              "parallel.microbatches=1", "parallel.remat=never", "run.progress=false", "run.tensorboard=false",
-              "data.source=synthetic:zipf"]
-HOST_PROBE_LAYERS = (2, 6)
+HOST_PROBE = ["model.preset=tiny", "train.batch_size=2", "parallel.pp=1", "parallel.microbatches=1",
+              "parallel.remat=never", "run.progress=false", "run.tensorboard=false", "data.source=synthetic:zipf"]
+# the probe's shapes, name → (layers, seq_len): two depths at one length separate the per-layer host time from the
+# per-step one; the deeper probe at twice the length separates the per-chunk host time of the recurrent layers
+HOST_PROBES = {"2": (2, 64), "6": (6, 64), "6x128": (6, 128)}
 
 
-def _probe_config(layers: int, ranks: int):
+def _probe_config(name: str, ranks: int):
     from runtime.config import load_config
 
-    return load_config(None, [*HOST_PROBE, f"parallel.sp={ranks}", f"model.n_layers={layers}"])
+    layers, seq_len = HOST_PROBES[name]
+    return load_config(None, [*HOST_PROBE, f"parallel.sp={ranks}", f"model.n_layers={layers}",
+                              f"train.seq_len={seq_len}"])
 
 
 def _host_rank(out: str, reps: int) -> None:
     """One rank of the host probe (spawned; world 1, or several ranks at once over parallel.sp): median seconds
-    of the Trainer's step of HOST_PROBE at each depth of HOST_PROBE_LAYERS, and the process's peak resident
-    memory; rank 0 writes them to `out`."""
+    of the Trainer's step of each of HOST_PROBES, each step at the probe's median host speed
+    (runtime.metrics.anchor_between_steps), that speed, and the process's peak resident memory; rank 0 writes
+    them to `out`."""
     import resource
 
     import torch.distributed as dist
 
     from runtime.mesh import build_mesh
+    from runtime.metrics import anchor_between_steps
     from runtime.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mesh, trainers = build_mesh(1, 1, world), {}
     try:
-        for layers in HOST_PROBE_LAYERS:
+        for name in HOST_PROBES:
             torch.manual_seed(0)
-            trainers[layers] = Trainer(_probe_config(layers, world), mesh)
-        times = {layers: [] for layers in HOST_PROBE_LAYERS}
-        comms = {layers: [] for layers in HOST_PROBE_LAYERS}
-        for i in range(reps + 1):  # the depths' steps alternate: a shared machine's load drifts over both alike
-            for layers, trainer in trainers.items():
+            trainers[name] = Trainer(_probe_config(name, world), mesh)
+        times, comms, anchors = ({name: [] for name in HOST_PROBES} for _ in range(3))
+        for i in range(reps + 1):  # the probes' steps alternate: a shared machine's load drifts over all alike
+            for name, trainer in trainers.items():
                 res = trainer.step(i)
+                anchor = anchor_between_steps(mesh.rank, world)  # the machine's speed beside this step
                 if i:  # the first step warms up
-                    times[layers].append(res.seconds)
-                    comms[layers].append(res.comm_s)
+                    times[name].append(res.seconds)
+                    comms[name].append(res.comm_s)
+                    anchors[name].append(anchor)
     finally:
         for trainer in trainers.values():
             trainer.close()
-    result = {layers: statistics.median(t) for layers, t in times.items()}
-    result["comm"] = {layers: statistics.median(t) for layers, t in comms.items()}  # inside collectives
+    # each step at the probe's median speed: its time over the anchor beside it, × the median anchor
+    anchor = statistics.median(a for each in anchors.values() for a in each)
+
+    def at_median_speed(samples: dict) -> dict:
+        return {n: anchor * statistics.median(t / a for t, a in zip(samples[n], anchors[n], strict=True))
+                for n in HOST_PROBES}
+
+    result = {**at_median_speed(times), "comm": at_median_speed(comms), "anchor_s": anchor}  # comm: in collectives
     result["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
@@ -224,54 +245,76 @@ def _probe(ranks: int, reps: int) -> dict:
     return result
 
 
-def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2) -> dict:
-    """`layer_overhead_ms`, `step_overhead_ms`, `process_gib`, `shared_host_factor` and `peer_wait_factor` of a
-    CPU (module docstring): the measured steps minus what `runtime.plan` predicts for them from `hw`'s compute, copy and
-    collective rates. The host terms are fitted in the plan's own units (`unit`: its host_overhead per ms of
-    layer_overhead_ms, i.e. layers × micro-batches × (3 + r)/3), so they mean what the plan multiplies them by."""
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Least squares (exact when square) of rows · x = rhs, in float64."""
+    a, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
+    return torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0].tolist()
+
+
+def measure_host_overheads(hw: Hardware, reps: int, shared_ranks: int = 2, launches: int = 1) -> dict:
+    """`layer_overhead_ms`, `chunk_overhead_ms`, `step_overhead_ms`, `process_gib`, `shared_host_factor`,
+    `peer_wait_factor`, `anchor_ms` and `shared_anchor_ms` of a CPU (module docstring): the measured steps of
+    HOST_PROBES minus what `runtime.plan` predicts for them from `hw`'s compute, copy and collective rates. The
+    host terms are fitted in the plan's own units (its host_overhead per ms of layer_overhead_ms or
+    chunk_overhead_ms), so they mean what the plan multiplies them by; `anchor_ms` is the one-rank probe's host
+    speed, the speed they hold at, and `shared_anchor_ms` the two-rank probe's (the reference of two-rank points).
+    The several-rank probe runs `launches` times (on a shared VM its steps vary by ±12 % from one launch to the
+    next: the ranks' waits for each other) and the medians are fitted."""
     from launch.local import RankFailed
     from runtime.plan import plan_job
 
-    bare = dataclasses.replace(hw, layer_overhead_ms=0.0, step_overhead_ms=0.0, process_gib=0.0,
-                               shared_host_factor=1.0, peer_wait_factor=0.0)
+    bare = dataclasses.replace(hw, layer_overhead_ms=0.0, chunk_overhead_ms=0.0, step_overhead_ms=0.0,
+                               process_gib=0.0, shared_host_factor=1.0, peer_wait_factor=0.0)
 
-    def fit(ranks: int, measured: dict) -> tuple[dict, dict]:
-        rest, unit = {}, {}
-        for n in HOST_PROBE_LAYERS:
+    def host_units(ranks: int) -> dict:  # each probe's plan host time per ms of each constant, and what is not host
+        units = {}
+        for n in HOST_PROBES:
             cfg = _probe_config(n, ranks)
-            rest[n] = measured[str(n)] - plan_job(cfg, ranks, bare).step_s
-            unit[n] = plan_job(cfg, ranks, dataclasses.replace(bare, layer_overhead_ms=1.0)).compute["host_overhead"]
-        return rest, unit
+            units[n] = dict(rest=plan_job(cfg, ranks, bare).step_s, **{
+                key: plan_job(cfg, ranks, dataclasses.replace(bare, **{key: 1.0})).compute["host_overhead"]
+                for key in ("layer_overhead_ms", "chunk_overhead_ms")})
+        return units
 
-    (a, b) = HOST_PROBE_LAYERS
     one = _probe(1, reps)
-    rest, unit = fit(1, one)
-    layer = max(0.0, (rest[b] - rest[a]) / (unit[b] - unit[a]))  # s / (s per ms of layer_overhead_ms): ms
-    step = max(0.0, rest[a] - unit[a] * layer)
-    # several ranks on the node's cores at once: what is left of their steps beside the plan's compute and
-    # collectives, over what the one-rank host constants predict for them (least squares over both depths)
-    constants = dict(layer_overhead_ms=layer, step_overhead_ms=1e3 * step, process_gib=one["rss_gib"])
+    anchor_s = one.get("anchor_s") or 0.0
+    u1 = host_units(1)
+    keys = ("layer_overhead_ms", "chunk_overhead_ms")
+    rhs = [one[n] - u1[n]["rest"] for n in HOST_PROBES]
+    layer, chunk, step = _solve([[u1[n][k] for k in keys] + [1.0] for n in HOST_PROBES], rhs)
+    if chunk < 0 or layer <= 0:  # the chunks' time within the noise: the other two fitted again without it
+        chunk = 0.0
+        layer, step = _solve([[u1[n]["layer_overhead_ms"], 1.0] for n in HOST_PROBES], rhs)
+    layer, step = max(0.0, layer), max(0.0, step)
+    constants = dict(layer_overhead_ms=layer, chunk_overhead_ms=chunk, step_overhead_ms=1e3 * step,
+                     process_gib=one["rss_gib"], anchor_ms=1e3 * anchor_s)
     try:
-        two = _probe(shared_ranks, reps)
-        rest2, unit2 = fit(shared_ranks, two)
+        runs = [_probe(shared_ranks, reps) for _ in range(launches)]
+        two = {n: statistics.median(r[n] for r in runs) for n in HOST_PROBES}
+        anchors = [r["anchor_s"] for r in runs if r.get("anchor_s")]
+        constants["shared_anchor_ms"] = 1e3 * statistics.median(anchors) if anchors else 0.0
+        if all("comm" in r for r in runs):
+            two["comm"] = {n: statistics.median(r["comm"][n] for r in runs) for n in HOST_PROBES}
     except RankFailed as e:  # the one-rank constants stand; the factor stays "not modelled", and the file says why
         print(f"longtrain: calibrate: {e} — shared_host_factor left at 1 (not modelled)", file=sys.stderr)
         return dict(constants, shared_host_factor=1.0, peer_wait_factor=0.0,
                     note=f"shared_host_factor not measured: {e}")
-    host = {n: unit2[n] * layer + step for n in HOST_PROBE_LAYERS}
+    # several ranks on the node's cores at once: what is left of their steps beside the plan's compute and
+    # collectives, over what the one-rank host constants predict for them (least squares over the probes)
+    u2 = host_units(shared_ranks)
+    per_layer = {n: layer * u2[n]["layer_overhead_ms"] + chunk * u2[n]["chunk_overhead_ms"] for n in HOST_PROBES}
+    host = {n: per_layer[n] + step for n in HOST_PROBES}
     if not any(host.values()):
         return dict(constants, shared_host_factor=1.0, peer_wait_factor=0.0)
 
-    def lsq(y: dict, x: dict) -> float:  # the least-squares slope of y = a·x over the probe's depths
+    def lsq(y: dict, x: dict) -> float:  # the least-squares slope of y = a·x over the probes
         return sum(y[n] * x[n] for n in x) / sum(v * v for v in x.values()) if any(x.values()) else 0.0
 
     # of what is left, the time inside collectives beyond the plan's own (latency and bytes) is the ranks waiting
     # for each other: modelled on the per-layer host time, as communication; the rest scales the host terms
-    per_layer = {n: unit2[n] * layer for n in HOST_PROBE_LAYERS}
-    wait = {n: float(two["comm"][str(n)]) - plan_job(_probe_config(n, shared_ranks), shared_ranks, bare).comm_s
-            for n in HOST_PROBE_LAYERS} if "comm" in two else {n: 0.0 for n in HOST_PROBE_LAYERS}
+    wait = {n: float(two["comm"][n]) - plan_job(_probe_config(n, shared_ranks), shared_ranks, bare).comm_s
+            for n in HOST_PROBES} if "comm" in two else {n: 0.0 for n in HOST_PROBES}
     wait_factor = max(0.0, lsq(wait, per_layer))
-    factor = lsq({n: rest2[n] - wait_factor * per_layer[n] for n in host}, host)
+    factor = lsq({n: two[n] - u2[n]["rest"] - wait_factor * per_layer[n] for n in host}, host)
     return dict(constants, shared_host_factor=max(1.0, factor), peer_wait_factor=wait_factor)
 
 
@@ -308,7 +351,7 @@ def calibrate(name: str | None = None, base: str = "h200", inter_node_gbit: floa
                   inter_node_gbps=inter_node_gbit / 8, gpus_per_node=per_node, source=source,
                   autocast_bf16=device.type == "cuda", **measured)
     if device.type == "cpu":
-        host = measure_host_overheads(hw, reps=3 if quick else 8)
+        host = measure_host_overheads(hw, reps=3 if quick else 8, launches=1 if quick else 3)
         note = host.pop("note", None)
         hw = dataclasses.replace(hw, **host, source=hw.source + (f"; {note}" if note else ""))
     elif reference.host_optimizer_ns or reference.window_overhead_ms:  # not measured here: the reference's

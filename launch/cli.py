@@ -139,7 +139,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
     tmp.write_text(to_toml(hw))
     tmp.replace(args.out)  # whole or not at all
-    host = (f", host {hw.layer_overhead_ms:.3g} ms per layer + {hw.step_overhead_ms:.3g} ms per step, process "
+    host = (f", host {hw.layer_overhead_ms:.3g} ms per layer + {hw.chunk_overhead_ms:.3g} ms per recurrent chunk + "
+            f"{hw.step_overhead_ms:.3g} ms per step (at a speed anchor of {hw.anchor_ms:.3g} ms), process "
             f"{hw.process_gib:.2f} GiB, × {hw.shared_host_factor:.3g} with ranks sharing the cores "
             f"(+ {hw.peer_wait_factor:.3g} × the per-layer host time waiting in collectives)"
             if hw.layer_overhead_ms or hw.step_overhead_ms or hw.process_gib else "")

@@ -59,7 +59,8 @@ def replan(rows: list[dict], gpu: str) -> int:
             cfg = load_config(config, overrides)
         except (ConfigError, OSError):
             continue
-        r.update(predicted(types.SimpleNamespace(cfg=cfg, world=r.get("world") or 1, error=None), hw), replanned=True)
+        r.update(predicted(types.SimpleNamespace(cfg=cfg, world=r.get("world") or 1, nodes=r.get("nodes") or 1,
+                                                 error=None), hw), replanned=True)
         done += 1
     return done
 
@@ -284,6 +285,19 @@ def _err(pred, meas) -> float:
     return (pred - meas) / meas if _finite(pred) and _finite(meas) and meas else math.nan
 
 
+def host_speed(r: dict) -> float:
+    """How much slower the host ran beside the point's steps than while its profile was calibrated: the sweep's
+    median anchor_s (run.speed_anchor) over the profile's anchor with as many ranks per node (pred_anchor_s:
+    anchor_ms, or shared_anchor_ms for two); NaN where either was not measured (GPU profiles). A shared CPU's
+    speed drifts by more than the time goal, so its predictions are compared at this speed too."""
+    anchor, reference = r.get("anchor_s"), r.get("pred_anchor_s")
+    return anchor / reference if _finite(anchor) and _finite(reference) and anchor > 0 and reference > 0 else math.nan
+
+
+def _pred_cell(pred, meas, scale: str = "") -> str:
+    return f"{_fmt(1e3 * pred, '.1f')} ({_fmt(100 * _err(pred, meas), '+.0f')} %){scale}" if _finite(pred) else "—"
+
+
 def markdown(rows: list[dict], images: list[str], series: dict) -> str:
     lines = ["# Sweep report", ""]
     ok = sum(r.get("status") == "ok" for r in rows)
@@ -292,20 +306,22 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
               f"Timed steps follow {first.get('warmup_steps', '?')} warm-up step(s); step time is their median.", ""]
     lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
     lines += ["| id | status | settings | GPUs | dp×pp×sp | seq_len | tokens/s | tokens/s/GPU | MFU | step ms | "
-              "peak GiB | predicted step ms (error) | predicted GiB (error) | cause |",
-              "|" + "---|" * 14]
+              "peak GiB | predicted step ms (error) | at the host's speed (error) × speed | predicted GiB (error) | "
+              "cause |",
+              "|" + "---|" * 15]
     for r in sorted(rows, key=lambda r: r.get("index", 0)):
-        step_err = _err(r.get("pred_step_time_s"), r.get("step_time_s"))
         mem_err = _err(r.get("pred_peak_mem_gib"), r.get("peak_mem_gib"))
-        pred_step = (f"{_fmt(1e3 * r['pred_step_time_s'], '.1f')} ({_fmt(100 * step_err, '+.0f')} %)"
-                     if _finite(r.get("pred_step_time_s")) else "—")
+        pred, meas, speed = r.get("pred_step_time_s"), r.get("step_time_s"), host_speed(r)
+        pred_step = _pred_cell(pred, meas)
+        at_speed = _pred_cell(pred * speed, meas, f" ×{speed:.2f}") if _finite(pred) and _finite(speed) else "—"
         pred_mem = (f"{_fmt(r['pred_peak_mem_gib'], '.2f')} ({_fmt(100 * mem_err, '+.0f')} %)"
                     if _finite(r.get("pred_peak_mem_gib")) else "—")
         cells = [r["id"], r["status"], f"`{r['settings']}`" if r.get("settings") else "—", r.get("world"), _split(r),
                  r.get("train.seq_len"), _fmt(r.get("tokens_per_s"), ",.0f"),
                  _fmt(r.get("tokens_per_s_per_gpu"), ",.0f"),
                  _fmt(100 * (r.get("mfu") or math.nan), ".1f"), _fmt(1e3 * (r.get("step_time_s") or math.nan), ".1f"),
-                 _fmt(r.get("peak_mem_gib"), ".2f"), pred_step, pred_mem, (r.get("cause") or "").replace("|", "\\|")]
+                 _fmt(r.get("peak_mem_gib"), ".2f"), pred_step, at_speed, pred_mem,
+                 (r.get("cause") or "").replace("|", "\\|")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     for kind, group in series.items():
         for label, points in group.items():
@@ -331,6 +347,8 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
               r.get("step_time_s"))) for r in rows if r.get("status") == "ok"]
     mem = [abs(m) for m, _ in pairs if _finite(m)]
     step = [abs(s) for _, s in pairs if _finite(s)]
+    at_speed = [abs(_err(r.get("pred_step_time_s") * host_speed(r), r.get("step_time_s"))) for r in rows
+                if r.get("status") == "ok" and _finite(r.get("pred_step_time_s")) and _finite(host_speed(r))]
     lines += ["", "## Predicted beside measured", ""]
     if any(r.get("replanned") for r in rows):
         lines += [f"Predictions recomputed with the current plan on `{first.get('pred_hardware', '?')}` "
@@ -339,6 +357,10 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
         within_mem, within_step = sum(e <= MEMORY_GOAL for e in mem), sum(e <= TIME_GOAL for e in step)
         lines.append(f"peak memory within {MEMORY_GOAL:.0%}: {within_mem} of {len(mem)} points; "
                      f"step time within {TIME_GOAL:.0%}: {within_step} of {len(step)} points.")
+        if at_speed:
+            lines.append(f"At the host's speed beside each point (its anchor_s over the profile's anchor_ms): step "
+                         f"time within {TIME_GOAL:.0%}: {sum(e <= TIME_GOAL for e in at_speed)} of {len(at_speed)} "
+                         f"points.")
     else:
         lines.append("no point has a prediction (run the sweep with --gpu NAME|FILE, or on a GPU with a shipped "
                      "profile).")

@@ -65,9 +65,10 @@ PEAK_RE = re.compile(r"peak memory per rank \[([^\]]*)\] (GiB RSS|GiB)")
 
 
 def run_overrides(point: Point, out: Path) -> list[str]:
-    """What a point's process gets after the grid's pairs: the timed steps, one metrics row per step, its run.dir."""
+    """What a point's process gets after the grid's pairs: the timed steps, one metrics row per step, the host speed
+    beside each step (run.speed_anchor), its run.dir."""
     return [f"train.steps={point.cfg.train.steps}", "run.log_every=1", "run.checkpoint_every=0",
-            "run.resume=", f"run.dir={out / 'points' / point.id}"]
+            "run.resume=", "run.speed_anchor=true", f"run.dir={out / 'points' / point.id}"]
 
 
 def command(point: Point, grid: Grid, out: Path, launcher: str, address: str | None,
@@ -194,6 +195,8 @@ def measured(run_dir: Path, warmup: int, stdout: str) -> dict:
                tokens_per_step=tokens_step, tokens_per_s=tokens_step / step,
                mfu=mfu_per_tps[0] * tokens_step / step if mfu_per_tps else math.nan,
                peak_mem_gib=max(r["max_mem_gib"] for r in rows), final_loss=rows[-1]["loss"])
+    anchors = [r["anchor_s"] for r in timed if math.isfinite(r.get("anchor_s") or math.nan)]
+    out["anchor_s"] = statistics.median(anchors) if anchors else math.nan  # the host's speed beside the steps
     out.update(step_split(timed))
     found = PEAK_RE.findall(stdout)
     if found:
@@ -234,7 +237,15 @@ def predicted(point: Point, hw) -> dict:
 
     p = plan_job(point.cfg, point.world, hw)
     return dict(pred_hardware=hw.name, pred_step_time_s=p.step_s, pred_compute_s=p.compute_s, pred_comm_s=p.comm_s,
-                pred_bubble_s=p.bubble_s, pred_tokens_per_s=p.tokens_per_s, pred_peak_mem_gib=p.peak_gib)
+                pred_bubble_s=p.bubble_s, pred_tokens_per_s=p.tokens_per_s, pred_peak_mem_gib=p.peak_gib,
+                pred_anchor_s=reference_anchor_ms(hw, point.world // max(1, getattr(point, "nodes", 1))) / 1e3)
+
+
+def reference_anchor_ms(hw, ranks_per_node: int) -> float:
+    """The profile's host-speed anchor measured with as many ranks on a node as the point has (calibrate's one-
+    and two-rank probes); NaN where it has none (GPU profiles, other counts)."""
+    anchor = {1: hw.anchor_ms, 2: hw.shared_anchor_ms}.get(ranks_per_node, 0.0)
+    return anchor if anchor > 0 else math.nan
 
 
 def run_point(point: Point, grid: Grid, out: Path, launcher: str, address: str | None, gpus_per_worker: float,

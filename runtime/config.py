@@ -174,6 +174,10 @@ class RunConfig:
     """Start a CUDA job even when the memory estimate (runtime.memory) says it cannot fit."""
     trust_checkpoint: bool = False
     """Load a legacy checkpoint whose RNG state is a pickle (only one you wrote yourself: it can run code)."""
+    speed_anchor: bool = False
+    """After each step, rank 0 times a fixed host workload (runtime.metrics.speed_anchor_s) while the other ranks
+    wait at a barrier, outside the step's time: the metrics' anchor_s, how fast the machine ran then. `longtrain
+    sweep` sets it; `longtrain report` scales a calibrated CPU profile's prediction by it."""
 
 
 @dataclass

@@ -45,6 +45,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def speed_anchor_s(depth: int = 150, size: int = 32) -> float:
+    """Seconds of a fixed host workload: forward and backward of a chain of `depth` y ← tanh(y·w + x) on size × size
+    CPU matrices, elementwise (below every op's parallel grain: one thread, whatever torch's thread count), so op
+    dispatch and autograd bookkeeping like a small model's step. A shared machine's speed drifts (other tenants,
+    clocks) by ±25 % within a minute while a step and this anchor, timed side by side, keep their ratio within
+    about ±5 % (benchmarks/RESULTS.md, eighteenth session): it is the machine's speed at that time."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, size, size, generator=gen).unbind(0)
+    w.requires_grad_()
+    start = time.perf_counter()
+    y = x
+    for _ in range(depth):
+        y = torch.tanh(y * w + x)
+    y.sum().backward()
+    return time.perf_counter() - start
+
+
+def anchor_between_steps(rank: int, world: int) -> float:
+    """speed_anchor_s timed by rank 0 while every other rank waits at a barrier, so it measures one process's
+    speed whatever the job's world (calibrate's host probe and a job with run.speed_anchor alike); NaN elsewhere."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier()
+    seconds = speed_anchor_s() if rank == 0 else math.nan
+    if world > 1:
+        dist.barrier()
+    return seconds
+
+
 class MetricsLog:
     """Rows of metrics → `<run_dir>/metrics.parquet` (rewritten at each log step) and TensorBoard."""
 

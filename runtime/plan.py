@@ -23,8 +23,9 @@ Step time (busiest stage, one step):
               parallel.offload: the stored layer inputs out and back over the host link, overlapped with compute
     comm      every collective of the stage as α + bytes / B_link (LASP-2 states, K/V all-gathers, ring, Ulysses
               all-to-all, halos, pipeline sends); ring attention's traffic hides behind its block compute
-    host      per layer and micro-batch layer_overhead · (3 + r)/3, and step_overhead once per step: the host time
-              a CPU spends dispatching ops (`longtrain calibrate` measures both on a CPU; 0 on CUDA); both
+    host      per layer and micro-batch layer_overhead · (3 + r)/3 (+ chunk_overhead per chunk of a recurrent
+              layer's local sequence: the CPU path loops over chunks), and step_overhead once per step: the host
+              time a CPU spends dispatching ops (`longtrain calibrate` measures them on a CPU; 0 on CUDA); all
               × shared_host_factor when several ranks share one node's cores (calibrate: two probe ranks at once),
               and the per-layer part × peer_wait_factor as communication (their waits for each other in collectives)
     bubble    (P − 1)/M of the stage's time (GPipe fill–drain)
@@ -106,6 +107,7 @@ class Hardware:
     source: str = ""
     # host time the device does not hide (a CPU runs every op in the Python thread; CUDA queues kernels ahead, 0):
     layer_overhead_ms: float = 0.0  # per layer and micro-batch, forward + backward (× (3 + r)/3 with recompute)
+    chunk_overhead_ms: float = 0.0  # per chunk of a recurrent layer's local sequence and micro-batch, likewise
     step_overhead_ms: float = 0.0  # per step: embedding, loss, optimizer loop, gradient norm
     process_gib: float = 0.0  # memory the runtime holds besides the job's tensors (a CPU rank's resident set)
     autocast_bf16: bool = True  # layers run under bf16 autocast (CUDA); False: in the parameters' dtype (CPU)
@@ -119,6 +121,13 @@ class Hardware:
     # ranks sharing a node's cores also wait in their collectives for each other: this × a stage's one-rank host
     # time per layer, as communication (a CPU: calibrate's two-rank probe, timed inside its collectives); 0: none
     peer_wait_factor: float = 0.0
+    # runtime.metrics.speed_anchor_s while the host probe ran (ms; a CPU profile): the machine's speed that the host
+    # terms above were measured at. A point timed beside its own anchor (run.speed_anchor) is predicted at its
+    # speed by × its anchor / this one (`longtrain report`); 0: not measured
+    anchor_ms: float = 0.0
+    # the same while the two-rank probe ran: the reference of points with two ranks on a node, whose anchor runs
+    # beside a rank waiting at a barrier and reads slower than one rank's alone; 0: not measured
+    shared_anchor_ms: float = 0.0
 
 
 def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node: int | None = None) -> Hardware:
@@ -147,6 +156,10 @@ def load_hardware(spec: str, inter_node_gbps: float | None = None, gpus_per_node
     if hw.peer_wait_factor < 0:
         raise ConfigError(f"hardware file {str(path)!r}: peer_wait_factor = {hw.peer_wait_factor} is negative; "
                           f"0 means not modelled, as the shipped profiles have")
+    for name in ("anchor_ms", "shared_anchor_ms"):
+        if getattr(hw, name) < 0:
+            raise ConfigError(f"hardware file {str(path)!r}: {name} = {getattr(hw, name)} is negative; "
+                              f"0 means not measured, as the shipped profiles have")
     if hw.shared_host_factor < 1:
         raise ConfigError(f"hardware file {str(path)!r}: shared_host_factor = {hw.shared_host_factor} is below 1; "
                           f"1 means not modelled (ranks sharing cores are never faster), as calibrate writes")
@@ -323,10 +336,14 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
     sharing = min(world, hw.gpus_per_node) > 1  # ranks sharing a node's cores
     shared = hw.shared_host_factor if sharing else 1.0
 
+    # a recurrent layer's host time grows with its chunks (the CPU path loops over them): per micro-batch and rank
+    chunks = -(-local // m.chunk_size)
     stages = []
     for s, (start, end) in enumerate(ranges):
+        recurrent = sum(kinds[i] in RECURRENT_KINDS for i in range(start, end))
+        per_pass_ms = (end - start) * hw.layer_overhead_ms + recurrent * chunks * hw.chunk_overhead_ms
         c = dict(gemm=0.0, linear_attention=0.0, softmax_attention=0.0, elementwise=0.0, loss=0.0,
-                 host_overhead=(end - start) * M * (3 + r) / 3 * hw.layer_overhead_ms / 1e3 * shared,
+                 host_overhead=M * (3 + r) / 3 * per_pass_ms / 1e3 * shared,
                  window_overhead=(end - start) * M * n_windows * hw.window_overhead_ms / 1e3)
         k = dict(lasp2=0.0, halo=0.0, softmax_sp=0.0, pipeline_p2p=0.0)
         if sharing and hw.peer_wait_factor:

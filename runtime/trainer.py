@@ -32,7 +32,7 @@ from runtime.checkpoint_writer import CheckpointWriter
 from runtime.config import JobConfig, resolve_shard
 from runtime.errors import ConfigError, TrainingError
 from runtime.mesh import ParallelMesh, build_mesh
-from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from runtime.metrics import MetricsLog, anchor_between_steps, flops_per_token, peak_flops, peak_memory_gib
 from runtime.parallelize import build_stage_model, shard_stage, sharded, tied_embedding_group
 from runtime.sources import DataSource, build_data_source
 from runtime.synthetic import IGNORE
@@ -316,13 +316,15 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
 
         tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a rank ends with os._exit
         bar = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
-    start, losses, window = time.perf_counter(), [], []
+    start, losses, window, anchors = time.perf_counter(), [], [], []
     ckpt_every = cfg.run.checkpoint_every
     try:
         for step in range(start_step, t.steps):
             if before_step is not None:
                 before_step(step, mesh.rank)
             res = trainer.step(step)
+            if cfg.run.speed_anchor:
+                anchors.append(anchor_between_steps(mesh.rank, mesh.world))
             if ckpt_every and step == start_step:
                 trainer.prepare_saves()
             losses.append(res.loss)
@@ -332,13 +334,14 @@ def _run(cfg: JobConfig, trainer: Trainer, on_report, before_step) -> dict:
             if (step + 1) % cfg.run.log_every == 0 or step == t.steps - 1:
                 secs, comm, bubble = (sum(getattr(r, f) for r in window) / len(window)
                                       for f in ("seconds", "comm_s", "bubble_s"))
-                window = []
+                anchor = sum(anchors) / len(anchors) if anchors else math.nan
+                window, anchors = [], []
                 tps = tokens_per_step / secs
                 mem = torch.tensor(peak_memory_gib(mesh.device), device=mesh.device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 row = dict(step=step + 1, loss=res.loss, lr=res.lr, grad_norm=res.grad_norm,
                            tokens=tokens_per_step * (step + 1), tokens_per_s=tps, mfu=tps * flops_tok / peak,
-                           max_mem_gib=float(mem), step_time_s=secs, comm_s=comm, bubble_s=bubble,
+                           max_mem_gib=float(mem), step_time_s=secs, comm_s=comm, bubble_s=bubble, anchor_s=anchor,
                            skipped_steps=trainer.skipped_steps,
                            **trainer.checkpoints.take_metrics(), wall_time=time.time())
                 if is_main:

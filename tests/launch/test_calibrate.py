@@ -29,8 +29,8 @@ def test_calibrate_writes_a_profile_plan_reads(tmp_path, capsys) -> None:
             assert value is False, f.name  # a CPU: no bf16 autocast
             continue
         # a fit's intercept (0 within the noise), and what a CPU does not have: ≥ 0
-        zero_ok = ("step_overhead_ms", "attention_cudnn_tflops", "host_link_gbps", "host_optimizer_ns",
-                   "window_overhead_ms", "peer_wait_factor")
+        zero_ok = ("step_overhead_ms", "chunk_overhead_ms", "attention_cudnn_tflops", "host_link_gbps",
+                   "host_optimizer_ns", "window_overhead_ms", "peer_wait_factor")
         least = 0 if f.name in zero_ok else 1e-12
         assert (value != "") if isinstance(value, str) else (math.isfinite(value) and value >= least), f.name
     # on a CPU the collectives are measured between two local gloo processes, and the host overheads of a
@@ -65,26 +65,54 @@ def test_existing_out_is_kept_without_overwrite(tmp_path, capsys) -> None:
 
 def test_host_fit_recovers_the_plans_host_constants(monkeypatch) -> None:
     """measure_host_overheads fits in the plan's own units: probe steps (and their time inside collectives) that
-    the plan itself predicts (per layer and micro-batch, step, two ranks × shared_host_factor, their waits for each
-    other × peer_wait_factor) give back the constants that made them."""
+    the plan itself predicts (per layer and micro-batch, per chunk, step, two ranks × shared_host_factor, their
+    waits for each other × peer_wait_factor) give back the constants that made them."""
     from launch import calibrate
     from runtime.plan import plan_job
 
     hw = dataclasses.replace(load_hardware("h200"), gemm_tflops=0.1, copy_gbps=30.0, gpus_per_node=2,
                              autocast_bf16=False, latency_us=500.0, intra_node_gbps=0.4)
-    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, step_overhead_ms=4.0, shared_host_factor=2.0,
-                                peer_wait_factor=0.5)
+    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, chunk_overhead_ms=0.25, step_overhead_ms=4.0,
+                                shared_host_factor=2.0, peer_wait_factor=0.5)
 
     def probe(ranks: int, reps: int) -> dict:
-        plans = {str(n): plan_job(calibrate._probe_config(n, ranks), ranks, truth) for n in calibrate.HOST_PROBE_LAYERS}
+        plans = {n: plan_job(calibrate._probe_config(n, ranks), ranks, truth) for n in calibrate.HOST_PROBES}
         comm = {n: p.comm_s if ranks > 1 else 0.0 for n, p in plans.items()}
         return {**{n: p.step_s for n, p in plans.items()}, "comm": comm, "rss_gib": 0.4}
 
     monkeypatch.setattr(calibrate, "_probe", probe)
     fitted = calibrate.measure_host_overheads(hw, reps=1)
     assert fitted["layer_overhead_ms"] == pytest.approx(3.0) and fitted["step_overhead_ms"] == pytest.approx(4.0)
+    assert fitted["chunk_overhead_ms"] == pytest.approx(0.25)
     assert fitted["shared_host_factor"] == pytest.approx(2.0) and fitted["process_gib"] == 0.4
     assert fitted["peer_wait_factor"] == pytest.approx(0.5)
+
+
+def test_host_fit_takes_the_median_of_the_shared_probes_launches(monkeypatch) -> None:
+    """The several-rank probe runs three times and the median launch is fitted: one launch 3× slower (the ranks'
+    waits on a shared VM) leaves the constants as they were; anchor_ms is the one-rank probe's anchor."""
+    from launch import calibrate
+    from runtime.plan import plan_job
+
+    hw = dataclasses.replace(load_hardware("h200"), gemm_tflops=0.1, copy_gbps=30.0, gpus_per_node=2,
+                             autocast_bf16=False, latency_us=500.0, intra_node_gbps=0.4)
+    truth = dataclasses.replace(hw, layer_overhead_ms=3.0, chunk_overhead_ms=0.25, step_overhead_ms=4.0,
+                                shared_host_factor=2.0, peer_wait_factor=0.5)
+    slower, launched = iter([1.0, 3.0, 1.0]), []
+
+    def probe(ranks: int, reps: int) -> dict:
+        k = 1.0 if ranks == 1 else next(slower)
+        launched.append(ranks)
+        plans = {n: plan_job(calibrate._probe_config(n, ranks), ranks, truth) for n in calibrate.HOST_PROBES}
+        comm = {n: k * p.comm_s if ranks > 1 else 0.0 for n, p in plans.items()}
+        return {**{n: k * p.step_s for n, p in plans.items()}, "comm": comm, "rss_gib": 0.4, "anchor_s": 0.002 * k}
+
+    monkeypatch.setattr(calibrate, "_probe", probe)
+    fitted = calibrate.measure_host_overheads(hw, reps=1, launches=3)
+    assert launched == [1, 2, 2, 2]
+    assert fitted["layer_overhead_ms"] == pytest.approx(3.0) and fitted["shared_host_factor"] == pytest.approx(2.0)
+    assert fitted["peer_wait_factor"] == pytest.approx(0.5) and fitted["anchor_ms"] == pytest.approx(2.0)
+    assert fitted["shared_anchor_ms"] == pytest.approx(2.0)  # the median launch's
 
 
 def test_a_failed_shared_probe_keeps_the_one_rank_constants(monkeypatch, capsys) -> None:
@@ -96,7 +124,7 @@ def test_a_failed_shared_probe_keeps_the_one_rank_constants(monkeypatch, capsys)
     def spawn(fn, ranks, out, reps, log_dir):
         if ranks > 1:
             raise RankFailed("rank 1: DistNetworkError: EADDRINUSE (traceback: x), then rerun with --resume auto")
-        Path(out).write_text(json.dumps({"2": 0.02, "6": 0.05, "rss_gib": 0.3}))
+        Path(out).write_text(json.dumps({"2": 0.02, "6": 0.05, "6x128": 0.07, "rss_gib": 0.3}))
 
     monkeypatch.setattr("launch.local.spawn", spawn)
     fitted = calibrate.measure_host_overheads(load_hardware("h200"), reps=1)

@@ -148,6 +148,26 @@ def test_measured_split_beside_the_predicted(tmp_path) -> None:
     assert "| p1 | 1×1×1 | 64 |" not in text  # no measured split (a CUDA run): not in that table
 
 
+def test_predicted_at_the_hosts_measured_speed(tmp_path) -> None:
+    """A CPU point whose host ran 1.25× slower beside its steps (its anchor_s over the profile's anchor_ms) is also
+    compared at that speed: the prediction × 1.25; rows without both anchors (GPU profiles) are not."""
+    cpu = dict(mem_kind="rss", device="cpu (x86_64, 2 cores)", pred_peak_mem_gib=0.4)
+    rows = [row(0, 1, 1, 1, 64, 3200.0, 0.4, math.nan, pred_step_time_s=0.016, anchor_s=0.005, pred_anchor_s=0.004,
+                **cpu),  # measured 20 ms, predicted 16 ms (-20 %); at 1.25× slower: 20 ms
+            row(1, 1, 1, 1, 128, 3200.0, 0.4, math.nan, pred_step_time_s=0.050, anchor_s=0.004, pred_anchor_s=0.004,
+                **cpu),  # measured 40 ms, predicted 50 (+25 %), at the same speed still +25 %
+            row(2, 1, 1, 1, 256, 3200.0, 0.4, math.nan, pred_step_time_s=0.080, anchor_s=math.nan,
+                pred_anchor_s=0.004, **cpu)]  # measured 80 ms: no anchor beside it
+    assert report.host_speed(rows[0]) == pytest.approx(1.25) and math.isnan(report.host_speed(rows[2]))
+    write_rows(tmp_path / "sweep.parquet", rows)
+    report.write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 16.0 (-20 %) | 20.0 (+0 %) ×1.25 |" in text and "| 50.0 (+25 %) | 50.0 (+25 %) ×1.00 |" in text
+    assert "| 80.0 (+0 %) | — |" in text
+    assert "step time within 15%: 1 of 3 points" in text
+    assert "(its anchor_s over the profile's anchor_ms): step time within 15%: 1 of 2 points." in text
+
+
 def test_report_of_a_missing_sweep_is_one_line(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

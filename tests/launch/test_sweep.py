@@ -59,6 +59,9 @@ def test_six_points_five_ok_one_failed(swept) -> None:
         assert r["comm_s"] == pytest.approx(statistics.median(m["comm_s"] for m in metrics[1:]))
         assert r["bubble_s"] == 0 and 0 < r["compute_s"] <= r["step_time_s"]  # one stage: nothing to wait for
         assert (r["comm_s"] > 0) == (r["parallel.sp"] > 1)  # LASP-2's all-gathers
+        # the host's speed beside each timed step (run.speed_anchor: rank 0, the others at a barrier), its median
+        assert all(m["anchor_s"] > 0 for m in metrics) and r["anchor_s"] == pytest.approx(
+            statistics.median(m["anchor_s"] for m in metrics[1:]))
     assert any("[6/6]" in line for line in lines) and "5 ok, 1 not ok" in lines[-1]
 
 

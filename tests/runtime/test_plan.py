@@ -259,6 +259,24 @@ def test_host_overheads_add_per_layer_pass_and_step() -> None:
     assert with_host.peak_gib - bare.peak_gib == pytest.approx(0.5) and with_host.memory["process"] == 0.5
 
 
+
+def test_chunk_overhead_is_per_chunk_of_each_recurrent_layer() -> None:
+    """chunk_overhead_ms: per chunk of a recurrent layer's local sequence and micro-batch (the CPU path loops over
+    chunks), × (3 + r)/3 like the per-layer term; softmax layers have none, and sp shortens the local sequence."""
+    host = dataclasses.replace(plan.load_hardware("h200"), chunk_overhead_ms=1.0)
+
+    def chunk_term(*sets: str) -> float:
+        cfg = load_config(None, ["model.preset=1b", *BASE, "parallel.microbatches=1", "train.batch_size=1",
+                                 "train.seq_len=4096", *sets])
+        return plan.plan_job(cfg, cfg.world_size(), host).compute["host_overhead"]
+
+    chunks = 4096 // 64  # the 1b preset's chunk_size
+    assert chunk_term("model.layout=L") == pytest.approx(16 * chunks * (3 + 1) / 3 * 1e-3)  # remat always: r = 1
+    assert chunk_term("model.layout=LLLA") == pytest.approx(12 * chunks * 4 / 3 * 1e-3)  # 12 of 16 recurrent
+    assert chunk_term("model.layout=L", "parallel.remat=never") == pytest.approx(16 * chunks * 1e-3)
+    assert chunk_term("model.layout=L", "parallel.sp=2") == pytest.approx(16 * chunks / 2 * 4 / 3 * 1e-3)
+
+
 def test_shared_host_factor_scales_host_terms_of_ranks_sharing_a_node() -> None:
     """shared_host_factor (a calibrated CPU: two probe ranks at once) multiplies the host terms of a job whose
     ranks share a node's cores, and nothing else; one rank, and the shipped profiles (1.0), are unchanged."""
@@ -359,6 +377,9 @@ def test_plan_errors_are_one_line(capsys, tmp_path) -> None:
     negative.write_text((plan.HARDWARE_DIR / "h200.toml").read_text() + "peer_wait_factor = -0.2\n")
     assert main(["plan", "--gpus", "4", "--gpu", str(negative)]) == 2
     assert "peer_wait_factor = -0.2 is negative; 0 means not modelled" in capsys.readouterr().err
+    negative.write_text((plan.HARDWARE_DIR / "h200.toml").read_text() + "anchor_ms = -3\n")
+    assert main(["plan", "--gpus", "4", "--gpu", str(negative)]) == 2
+    assert "anchor_ms = -3 is negative; 0 means not measured" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3"]) == 2
     assert "launch a multiple of 4" in capsys.readouterr().err
 

@@ -3,6 +3,8 @@ single-process step, and the loss curve of a split run equals the one-process cu
 
 from __future__ import annotations
 
+import math
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -94,10 +96,12 @@ def test_loss_curve_pp2_sp2_equals_single_process() -> None:
     run_distributed(_train, 1, common + ["parallel.pp=1", "parallel.sp=1", "parallel.microbatches=1",
                                          f"run.dir={single}"])
     run_distributed(_train, 4, common + ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=2",
-                                         f"run.dir={split}"])
+                                         f"run.dir={split}", "run.speed_anchor=true"])
     a = pq.read_table(f"{single}/metrics.parquet").to_pydict()
     b = pq.read_table(f"{split}/metrics.parquet").to_pydict()
     assert a["step"] == b["step"] == list(range(1, 21))
+    # the host's speed beside each step (rank 0's anchor, the others at a barrier) changes nothing in the training
+    assert all(math.isnan(x) for x in a["anchor_s"]) and all(x > 0 for x in b["anchor_s"])
     for la, lb in zip(a["loss"], b["loss"]):
         assert abs(la - lb) < 1e-5 * max(1.0, abs(la)), (a["loss"], b["loss"])
     assert torch.tensor(a["loss"])[-5:].mean() < torch.tensor(a["loss"])[:5].mean()  # it learns something
