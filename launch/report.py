@@ -358,7 +358,8 @@ def markdown(rows: list[dict], images: list[str], series: dict) -> str:
         lines.append(f"peak memory within {MEMORY_GOAL:.0%}: {within_mem} of {len(mem)} points; "
                      f"step time within {TIME_GOAL:.0%}: {within_step} of {len(step)} points.")
         if at_speed:
-            lines.append(f"At the host's speed beside each point (its anchor_s over the profile's anchor_ms): step "
+            lines.append(f"At the host's speed beside each point (its anchor_s over the profile's anchor for its ranks "
+                         f"per node): step "
                          f"time within {TIME_GOAL:.0%}: {sum(e <= TIME_GOAL for e in at_speed)} of {len(at_speed)} "
                          f"points.")
     else:

@@ -165,7 +165,8 @@ def test_predicted_at_the_hosts_measured_speed(tmp_path) -> None:
     assert "| 16.0 (-20 %) | 20.0 (+0 %) ×1.25 |" in text and "| 50.0 (+25 %) | 50.0 (+25 %) ×1.00 |" in text
     assert "| 80.0 (+0 %) | — |" in text
     assert "step time within 15%: 1 of 3 points" in text
-    assert "(its anchor_s over the profile's anchor_ms): step time within 15%: 1 of 2 points." in text
+    assert "(its anchor_s over the profile's anchor for its ranks per node): step time within 15%: 1 of 2 points." \
+        in text
 
 
 def test_report_of_a_missing_sweep_is_one_line(tmp_path, capsys) -> None:

@@ -127,3 +127,17 @@ def test_commands_per_launcher(tmp_path) -> None:
     point.nodes = 2
     per_node = sweep.command(point, grid, tmp_path, "torchrun", "head:29500", 0.0)
     assert len(per_node) == 2 and [c[c.index("--node-rank") + 1] for c in per_node] == ["0", "1"]
+
+
+def test_the_speed_reference_has_the_points_ranks_per_node() -> None:
+    """A point's host-speed reference is the calibrated anchor with as many ranks on a node: anchor_ms for one,
+    shared_anchor_ms for two (calibrate's probes); none for other counts or a profile without anchors (GPUs)."""
+    import dataclasses
+    import math
+
+    from runtime.plan import load_hardware
+
+    cpu = dataclasses.replace(load_hardware("h200"), anchor_ms=2.5, shared_anchor_ms=3.5)
+    assert sweep.reference_anchor_ms(cpu, 1) == 2.5 and sweep.reference_anchor_ms(cpu, 2) == 3.5
+    assert math.isnan(sweep.reference_anchor_ms(cpu, 4))
+    assert math.isnan(sweep.reference_anchor_ms(load_hardware("h200"), 1))
