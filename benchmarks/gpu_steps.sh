@@ -1,15 +1,20 @@
 # Sourced by the benchmarks/issue*_gpu.sh scripts (not run on its own): from the repository root, with DIR set to
-# the output folder, it installs the carried wheels of .whl/ (if any) into /tmp/site, puts the project on
+# the output folder (DRY=1: a CPU dry run, no wheels and no device query), it installs the carried wheels of .whl/
+# (if any) into /tmp/site, puts the project on
 # PYTHONPATH, records the versions and the device in $DIR/env.txt, points Triton's cache at $TRITON_CACHE_DIR (seeded
 # from a carried .autotune.tar.gz) and defines `step`, `save_autotune` and `pack_results`; $DIR/status.txt starts empty.
 mkdir -p "$DIR"
 export PYTHONPATH="$PWD"
-if compgen -G ".whl/*.whl" >/dev/null; then  # fla, mamba_ssm's Triton kernels & co. (benchmarks/wheels.py builds them)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="/tmp/site:$PWD"
+if [ "${DRY:-0}" = 1 ]; then  # a CPU dry run of a script's commands (gloo): no wheels, no device to name
+    python3 -c 'import torch; print("torch", torch.__version__, "CPU dry run (gloo)")' | tee "$DIR/env.txt"
+else
+    if compgen -G ".whl/*.whl" >/dev/null; then  # fla, mamba_ssm's Triton kernels & co. (benchmarks/wheels.py builds them)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="/tmp/site:$PWD"
+    fi
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuDNN",
+          torch.backends.cudnn.version(), torch.cuda.get_device_name())' | tee "$DIR/env.txt"
 fi
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuDNN",
-      torch.backends.cudnn.version(), torch.cuda.get_device_name())' | tee "$DIR/env.txt"
 
 # Triton's autotuning results (fla autotunes for minutes on its first call; its kernels cache their timings on disk):
 # a carried .autotune.tar.gz (an earlier call's $DIR/autotune.tar.gz, copied to the repository root) seeds this call's
@@ -37,9 +42,13 @@ pack_results() {  # the device hands back at most 8 files: everything else in $D
     echo "results: $(wc -l </tmp/results.list) entries in $DIR/results.tar.gz"
 }
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $DIR/NAME.log, report its status
+step() {  # step NAME SECONDS COMMAND...: run with a time limit (at most $STEP_CAP s where set), log to
+    # $DIR/NAME.log, report its status
     local name=$1 limit=$2
     shift 2
+    if [ -n "${STEP_CAP:-}" ] && [ "$limit" -gt "$STEP_CAP" ]; then
+        limit=$STEP_CAP
+    fi
     echo "== $name: $*"
     timeout "$limit" "$@" >"$DIR/$name.log" 2>&1
     local rc=$?

@@ -114,9 +114,9 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
     widest_internals = max(KIND_INTERNALS.get(k, 1.0) for k in kinds)  # the transient: one layer at a time
     mean_internals = sum(KIND_INTERNALS.get(k, 1.0) for k in kinds) / len(kinds)
     per_token_layer = ACTIVATION * widest_internals * (4 * m.dim + 3 * m.ffn_dim) * compute_bytes
-    window = t.window or local
-    kept = layers * rows * min(window, local)  # token-layers whose input (or internals) stay for backward
-    layer_tokens = min(window, local) * rows // par.microbatches
+    window = rank_window(cfg, sp)
+    kept = layers * rows * window  # token-layers whose input (or internals) stay for backward
+    layer_tokens = window * rows // par.microbatches
     widest = max(widening_width(cfg, k) for k in kinds)
     layer = per_token_layer * layer_tokens
     # the share of the kept tokens whose layers are not re-materialized (parallel.pipeline.recompute_plan):
@@ -135,17 +135,23 @@ def activation_bytes(cfg: JobConfig, dp: int, pp: int, sp: int, compute_bytes: i
         saving = TILED_MLP_SAVING[max(kinds, key=lambda k: KIND_INTERNALS.get(k, 1.0))]
         layer -= saving * m.ffn_dim * compute_bytes * (layer_tokens - tile_tokens)
         stored -= kept * plain * NEVER_STORED * 3 * m.ffn_dim * compute_bytes
-    n_windows = -(-local // window) if t.window else 0
+    n_windows = -(-local // window) if t.window else 0  # = seq_len / train.window
     windows = n_windows * layers * rows * m.n_heads * m.head_dim**2 * 4
     loss_tokens = min(t.loss_chunk, rows * local // par.microbatches) if t.loss_chunk else rows * local
     layer += LOSS_RESIDUE * loss_tokens * m.vocab_size
     return dict(stored=float(stored), windows=float(windows), layer=float(layer))
 
 
+def rank_window(cfg: JobConfig, sp: int) -> int:
+    """Tokens of one sequence a rank runs per layer call: its shard of a streamed window (train.window is global,
+    each window sharded over the sp ranks, as the Trainer runs it), else its whole local sequence."""
+    local = cfg.train.seq_len // sp
+    return min(max(1, cfg.train.window // sp), local) if cfg.train.window else local
+
+
 def mlp_tiled(cfg: JobConfig, sp: int) -> bool:
     """Whether train.mlp_tile cuts the SwiGLU of a layer call into tiles (fewer tokens per tile than per call)."""
-    local = cfg.train.seq_len // sp
-    return 0 < cfg.train.mlp_tile < min(cfg.train.window or local, local)
+    return 0 < cfg.train.mlp_tile < rank_window(cfg, sp)
 
 
 def gradients_absent(cfg: JobConfig, grads: float, grads_first_block: float) -> float:

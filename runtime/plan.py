@@ -355,7 +355,8 @@ def plan_job(cfg: JobConfig, world: int, hw: Hardware, shard: str | None = None)
             c["gemm"] += 2 * (3 * gemm[i] + again) * tokens / (hw.gemm_tflops * 1e12)
             c["elementwise"] += tokens * ELEMENTWISE_BYTES * KIND_ELEMENTWISE.get(kinds[i], 1.0) * (
                 4 * m.dim + 3 * m.ffn_dim) * (1 + r / 3) / (hw.copy_gbps * 1e9)
-            passes = M * (2 + r)  # collectives per layer and step: forward, backward, recomputed forwards
+            # collectives per layer and step: forward, backward, recomputed forwards — in each streamed window
+            passes = M * (2 + r) * max(1, n_windows)
             if kinds[i] in RECURRENT_KINDS:  # L, D (its UT transform and sweeps: DELTA_COST linear layers), M
                 work, gated, state_floats, conv_channels = recurrence_geometry(m, kinds[i])
                 la_rate = hw.la_gate_tokens_per_s if gated else hw.la_tokens_per_s

@@ -66,6 +66,19 @@ def test_windows_keep_memory_flat() -> None:
     assert est[1].total_gib < 1.2 * est[0].total_gib
 
 
+def test_a_window_is_sharded_over_the_sp_ranks() -> None:
+    """train.window is global, each window sharded over the sp ranks (the Trainer runs window // sp per rank): a
+    rank of sp = 2 streaming 2 × 512-token windows holds what one rank streaming 512-token windows of half the
+    sequence holds, and its MLP tiles cut a call only when they are shorter than its window's shard."""
+    def cfg(sp: int, seq_len: int, window: int, tile: int = 0):
+        return load_config(None, [*BASE, "model.layout=L", f"parallel.sp={sp}", f"train.seq_len={seq_len}",
+                                  f"train.window={window}", f"train.mlp_tile={tile}"])
+
+    assert memory.activation_bytes(cfg(2, 4096, 1024), 1, 1, 2) == memory.activation_bytes(cfg(1, 2048, 512), 1, 1, 1)
+    assert memory.rank_window(cfg(2, 4096, 1024), 2) == 512 and memory.rank_window(cfg(2, 4096, 0), 2) == 2048
+    assert not memory.mlp_tiled(cfg(2, 4096, 1024, tile=768), 2) and memory.mlp_tiled(cfg(1, 4096, 1024, tile=768), 1)
+
+
 def test_a_job_that_cannot_fit_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 << 30))

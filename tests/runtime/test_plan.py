@@ -260,6 +260,20 @@ def test_host_overheads_add_per_layer_pass_and_step() -> None:
 
 
 
+def test_lasp2_collectives_run_in_every_window() -> None:
+    """A streamed sequence runs LASP-2's all-gathers (and the conv halos) once per window and pass: its state
+    traffic is the unstreamed step's × the windows × (2 + r with the rebuilt forwards) / (2 + r)."""
+    def job(window: int):
+        cfg = load_config(None, ["model.preset=1b", *BASE, "model.layout=L", "parallel.sp=2", "parallel.remat=never",
+                                 "train.batch_size=1", "train.seq_len=65536", f"train.window={window}"])
+        return cfg, plan.plan_job(cfg, 2, plan.load_hardware("h200"))
+
+    (plain_cfg, plain), (streamed_cfg, streamed) = job(0), job(16384)
+    scale = 4 * (2 + plan.recompute_passes(streamed_cfg)) / (2 + plan.recompute_passes(plain_cfg))
+    assert streamed.comm["lasp2"] == pytest.approx(plain.comm["lasp2"] * scale)
+    assert streamed.comm["halo"] == pytest.approx(plain.comm["halo"] * scale)
+
+
 def test_chunk_overhead_is_per_chunk_of_each_recurrent_layer() -> None:
     """chunk_overhead_ms: per chunk of a recurrent layer's local sequence and micro-batch (the CPU path loops over
     chunks), × (3 + r)/3 like the per-layer term; softmax layers have none, and sp shortens the local sequence."""
