@@ -6,6 +6,8 @@
 # the Ray part's (checkpoints of the 1b state) under $RAY_RUNS (default /tmp/issue21-ray), of which only
 # metrics.parquet and the logs are kept.
 #
+#   single:   (≈ 4 min, one GPU: the kind lent now) LASP-2 with the gate at 512K tokens on one GPU, and the weak
+#             part's two one-GPU rows (1b L at 1M in 64K windows; LLLA at 128K): the 1-GPU sides of runs 1 and 2.
 #   lasp2:    (≈ 6 min) LASP-2 weak scaling of one linear-attention layer (H 16, K = V 128, bf16, RetNet decay and
 #             a data-dependent gate), 512K tokens per GPU on 2, 4, 8 GPUs against the same 512K tokens on one GPU
 #             (benchmarks/sp_attention.py's bench_lasp2 measures t1 on every rank beside tN; efficiency t1/tN;
@@ -68,7 +70,7 @@ cd "$(dirname "$0")/.." || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 RAY_USAGE_STATS_ENABLED=0
 PART="${1:-}"
 DRY="${DRY:-0}"
-PARTS="lasp2 weak softmax pipeline shard8b sweep ray"
+PARTS="single lasp2 weak softmax pipeline shard8b sweep ray"
 if [ -z "$PART" ] || { [ "$PART" != all ] && [[ " $PARTS " != *" $PART "* ]]; }; then
     echo "usage: [DRY=1] bash benchmarks/issue21_gpu.sh ${PARTS// /|}|all   (all: DRY=1 only)" >&2
     exit 2
@@ -352,10 +354,18 @@ part_lasp2() {
     grep -H -E "efficiency|AllGather|ReduceScatter|FAILED" "$DIR"/lasp2_*.log | tee "$DIR/lasp2_summary.txt"
 }
 
-part_weak() {
+part_single() {  # what one GPU can measure now: LASP-2 (gated) at 512K tokens on one GPU, the weak part's 1-GPU rows
+    local tokens=524288 extra=()
+    if [ "$DRY" = 1 ]; then tokens=512 extra=(--smoke); fi
+    step lasp2_gate_1gpu 100 "${TORCHRUN[@]}" --nproc-per-node 1 "$HELP/lasp2_gate.py" --seq-lens "" \
+        --lasp-tokens "$tokens" "${extra[@]}" --out "$DIR/lasp2_gate_1gpu.md"
+    part_weak one
+}
+
+part_weak() {  # part_weak one: only the one-GPU rows
     local W=(model.preset=1b model.gate=true parallel.pp=1 parallel.microbatches=1 parallel.shard=none
              train.batch_size=1 train.steps=3 "${DATA[@]}" "${QUIET[@]}")
-    local n8=8 l1=1048576 w1=65536 h1=131072
+    local n8=8 l1=1048576 w1=65536 h1=131072 rows
     if [ "$DRY" = 1 ]; then
         W=(model.preset=tiny model.gate=true parallel.pp=1 parallel.microbatches=1 parallel.shard=none
            train.batch_size=1 train.steps=3 "${DATA[@]}" "${QUIET[@]}")
@@ -363,17 +373,20 @@ part_weak() {
     fi
     step weak_L_1gpu 120 "${LT[@]}" train --nproc 1 --overwrite --set "${W[@]}" model.layout=L parallel.sp=1 \
         train.seq_len=$l1 train.window=$w1 parallel.remat=never run.dir="$RUNS/weak_L_1gpu"
-    step "weak_L_${n8}gpu" 140 "${LT[@]}" train --nproc $n8 --overwrite --set "${W[@]}" model.layout=L \
-        parallel.sp=$n8 train.seq_len=$((l1 * n8)) train.window=$((w1 * n8)) parallel.remat=never \
-        run.dir="$RUNS/weak_L_${n8}gpu"
     step weak_LLLA_1gpu 70 "${LT[@]}" train --nproc 1 --overwrite --set "${W[@]}" model.layout=LLLA parallel.sp=1 \
         train.seq_len=$h1 parallel.remat=always parallel.remat_policy=selective run.dir="$RUNS/weak_LLLA_1gpu"
-    step "weak_LLLA_${n8}gpu" 170 "${LT[@]}" train --nproc $n8 --overwrite --set "${W[@]}" model.layout=LLLA \
-        parallel.sp=$n8 train.seq_len=$((h1 * n8)) parallel.remat=always parallel.remat_policy=selective \
-        run.dir="$RUNS/weak_LLLA_${n8}gpu"
-    step weak_summary 30 python3 "$HELP/summary.py" "$DIR/weak.md" "L:L-1gpu:1:$RUNS/weak_L_1gpu" \
-        "L:L-${n8}gpu:$n8:$RUNS/weak_L_${n8}gpu" "LLLA:LLLA-1gpu:1:$RUNS/weak_LLLA_1gpu" \
-        "LLLA:LLLA-${n8}gpu:$n8:$RUNS/weak_LLLA_${n8}gpu"
+    rows=("L:L-1gpu:1:$RUNS/weak_L_1gpu" "LLLA:LLLA-1gpu:1:$RUNS/weak_LLLA_1gpu")
+    if [ "${1:-}" != one ]; then
+        step "weak_L_${n8}gpu" 140 "${LT[@]}" train --nproc $n8 --overwrite --set "${W[@]}" model.layout=L \
+            parallel.sp=$n8 train.seq_len=$((l1 * n8)) train.window=$((w1 * n8)) parallel.remat=never \
+            run.dir="$RUNS/weak_L_${n8}gpu"
+        step "weak_LLLA_${n8}gpu" 170 "${LT[@]}" train --nproc $n8 --overwrite --set "${W[@]}" model.layout=LLLA \
+            parallel.sp=$n8 train.seq_len=$((h1 * n8)) parallel.remat=always parallel.remat_policy=selective \
+            run.dir="$RUNS/weak_LLLA_${n8}gpu"
+        rows=("${rows[0]}" "L:L-${n8}gpu:$n8:$RUNS/weak_L_${n8}gpu" "${rows[1]}"
+              "LLLA:LLLA-${n8}gpu:$n8:$RUNS/weak_LLLA_${n8}gpu")
+    fi
+    step weak_summary 30 python3 "$HELP/summary.py" "$DIR/weak${1:+_$1}.md" "${rows[@]}"
 }
 
 part_softmax() {

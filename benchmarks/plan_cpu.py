@@ -27,9 +27,11 @@ TIME_GOAL = 0.15
 
 
 def cli(*args: str) -> None:
+    """`longtrain ARGS` (its error line on stderr); a failure ends this script with that command named, exit 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two shared cores: a one-rank point must not spin a second thread
-    subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:
+        sys.exit(f"plan_cpu: `longtrain {' '.join(args)}` failed (exit {done.returncode}; its error is above)")
 
 
 def errors(sweep_dir: Path) -> list[dict]:
@@ -57,6 +59,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per point")
     parser.add_argument("--calibration", default=None, help="an existing calibrate file instead of a new one")
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--repeats and --steps must be ≥ 1 and --warmup ≥ 0")
+    if args.calibration and not Path(args.calibration).is_file():
+        parser.error(f"--calibration {args.calibration!r} is not a file; "
+                     f"write one with `longtrain calibrate --out FILE`")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     hw = Path(args.calibration).resolve() if args.calibration else out / "cpu.toml"
