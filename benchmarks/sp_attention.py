@@ -406,10 +406,10 @@ def ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None else f"{a / b:.2f}×"
 
 
-def report(rows: list[dict], lasp: dict | None, world: int, command: str, device: str) -> str:
+def softmax_table(rows: list[dict], world: int) -> list[str]:
+    """The softmax rows: milliseconds per method, speed-ups over one GPU and over torch CP, errors, CP notes."""
     kernel = "/".join(sorted({r.get("kernel", "?") for r in rows})) or "—"
-    lines = [f"device: {world} × {device}; torch {torch.__version__}; date {datetime.date.today()}",
-             f"command: `{command}`", "",
+    lines = ["",
              "Causal attention fwd+bwd, bf16, batch 1, 32 q heads / 8 kv heads, head dim 128, zigzag; "
              f"milliseconds (median); block kernel {kernel} (1 GPU and every method; torch CP: SDPA flash); "
              f"speed-up = 1-GPU time / {world}-GPU time; vs CP = best torch context_parallel time / ours.", "",
@@ -431,6 +431,14 @@ def report(rows: list[dict], lasp: dict | None, world: int, command: str, device
     notes = {r.get("cp_note") for r in rows if r.get("cp_note")}
     if notes:
         lines.append("torch CP note:" + "".join(notes))
+    return lines
+
+
+def report(rows: list[dict], lasp: dict | None, world: int, command: str, device: str) -> str:
+    lines = [f"device: {world} × {device}; torch {torch.__version__}; date {datetime.date.today()}",
+             f"command: `{command}`"]
+    if rows:  # softmax lengths asked (--seq-lens); a LASP-2-only run has no table
+        lines += softmax_table(rows, world)
     if lasp is not None:
         lines += ["", f"LASP-2 weak scaling (H={LASP_H}, K=V={LASP_K}, bf16, RetNet decay, backend auto, fwd+bwd): "
                       f"{tokens(lasp['tokens'])} tokens on 1 GPU {lasp['1gpu']:.2f} ms, "
