@@ -6,10 +6,24 @@
 # $OUT (default benchmarks/results/issue19): the sweep folder packed into results.tar.gz; `longtrain report` runs
 # where it lands (matplotlib).
 #
-#   bash benchmarks/issue19_gpu.sh          # carry [".whl", ".autotune.tar.gz"]
+# Part `remat` re-runs, in one call, the two sweeps that check the plan without recomputation: h200-remat.toml (64K,
+# 256K × whole / 32K windows × remat always / never) and h200-long.toml's points in 64K windows, each point stopped
+# after 90 s (1M fits; 2M and 4M become timeout rows if they pass it: the call's 10 minutes hold no more).
+#
+#   bash benchmarks/issue19_gpu.sh [1gpu|remat]   # carry [".whl", ".autotune.tar.gz"]; default 1gpu
 set -u
+PART="${1:-1gpu}"
+if [ "$PART" != 1gpu ] && [ "$PART" != remat ]; then
+    echo "usage: bash benchmarks/issue19_gpu.sh [1gpu|remat]" >&2
+    exit 2
+fi
 DIR="${OUT:-benchmarks/results/issue19}"
 source benchmarks/gpu_steps.sh
-step sweep 540 python3 -m launch.cli sweep configs/sweeps/h200-1gpu.toml --out "$DIR/h200-1gpu" --timeout 200
+if [ "$PART" = 1gpu ]; then
+    step sweep 540 python3 -m launch.cli sweep configs/sweeps/h200-1gpu.toml --out "$DIR/h200-1gpu" --timeout 200
+else
+    step sweep_remat 280 python3 -m launch.cli sweep configs/sweeps/h200-remat.toml --out "$DIR/h200-remat" --timeout 100
+    step sweep_long 250 python3 -m launch.cli sweep configs/sweeps/h200-long.toml --out "$DIR/h200-long" --timeout 90
+fi
 save_autotune
 pack_results
