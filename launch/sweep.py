@@ -318,6 +318,9 @@ def run_sweep(grid_path: str, out: str | None = None, launcher: str | None = Non
         raise ConfigError(f"--launcher {launcher!r} is unknown; use one of {list(LAUNCHERS)}")
     out_dir = Path(out or Path("runs") / "sweeps" / grid.path.stem).resolve()
     timeout_s = timeout_s or grid.timeout_s
+    if timeout_s < 0:
+        raise ConfigError(f"the point timeout {timeout_s:g} s is negative; pass --timeout SECONDS > 0 (or set the "
+                          "grid's [sweep] timeout_s)")
     machine = device_info()
     if gpus_per_worker is None:
         gpus_per_worker = grid.gpus_per_worker if grid.gpus_per_worker is not None else (

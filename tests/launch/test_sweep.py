@@ -118,6 +118,12 @@ def test_grid_mistakes_are_one_line(tmp_path) -> None:
         sweep.load_grid(bad)
 
 
+def test_negative_timeout_is_refused_before_any_point(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="negative; pass --timeout"):
+        sweep.run_sweep(GRID, out=tmp_path / "s", timeout_s=-3, echo=lambda line: None)
+    assert not (tmp_path / "s").exists()
+
+
 def test_commands_per_launcher(tmp_path) -> None:
     """ray: one Ray Train job per point; torchrun: one process on one node, one command per node beyond."""
     grid = sweep.load_grid(GRID)
